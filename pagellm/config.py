@@ -1,0 +1,106 @@
+"""Engine configuration: validated once, frozen afterwards.
+
+`EngineConfig` holds what the user asked for. The engine resolves the fields that
+depend on the model (dtype "auto", max_model_len None, ...) at start-up with
+`resolve()`, which returns a new frozen config; nothing mutates it after that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+_DEVICES = ("auto", "cpu", "cuda")
+
+DEFAULT_KV_CACHE_MEMORY = 1 << 30  # 1 GiB of KV cache on the CPU unless told otherwise
+DEFAULT_MAX_MODEL_LEN_CAP = 8192  # a model claiming 128k context should not get a 128k default on the CPU
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: Optional[str] = None  # HF dir, .gguf file; None = the embedded default model
+    tokenizer: Optional[str] = None  # defaults to the model's own tokenizer
+    skip_tokenizer_init: bool = False
+    trust_remote_code: bool = False
+    dtype: str = "auto"  # float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"
+    max_model_len: Optional[int] = None  # None: the model's own limit (capped at 8192)
+    block_size: int = 16
+    kv_cache_memory: Optional[int] = None  # bytes of KV cache (CPU); None: 1 GiB
+    gpu_memory_utilization: float = 0.9  # fraction of GPU memory for weights + activations + KV (CUDA)
+    max_num_seqs: int = 128
+    max_num_batched_tokens: Optional[int] = None  # None: 2048 with chunked prefill, else max_model_len
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> None:
+            raise ValueError(f"EngineConfig.{name}: {why}, got {getattr(self, name)!r}")
+
+        if self.dtype not in _DTYPES:
+            bad("dtype", f"must be one of {_DTYPES}")
+        if self.device not in _DEVICES:
+            bad("device", f"must be one of {_DEVICES}")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
+            bad("max_model_len", "must be a positive integer")
+        if not isinstance(self.block_size, int) or self.block_size < 1 or self.block_size & (self.block_size - 1):
+            bad("block_size", "must be a positive power of two")
+        if self.kv_cache_memory is not None and (not isinstance(self.kv_cache_memory, int) or self.kv_cache_memory <= 0):
+            bad("kv_cache_memory", "must be a positive number of bytes")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            bad("gpu_memory_utilization", "must be in (0, 1]")
+        if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
+            bad("max_num_seqs", "must be a positive integer")
+        if self.max_num_batched_tokens is not None and (
+            not isinstance(self.max_num_batched_tokens, int) or self.max_num_batched_tokens < 1
+        ):
+            bad("max_num_batched_tokens", "must be a positive integer")
+        if not isinstance(self.seed, int):
+            bad("seed", "must be an integer")
+        if (
+            self.max_model_len is not None
+            and self.max_num_batched_tokens is not None
+            and not self.enable_chunked_prefill
+            and self.max_num_batched_tokens < self.max_model_len
+        ):
+            bad(
+                "max_num_batched_tokens",
+                f"must be >= max_model_len ({self.max_model_len}) when chunked prefill is off, "
+                "or a long prompt could never be scheduled",
+            )
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    def resolve(self, *, model_max_len: int, cuda_available: bool) -> "EngineConfig":
+        """Fills the model- and machine-dependent defaults; validates the result."""
+        device = self.device
+        if device == "auto":
+            device = "cuda" if cuda_available else "cpu"
+        if device == "cuda" and not cuda_available:
+            raise ValueError("EngineConfig.device: 'cuda' was asked for but no CUDA device is available")
+        dtype = self.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if device == "cuda" else "float32"
+        max_model_len = self.max_model_len
+        if max_model_len is None:
+            max_model_len = min(model_max_len, DEFAULT_MAX_MODEL_LEN_CAP)
+        elif max_model_len > model_max_len:
+            raise ValueError(
+                f"EngineConfig.max_model_len: {max_model_len} is more than the model's limit of {model_max_len} tokens"
+            )
+        batched = self.max_num_batched_tokens
+        if batched is None:
+            batched = 2048 if self.enable_chunked_prefill else max_model_len
+        return dataclasses.replace(
+            self,
+            device=device,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            max_num_batched_tokens=batched,
+            kv_cache_memory=self.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY,
+        )

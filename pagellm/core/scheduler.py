@@ -1,0 +1,298 @@
+"""Continuous-batching scheduler with a per-step token budget.
+
+Each step: running requests first (in admission order), then waiting ones (FCFS).
+Every request is given up to the tokens it still needs (`num_tokens - num_computed_tokens`)
+within the step's token budget, so a long prompt is chunked over steps while decodes
+and prompt chunks share one batch. When the KV pool runs dry, the most recently
+admitted running request is preempted: its blocks are freed and it waits to be
+recomputed from scratch (prompt + the tokens it already generated).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+from pagellm.core.kv_cache_manager import KVCacheManager
+from pagellm.request import Request, RequestStatus
+from pagellm.sampling_params import SamplingParams
+
+
+@dataclass
+class NewRequestData:
+    """A request the runner has no state for: first scheduled, or resumed after preemption."""
+
+    req_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: set[int]
+    block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
+class CachedRequestData:
+    """A request the runner already tracks: only what changed since the last step."""
+
+    req_id: str
+    new_block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled_new_reqs: list[NewRequestData]
+    scheduled_cached_reqs: list[CachedRequestData]
+    num_scheduled_tokens: dict[str, int]
+    total_num_scheduled_tokens: int
+    # Requests the runner must forget (finished, aborted or preempted since the last step).
+    finished_req_ids: set[str] = field(default_factory=set)
+    preempted_req_ids: set[str] = field(default_factory=set)
+
+    @property
+    def is_empty(self) -> bool:
+        return self.total_num_scheduled_tokens == 0
+
+
+@dataclass
+class RequestUpdate:
+    """What one step did to one request, as the engine reports it upward."""
+
+    req_id: str
+    new_token_ids: list[int]
+    finish_reason: Optional[str] = None
+    stop_reason: int | str | None = None
+    new_logprobs: Optional[object] = None  # per-token logprobs lists, passed through from the runner
+    new_prompt_logprobs: Optional[object] = None
+
+
+@dataclass
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_preemptions_total: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+
+
+class Scheduler:
+    def __init__(
+        self,
+        kv_cache_manager: KVCacheManager,
+        *,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        enable_chunked_prefill: bool = True,
+    ) -> None:
+        self.kv = kv_cache_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._finished_since_last_step: set[str] = set()
+        self._preempted_since_last_step: set[str] = set()
+        # Requests the runner has state for; anything else is sent as NewRequestData.
+        self._known_to_runner: set[str] = set()
+        self.num_preemptions_total = 0
+
+    # -- intake -------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        if request.num_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt has {request.num_tokens} tokens, more than max_model_len ({self.max_model_len})"
+            )
+        needed_blocks = -(-min(self.max_model_len, request.num_tokens + 1) // self.kv.block_size)
+        if needed_blocks > self.kv.num_blocks:
+            raise ValueError(
+                f"prompt has {request.num_tokens} tokens but the KV cache only holds "
+                f"{self.kv.num_blocks * self.kv.block_size} tokens; raise kv_cache_memory"
+            )
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # -- the step -------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        num_scheduled: dict[str, int] = {}
+        new_reqs: list[NewRequestData] = []
+        cached_reqs: list[CachedRequestData] = []
+        preempted_now = False
+
+        # 1) Running requests, oldest first; preempt from the newest end when blocks run out.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new <= 0:  # nothing to compute (can't normally happen); keep it running
+                i += 1
+                continue
+            while True:
+                new_blocks = self.kv.allocate_slots(request, num_new)
+                if new_blocks is not None:
+                    break
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted_now = True
+                if victim is request:
+                    break
+            if new_blocks is None:
+                break  # the request preempted itself; everything after it is gone too
+            num_scheduled[request.request_id] = num_new
+            budget -= num_new
+            cached_reqs.append(CachedRequestData(request.request_id, new_blocks, request.num_computed_tokens))
+            i += 1
+
+        # 2) Waiting requests, first come first served. Not after a preemption: the pool is full.
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted_now:
+            request = self.waiting[0]
+            computed_blocks, num_cached_tokens = self.kv.get_computed_blocks(
+                request, use_cache=True if request.share_prefix else None)
+            num_new = request.num_tokens - num_cached_tokens
+            if num_new > budget:
+                if not self.enable_chunked_prefill:
+                    break  # whole prompts only; wait for a step with room
+                num_new = budget
+            new_blocks = self.kv.allocate_slots(request, num_new, computed_blocks)
+            if new_blocks is None:
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_cached_tokens
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
+            self.running.append(request)
+            num_scheduled[request.request_id] = num_new
+            budget -= num_new
+            new_reqs.append(NewRequestData(
+                req_id=request.request_id,
+                prompt_token_ids=request.prompt_token_ids,
+                output_token_ids=list(request.output_token_ids),
+                sampling_params=request.sampling_params,
+                eos_token_ids=request.eos_token_ids,
+                block_ids=list(self.kv.get_block_ids(request.request_id)),
+                num_computed_tokens=num_cached_tokens,
+            ))
+            self._known_to_runner.add(request.request_id)
+
+        out = SchedulerOutput(
+            scheduled_new_reqs=new_reqs,
+            scheduled_cached_reqs=cached_reqs,
+            num_scheduled_tokens=num_scheduled,
+            total_num_scheduled_tokens=sum(num_scheduled.values()),
+            finished_req_ids=self._finished_since_last_step,
+            preempted_req_ids=self._preempted_since_last_step,
+        )
+        self._finished_since_last_step = set()
+        self._preempted_since_last_step = set()
+        return out
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions_total += 1
+        self.waiting.appendleft(request)
+        if request.request_id in self._known_to_runner:
+            self._known_to_runner.discard(request.request_id)
+            self._preempted_since_last_step.add(request.request_id)
+
+    def update_from_output(
+        self,
+        sched_out: SchedulerOutput,
+        sampled_token_ids: dict[str, list[int]],
+        logprobs: Optional[dict[str, object]] = None,
+        prompt_logprobs: Optional[dict[str, object]] = None,
+    ) -> list[RequestUpdate]:
+        """Advances computed counts, appends sampled tokens, applies stop checks, frees finished requests."""
+        updates: list[RequestUpdate] = []
+        logprobs = logprobs or {}
+        prompt_logprobs = prompt_logprobs or {}
+        for req_id, num_tokens in sched_out.num_scheduled_tokens.items():
+            request = self.requests.get(req_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            request.num_computed_tokens += num_tokens
+            appended: list[int] = []
+            for token_id in sampled_token_ids.get(req_id, []):
+                request.output_token_ids.append(token_id)
+                appended.append(token_id)
+                if self._check_stop(request, token_id):
+                    break
+            update = RequestUpdate(
+                req_id, appended,
+                new_logprobs=logprobs.get(req_id), new_prompt_logprobs=prompt_logprobs.get(req_id),
+            )
+            if request.is_finished:
+                update.finish_reason = request.status.finish_reason
+                update.stop_reason = request.stop_reason
+                self._free_finished(request)
+            if appended or update.finish_reason or update.new_prompt_logprobs is not None:
+                updates.append(update)
+        return updates
+
+    def _check_stop(self, request: Request, token_id: int) -> bool:
+        params = request.sampling_params
+        may_stop = request.num_output_tokens >= params.min_tokens
+        if may_stop and not params.ignore_eos and token_id in request.eos_token_ids:
+            request.status = RequestStatus.FINISHED_STOPPED
+        elif may_stop and token_id in params.stop_token_ids:
+            request.status = RequestStatus.FINISHED_STOPPED
+            request.stop_reason = token_id
+        elif (params.max_tokens is not None and request.num_output_tokens >= params.max_tokens) or (
+            request.num_tokens >= self.max_model_len
+        ):
+            request.status = RequestStatus.FINISHED_LENGTH
+        return request.is_finished
+
+    # -- removal --------------------------------------------------------------------
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED,
+                        stop_reason: int | str | None = None) -> None:
+        """Aborts (or finishes on a stop string) requests, wherever they are; unknown ids are ignored."""
+        for req_id in request_ids:
+            request = self.requests.get(req_id)
+            if request is None or request.is_finished:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            request.status = status
+            request.stop_reason = stop_reason
+            self._free_finished(request)
+
+    def _free_finished(self, request: Request) -> None:
+        if request in self.running:
+            self.running.remove(request)
+        self.kv.free(request)
+        del self.requests[request.request_id]
+        if request.request_id in self._known_to_runner:
+            self._known_to_runner.discard(request.request_id)
+            self._finished_since_last_step.add(request.request_id)
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_cache_usage=self.kv.usage,
+            num_preemptions_total=self.num_preemptions_total,
+            prefix_cache_queries=self.kv.prefix_cache_queries,
+            prefix_cache_hits=self.kv.prefix_cache_hits,
+        )

@@ -1,0 +1,114 @@
+"""EngineCore: the scheduler and the model runner, stepping together.
+
+Everything here works on token ids; text lives one level up. This is the part that
+runs in its own process under the async server.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import torch
+
+from pagellm.config import EngineConfig
+from pagellm.core.kv_cache_manager import KVCacheManager
+from pagellm.core.scheduler import RequestUpdate, Scheduler, SchedulerStats
+from pagellm.request import Request, RequestStatus
+from pagellm.sampling_params import SamplingParams
+from pagellm.engine.setup import ModelSetup
+from pagellm.loader import iter_weights
+from pagellm.worker.model_runner import DTYPES, ModelRunner, kv_bytes_per_token
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineCoreRequest:
+    """What the front end sends the core: a fully tokenized, validated request."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: set[int] = field(default_factory=set)
+    arrival_time: float = field(default_factory=time.monotonic)
+    # Parallel-sampling children look up each other's prompt blocks even with prefix caching off.
+    share_prefix: bool = False
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, model_config, runner: ModelRunner, quiet: bool = False) -> None:
+        self.config = config
+        self.model_config = model_config
+        self.runner = runner
+        num_blocks = runner.determine_num_blocks()
+        runner.initialize_kv_cache(num_blocks)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.kv,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=config.max_model_len,
+            enable_chunked_prefill=config.enable_chunked_prefill,
+        )
+        self.capacity_tokens = num_blocks * config.block_size
+        per_token = kv_bytes_per_token(model_config, runner.dtype)
+        message = (f"KV cache: {num_blocks} blocks x {config.block_size} tokens = {self.capacity_tokens} tokens "
+                   f"({per_token} bytes/token, {num_blocks * config.block_size * per_token / 2**20:.1f} MiB); "
+                   f"max concurrency at {config.max_model_len} tokens/request: "
+                   f"{self.capacity_tokens / config.max_model_len:.2f}x")
+        logger.info(message)
+        if not quiet:
+            print(f"[pagellm] {message}", flush=True)
+        self.num_steps = 0
+        self.num_generation_tokens_total = 0
+
+    @classmethod
+    def from_config(cls, setup: "ModelSetup", quiet: bool = False) -> "EngineCore":
+        weights = iter_weights(setup.source, DTYPES[setup.config.dtype])
+        runner = ModelRunner.load(setup.config, setup.model_config, weights)
+        return cls(setup.config, setup.model_config, runner, quiet=quiet)
+
+    def add_request(self, req: EngineCoreRequest) -> None:
+        request = Request(req.request_id, req.prompt_token_ids, req.sampling_params, req.eos_token_ids,
+                          arrival_time=req.arrival_time)
+        request.share_prefix = req.share_prefix
+        self.scheduler.add_request(request)
+
+    def abort_requests(self, request_ids: Iterable[str]) -> None:
+        self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    def finish_on_stop_string(self, request_id: str, stop: str) -> None:
+        self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_STOPPED, stop)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[RequestUpdate]:
+        sched_out = self.scheduler.schedule()
+        if sched_out.is_empty:
+            # Still let the runner drop state of requests that finished since the last step.
+            self.runner.execute(sched_out)
+            return []
+        runner_out = self.runner.execute(sched_out)
+        self.num_steps += 1
+        updates = self.scheduler.update_from_output(
+            sched_out, runner_out.sampled_token_ids, runner_out.logprobs, runner_out.prompt_logprobs)
+        self.num_generation_tokens_total += sum(len(u.new_token_ids) for u in updates)
+        return updates
+
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.stats()
+
+    def reset_prefix_cache(self) -> None:
+        self.kv.reset_prefix_cache()
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.kv.num_free_blocks
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv.num_blocks

@@ -1,0 +1,40 @@
+"""Start-up resolution shared by the front end and the engine core: which files, which
+model config, and the final frozen EngineConfig (model-dependent defaults filled in)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pagellm.config import EngineConfig
+from pagellm.loader import ModelSource, default_model_path, load_hf_config, resolve_model
+
+
+@dataclass(frozen=True)
+class ModelSetup:
+    config: EngineConfig  # resolved
+    source: ModelSource
+    model_config: object  # transformers PretrainedConfig of the text model
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model_config.vocab_size
+
+
+def text_config(hf_config):
+    """Multimodal wrappers keep the language model's settings in `text_config`."""
+    inner = getattr(hf_config, "text_config", None)
+    if inner is not None and getattr(hf_config, "model_type", "") not in ("llama",):
+        if not getattr(inner, "architectures", None):
+            inner.architectures = list(getattr(hf_config, "architectures", None) or [])
+        return inner
+    return hf_config
+
+
+def resolve_setup(config: EngineConfig) -> ModelSetup:
+    source = resolve_model(config.model or default_model_path())
+    model_config = text_config(load_hf_config(source))
+    max_len = getattr(model_config, "max_position_embeddings", None) or 2048
+    resolved = config.resolve(model_max_len=max_len, cuda_available=torch.cuda.is_available())
+    return ModelSetup(resolved, source, model_config)

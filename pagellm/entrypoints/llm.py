@@ -1,0 +1,89 @@
+"""The offline API: `LLM(model).generate(prompts, SamplingParams(...))`."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Optional, Sequence, Union
+
+from tqdm.auto import tqdm
+
+from pagellm.config import EngineConfig
+from pagellm.engine.llm_engine import LLMEngine
+from pagellm.engine.output_processor import OutputKind
+from pagellm.engine.processor import PromptType
+from pagellm.outputs import RequestOutput
+from pagellm.sampling_params import SamplingParams
+
+
+class LLM:
+    """Loads a model once and generates for batches of prompts.
+
+    `model` is a Hugging Face directory or a .gguf file (None: the embedded SmolLM2-135M-Instruct);
+    every `EngineConfig` field may be passed by name.
+    """
+
+    def __init__(self, model: Optional[str] = None, *, quiet: bool = False, **kwargs) -> None:
+        unknown = set(kwargs) - EngineConfig.field_names()
+        if unknown:
+            raise TypeError(f"LLM() got unknown arguments {sorted(unknown)}; valid ones: {sorted(EngineConfig.field_names())}")
+        self.llm_engine = LLMEngine(EngineConfig(model=model, **kwargs), quiet=quiet)
+        self._counter = itertools.count()
+
+    def get_tokenizer(self):
+        return self.llm_engine.get_tokenizer()
+
+    def generate(
+        self,
+        prompts: Union[PromptType, Sequence[PromptType]],
+        sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        prompt_list = _as_prompt_list(prompts)
+        params_list = _as_params_list(sampling_params, len(prompt_list))
+        return self._run(prompt_list, params_list, use_tqdm)
+
+    def _run(self, prompts: list[PromptType], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        # Validate everything before anything is queued, so a bad prompt leaves no half-added batch.
+        for prompt, p in zip(prompts, params):
+            engine.processor.process("validate", prompt, p)
+        ids = [str(next(self._counter)) for _ in prompts]
+        try:
+            for request_id, prompt, p in zip(ids, prompts, params):
+                engine.add_request(request_id, prompt, p, kind=OutputKind.FINAL_ONLY)
+            results: dict[str, RequestOutput] = {}
+            bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
+            with bar:
+                while engine.has_unfinished_requests():
+                    for out in engine.step():
+                        if out.finished:
+                            results[out.request_id] = out
+                            bar.update(1)
+                            bar.set_postfix_str(f"{engine.core.num_generation_tokens_total} tokens out", refresh=False)
+        except BaseException:
+            engine.abort_request([i for i in ids if i in engine.output_processor.requests])
+            raise
+        return [results[i] for i in ids]
+
+
+def _as_prompt_list(prompts) -> list[PromptType]:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)):
+        if not prompts:
+            raise ValueError("no prompts given")
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+            return [list(prompts)]  # one prompt given as token ids
+        return list(prompts)
+    raise ValueError(f"prompts must be a string, a list of strings or a list of token-id lists, got {type(prompts).__name__}")
+
+
+def _as_params_list(params, n: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams() for _ in range(n)]
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    params = list(params)
+    if len(params) != n:
+        raise ValueError(f"got {len(params)} SamplingParams for {n} prompts; pass one, or one per prompt")
+    return params

@@ -1,0 +1,32 @@
+"""The one piece of ambient state: what the current forward pass needs but the model's
+signature (`forward(input_ids, positions)`) does not carry — attention metadata."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+_CURRENT: contextvars.ContextVar["ForwardContext | None"] = contextvars.ContextVar("pagellm_forward_context", default=None)
+
+
+@dataclass
+class ForwardContext:
+    attn_metadata: Any  # the backend's metadata object for this step
+
+
+@contextlib.contextmanager
+def set_forward_context(attn_metadata: Any) -> Iterator[ForwardContext]:
+    token = _CURRENT.set(ForwardContext(attn_metadata))
+    try:
+        yield _CURRENT.get()
+    finally:
+        _CURRENT.reset(token)
+
+
+def get_forward_context() -> ForwardContext:
+    ctx = _CURRENT.get()
+    if ctx is None:
+        raise RuntimeError("attention was called outside set_forward_context(); run the model through the ModelRunner")
+    return ctx

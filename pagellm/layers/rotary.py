@@ -1,0 +1,62 @@
+"""Rotary position embeddings (neox / rotate-half style) with a precomputed cos/sin table.
+
+Inverse frequencies for scaled variants (llama3, linear, yarn, ...) come from transformers'
+own rope functions so they match the reference model exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _default_inv_freq(base: float, dim: int) -> torch.Tensor:
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+
+
+def rope_parameters(config) -> dict:
+    """The config's rope settings as one dict, whichever transformers version wrote it."""
+    params = getattr(config, "rope_parameters", None)
+    if params:
+        return dict(params)
+    params = dict(getattr(config, "rope_scaling", None) or {})
+    params.setdefault("rope_type", params.get("type", "default"))
+    params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    return params
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, inv_freq: torch.Tensor, max_position: int, attention_scaling: float = 1.0) -> None:
+        super().__init__()
+        positions = torch.arange(max_position, dtype=torch.float)
+        freqs = positions[:, None] * inv_freq[None, :].float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos_cache", emb.cos() * attention_scaling, persistent=False)
+        self.register_buffer("sin_cache", emb.sin() * attention_scaling, persistent=False)
+
+    @staticmethod
+    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [T, Hq, D], k: [T, Hkv, D]; positions: [T]."""
+        cos = self.cos_cache[positions].to(q.dtype).unsqueeze(1)
+        sin = self.sin_cache[positions].to(q.dtype).unsqueeze(1)
+        q = q * cos + self._rotate_half(q) * sin
+        k = k * cos + self._rotate_half(k) * sin
+        return q, k
+
+
+def get_rope(config, head_dim: int, max_position: int, params: dict | None = None) -> RotaryEmbedding:
+    params = params or rope_parameters(config)
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        inv_freq, scaling = _default_inv_freq(params["rope_theta"], head_dim), 1.0
+    else:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        if rope_type not in ROPE_INIT_FUNCTIONS or rope_type == "dynamic":
+            raise ValueError(f"rope type {rope_type!r} is not supported")
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    return RotaryEmbedding(inv_freq, max_position, scaling)

@@ -1,0 +1,35 @@
+"""Model loading: where a model lives, its config, its weights (HF safetensors or GGUF), its tokenizer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from pagellm.loader.gguf import gguf_architecture, iter_gguf_weights
+from pagellm.loader.hf import iter_safetensors_weights, load_hf_config
+from pagellm.loader.source import ModelSource, default_model_path, resolve_model
+from pagellm.loader.tokenizer import load_tokenizer
+
+
+def iter_weights(source: ModelSource, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF parameter name, tensor in `dtype`), one tensor at a time.
+
+    Names follow Hugging Face ("model.layers.3.self_attn.q_proj.weight", ...). lm_head.weight
+    appears only when the checkpoint stores it (tied embeddings usually do not).
+    """
+    if source.kind == "gguf":
+        assert source.gguf_path is not None
+        return iter_gguf_weights(source.gguf_path, dtype)
+    return iter_safetensors_weights(source.path, dtype)
+
+
+__all__ = [
+    "ModelSource",
+    "default_model_path",
+    "gguf_architecture",
+    "iter_weights",
+    "load_hf_config",
+    "load_tokenizer",
+    "resolve_model",
+]

@@ -1,0 +1,75 @@
+"""Hugging Face checkpoints: the transformers config, and weights from *.safetensors files."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Iterator
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, PretrainedConfig
+
+from pagellm.loader.gguf import check_gguf_file
+from pagellm.loader.source import ModelSource
+
+_INDEX_FILE = "model.safetensors.index.json"
+
+
+def load_hf_config(source: ModelSource) -> PretrainedConfig:
+    """The transformers config of the model; for GGUF, transformers builds it from the file's metadata.
+
+    Multimodal checkpoints come back as their wrapper config (with a `text_config`); callers pick.
+    """
+    if source.kind == "gguf":
+        assert source.gguf_path is not None
+        # transformers' own errors on a damaged file are parser internals; ours name the file.
+        check_gguf_file(source.gguf_path)
+        directory, name = os.path.split(source.gguf_path)
+        return AutoConfig.from_pretrained(directory, gguf_file=name, local_files_only=True)
+    try:
+        return AutoConfig.from_pretrained(source.path, local_files_only=True)
+    except OSError as exc:  # transformers reports an unreadable config.json as OSError
+        raise ValueError(f"could not read the config.json of {source.path}: {exc}") from exc
+
+
+def safetensors_files(directory: str) -> list[str]:
+    """The weight files of an HF directory: those the shard index lists, else every *.safetensors."""
+    index_path = os.path.join(directory, _INDEX_FILE)
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                weight_map = json.load(f).get("weight_map")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+            raise ValueError(f"{index_path} is not a valid safetensors index: {exc}") from exc
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index_path} has no 'weight_map' listing the weight shards")
+        files = [os.path.join(directory, name) for name in sorted(set(weight_map.values()))]
+        missing = [os.path.basename(f) for f in files if not os.path.isfile(f)]
+        if missing:
+            raise ValueError(f"{index_path} lists weight shards that are missing from {directory}: {missing}")
+        return files
+    files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+    if not files:
+        raise ValueError(f"no *.safetensors weight files in {directory}")
+    return files
+
+
+def iter_safetensors_weights(directory: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor in `dtype`) one tensor at a time, so peak memory stays at one tensor.
+
+    The weight files are listed here, so a missing shard fails at the call, not midway through loading.
+    """
+    return _tensors(safetensors_files(directory), dtype)
+
+
+def _tensors(paths: list[str], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in paths:
+        try:
+            handle = safe_open(path, framework="pt")
+        except Exception as exc:  # safetensors raises its own error type for damaged headers
+            raise ValueError(f"{path} is not a valid safetensors file: {exc}") from exc
+        with handle as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name).to(dtype)

@@ -1,0 +1,85 @@
+"""Per-request state shared by the scheduler and the engine (no tensors here)."""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import Optional
+
+from pagellm.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+
+    @property
+    def finish_reason(self) -> Optional[str]:
+        return self.value if self.finished else None
+
+
+class Request:
+    """One sequence being generated. `num_tokens` = prompt + generated so far.
+
+    The scheduler advances `num_computed_tokens` (tokens whose KV is in the cache); a
+    preempted request drops back to 0 and recomputes prompt + outputs later.
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        eos_token_ids: Optional[set[int]] = None,
+        arrival_time: Optional[float] = None,
+        cache_salt: Optional[str] = None,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.sampling_params = sampling_params
+        self.eos_token_ids = set(eos_token_ids or ())
+        self.status = RequestStatus.WAITING
+        self.num_computed_tokens = 0
+        self.num_preemptions = 0
+        self.stop_reason: int | str | None = None
+        self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
+        self.first_scheduled_time: Optional[float] = None
+        # Extra key mixed into prefix-cache hashes (e.g. a LoRA id); None shares freely.
+        self.cache_salt = cache_salt
+        # Full-block hashes of this request's tokens, filled lazily by the KV cache manager.
+        self.block_hashes: list[bytes] = []
+        # Parallel-sampling children reuse each other's prompt blocks even with prefix caching off.
+        self.share_prefix = False
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, status={self.status.value}, prompt={self.num_prompt_tokens}, "
+                f"out={self.num_output_tokens}, computed={self.num_computed_tokens})")

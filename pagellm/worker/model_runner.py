@@ -1,0 +1,221 @@
+"""Turns a SchedulerOutput into one forward pass plus sampling.
+
+The runner keeps a small mirror of each scheduled request (its token ids, block ids,
+sampling state) so the scheduler only sends what changed each step. Inputs are laid out
+as one flat batch: request after request, each contributing the tokens scheduled for it.
+Only requests whose scheduled tokens reach their end are sampled, at their last position.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from pagellm.attention.backend import AttentionBackend, build_metadata
+from pagellm.attention.layer import Attention
+from pagellm.attention.torch_backend import TorchAttentionBackend
+from pagellm.config import EngineConfig
+from pagellm.core.scheduler import SchedulerOutput
+from pagellm.forward_context import set_forward_context
+from pagellm.layers.sampler import LogprobsTensors, Sampler, SamplingMetadata, SamplingRow, compute_logprobs_tensors
+from pagellm.models.registry import get_model_class
+from pagellm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# Per position: (token ids [chosen, top-1, ...], their logprobs, rank of the chosen token).
+LogprobsLists = list[tuple[list[int], list[float], int]]
+
+
+@dataclass
+class ModelRunnerOutput:
+    sampled_token_ids: dict[str, list[int]]  # empty list for a mid-prompt chunk
+    logprobs: dict[str, LogprobsLists] = field(default_factory=dict)
+    # Per prompt chunk: logprobs of prompt tokens ctx+1 .. ctx+q_len (the ones this chunk predicts).
+    prompt_logprobs: dict[str, LogprobsLists] = field(default_factory=dict)
+
+
+@dataclass
+class CachedRequestState:
+    req_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: set[int]
+    block_ids: list[int]
+    num_computed_tokens: int
+    generator: Optional[torch.Generator]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        n_prompt = len(self.prompt_token_ids)
+        if end <= n_prompt:
+            return self.prompt_token_ids[start:end]
+        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+
+
+def kv_bytes_per_token(model_config, dtype: torch.dtype) -> int:
+    num_heads = model_config.num_attention_heads
+    num_kv_heads = getattr(model_config, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // num_heads
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * model_config.num_hidden_layers * num_kv_heads * head_dim * elem
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_config, model: torch.nn.Module) -> None:
+        self.config = config
+        self.model_config = model_config
+        self.device = torch.device(config.device)
+        self.dtype = DTYPES[config.dtype]
+        self.model = model
+        self.vocab_size = model_config.vocab_size
+        self.block_size = config.block_size
+        self.backend: AttentionBackend = TorchAttentionBackend()
+        self.sampler = Sampler()
+        self.requests: dict[str, CachedRequestState] = {}
+        self.kv_caches: list[torch.Tensor] = []
+        self.num_blocks = 0
+
+    # -- start-up -----------------------------------------------------------------
+    @classmethod
+    def load(cls, config: EngineConfig, model_config, weights) -> "ModelRunner":
+        """Builds the model for `model_config` and fills it from `weights` (HF-named tensors)."""
+        model_cls = get_model_class(model_config)
+        dtype = DTYPES[config.dtype]
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            model = model_cls(model_config, config.max_model_len)
+        finally:
+            torch.set_default_dtype(previous)
+        model.load_weights(weights)
+        model = model.to(torch.device(config.device)).eval()
+        return cls(config, model_config, model)
+
+    def determine_num_blocks(self) -> int:
+        per_token = kv_bytes_per_token(self.model_config, self.dtype)
+        per_block = per_token * self.block_size
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            used = total - free
+            # Leave room for one step's activations and logits at the largest batch.
+            activation_reserve = self.config.max_num_batched_tokens * (
+                self.model_config.hidden_size * 64 + self.vocab_size * 8)
+            budget = int(total * self.config.gpu_memory_utilization) - used - activation_reserve
+        else:
+            budget = self.config.kv_cache_memory
+        num_blocks = budget // per_block
+        if num_blocks < 1:
+            raise ValueError(f"the KV cache budget ({budget} bytes) is smaller than one block ({per_block} bytes); "
+                             "raise kv_cache_memory / gpu_memory_utilization")
+        return int(num_blocks)
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.kv_caches = []
+        for layer in attn_layers:
+            shape = self.backend.kv_cache_shape(num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+            cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.kv_cache = cache
+            layer.backend = self.backend
+            self.kv_caches.append(cache)
+
+    # -- the step -------------------------------------------------------------------
+    def _update_states(self, sched: SchedulerOutput) -> None:
+        for req_id in sched.finished_req_ids | sched.preempted_req_ids:
+            self.requests.pop(req_id, None)
+        for new in sched.scheduled_new_reqs:
+            params = new.sampling_params
+            generator = None
+            if params.seed is not None:
+                generator = torch.Generator(device=self.device)
+                generator.manual_seed(params.seed)
+            self.requests[new.req_id] = CachedRequestState(
+                new.req_id, list(new.prompt_token_ids), list(new.output_token_ids), params,
+                set(new.eos_token_ids), list(new.block_ids), new.num_computed_tokens, generator)
+        for cached in sched.scheduled_cached_reqs:
+            state = self.requests[cached.req_id]
+            state.block_ids.extend(cached.new_block_ids)
+            state.num_computed_tokens = cached.num_computed_tokens
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        self._update_states(sched)
+        if sched.is_empty:
+            return ModelRunnerOutput({})
+        req_ids = [c.req_id for c in sched.scheduled_cached_reqs] + [n.req_id for n in sched.scheduled_new_reqs]
+        states = [self.requests[r] for r in req_ids]
+        query_lens = [sched.num_scheduled_tokens[r] for r in req_ids]
+        context_lens = [s.num_computed_tokens for s in states]
+
+        input_ids: list[int] = []
+        positions: list[int] = []
+        for state, ctx, qlen in zip(states, context_lens, query_lens):
+            input_ids.extend(state.token_slice(ctx, ctx + qlen))
+            positions.extend(range(ctx, ctx + qlen))
+        md = build_metadata(query_lens, context_lens, [s.block_ids for s in states], self.block_size, self.device)
+        input_t = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        pos_t = torch.tensor(positions, dtype=torch.long, device=self.device)
+        with set_forward_context(md):
+            hidden = self.model(input_t, pos_t)
+
+        # Rows to sample: requests whose scheduled tokens reach the end of what they have.
+        sample_rows = [i for i, (s, ctx, q) in enumerate(zip(states, context_lens, query_lens)) if ctx + q == s.num_tokens]
+        sampled: dict[str, list[int]] = {r: [] for r in req_ids}
+        logprobs_out: dict[str, LogprobsLists] = {}
+        if sample_rows:
+            last_token_idx = torch.tensor([md.query_start_loc[i + 1] - 1 for i in sample_rows], device=self.device)
+            logits = self.model.compute_logits(hidden[last_token_idx])
+            rows = [SamplingRow(states[i].sampling_params, states[i].prompt_token_ids, states[i].output_token_ids,
+                                states[i].eos_token_ids, states[i].generator) for i in sample_rows]
+            meta = SamplingMetadata.build(rows, self.vocab_size, self.device)
+            out = self.sampler(logits, meta)
+            tokens = out.sampled_token_ids.tolist()
+            for j, i in enumerate(sample_rows):
+                state = states[i]
+                state.output_token_ids.append(tokens[j])
+                sampled[state.req_id] = [tokens[j]]
+                k = state.sampling_params.logprobs
+                if k is not None and out.logprobs is not None:
+                    logprobs_out[state.req_id] = _rows_to_lists(out.logprobs, [j], k)
+        prompt_logprobs = self._prompt_logprobs(hidden, md.query_start_loc, states, context_lens, query_lens)
+        return ModelRunnerOutput(sampled, logprobs_out, prompt_logprobs)
+
+    def _prompt_logprobs(self, hidden, query_start_loc, states, context_lens, query_lens) -> dict[str, LogprobsLists]:
+        """Logprobs of the prompt tokens each chunk predicts (teacher forcing), from raw logits."""
+        result: dict[str, LogprobsLists] = {}
+        for i, state in enumerate(states):
+            k = state.sampling_params.prompt_logprobs
+            if k is None:
+                continue
+            n_prompt = len(state.prompt_token_ids)
+            ctx, qlen = context_lens[i], query_lens[i]
+            # Position p predicts prompt token p + 1; only positions before the prompt's last token.
+            last = min(ctx + qlen, n_prompt - 1)
+            if last <= ctx:
+                result[state.req_id] = []
+                continue
+            start = query_start_loc[i]
+            logits = self.model.compute_logits(hidden[start:start + (last - ctx)])
+            targets = torch.tensor(state.prompt_token_ids[ctx + 1:last + 1], device=self.device)
+            tensors = compute_logprobs_tensors(logits, targets, k)
+            result[state.req_id] = _rows_to_lists(tensors, list(range(len(targets))), k)
+        return result
+
+
+def _rows_to_lists(t: LogprobsTensors, rows: list[int], k: int) -> LogprobsLists:
+    ids = t.token_ids[rows, : k + 1].tolist()
+    lps = t.logprobs[rows, : k + 1].tolist()
+    ranks = t.ranks[rows].tolist()
+    return [(i, l, r) for i, l, r in zip(ids, lps, ranks)]

