@@ -251,6 +251,15 @@ def test_prefix_hits_find_the_longest_chain_of_full_blocks():
     assert kv.get_computed_blocks(short) == (blocks_a[:1], 4)
 
 
+def test_a_block_hits_only_after_the_same_parent():
+    kv = KVCacheManager(num_blocks=16, block_size=2)
+    kv.allocate_slots(make_req("x", [1, 2, 7, 7, 3]), 5)  # blocks [1 2] [7 7]
+    kv.allocate_slots(make_req("z", [5, 6, 3, 4, 3]), 5)  # blocks [5 6] [3 4]
+    # [1 2] hits; [3 4] is cached, but after [5 6]: its KV depends on that context.
+    y = make_req("y", [1, 2, 3, 4, 9])
+    assert kv.get_computed_blocks(y) == (kv.get_block_ids("x")[:1], 2)
+
+
 def test_prefix_hits_never_cover_the_whole_prompt():
     kv = KVCacheManager(num_blocks=16, block_size=4)
     prompt = list(range(1, 9))  # exactly 2 full blocks

@@ -25,9 +25,10 @@ CPU = torch.device("cpu")
 INF = float("inf")
 
 
-def row(params: SamplingParams, prompt=(), output=(), eos=(), seeded: bool = True) -> SamplingRow:
+def row(params: SamplingParams, prompt=(), output=(), eos=()) -> SamplingRow:
+    """A row with a fresh generator when the request is seeded (as the runner keeps one per request)."""
     gen = None
-    if seeded and params.seed is not None:
+    if params.seed is not None:
         gen = torch.Generator().manual_seed(params.seed)
     return SamplingRow(params, list(prompt), list(output), set(eos), gen)
 
@@ -71,8 +72,10 @@ def _mixed_batch_params() -> list[SamplingParams]:
         elif kind == 2:
             params.append(SamplingParams(temperature=1.2, top_k=20, min_p=0.01, seed=100 + i,
                                          repetition_penalty=1.3))
-        else:
+        elif i % 8 == 3:
             params.append(SamplingParams(temperature=1.0, top_k=5 + i))  # unseeded
+        else:
+            params.append(SamplingParams(temperature=0.9, seed=100 + i))  # no truncation
     return params
 
 
@@ -169,14 +172,14 @@ def test_sampled_histogram_matches_truncated_distribution(temperature, top_k, to
     expected = reference_distribution(BASE, temperature, top_k, top_p, min_p)
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     # The rows of interest share the batch with greedy and differently truncated rows.
-    others = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.5, top_k=2)]
+    others = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.5, top_k=2), SamplingParams()]
     rows = [row(params) for _ in range(n)] + [row(p) for p in others for _ in range(10)]
     logits = torch.tensor(BASE).repeat(len(rows), 1)
     torch.manual_seed(1234)
     all_tokens = sample(logits, rows).sampled_token_ids
     tokens = all_tokens[:n]
     assert (all_tokens[n:n + 10] == 0).all()  # greedy neighbours
-    assert set(all_tokens[n + 10:].tolist()) <= {0, 1}  # top_k=2 neighbours
+    assert set(all_tokens[n + 10:n + 20].tolist()) <= {0, 1}  # top_k=2 neighbours
     counts = torch.bincount(tokens, minlength=len(BASE)).tolist()
 
     for tok, p in enumerate(expected):

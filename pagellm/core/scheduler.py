@@ -101,6 +101,11 @@ class Scheduler:
         self._preempted_since_last_step: set[str] = set()
         # Requests the runner has state for; anything else is sent as NewRequestData.
         self._known_to_runner: set[str] = set()
+        # Prompt positions whose logprobs were already passed up; a preempted request recomputes
+        # its prompt, and the runner would report them again.
+        self._num_prompt_logprobs_sent: dict[str, int] = {}
+        # A request may not outgrow the whole pool: it could then never be scheduled again.
+        self._kv_capacity_tokens = kv_cache_manager.num_blocks * kv_cache_manager.block_size
         self.num_preemptions_total = 0
 
     # -- intake -------------------------------------------------------------------
@@ -229,6 +234,7 @@ class Scheduler:
             request = self.requests.get(req_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
+            new_prompt_logprobs = self._dedup_prompt_logprobs(request, prompt_logprobs.get(req_id))
             request.num_computed_tokens += num_tokens
             appended: list[int] = []
             for token_id in sampled_token_ids.get(req_id, []):
@@ -238,7 +244,7 @@ class Scheduler:
                     break
             update = RequestUpdate(
                 req_id, appended,
-                new_logprobs=logprobs.get(req_id), new_prompt_logprobs=prompt_logprobs.get(req_id),
+                new_logprobs=logprobs.get(req_id), new_prompt_logprobs=new_prompt_logprobs,
             )
             if request.is_finished:
                 update.finish_reason = request.status.finish_reason
@@ -247,6 +253,15 @@ class Scheduler:
             if appended or update.finish_reason or update.new_prompt_logprobs is not None:
                 updates.append(update)
         return updates
+
+    def _dedup_prompt_logprobs(self, request: Request, entries: Optional[list]) -> Optional[list]:
+        """Drops prompt-logprob entries (one per position from num_computed_tokens on) already sent."""
+        if entries is None:
+            return None
+        sent = self._num_prompt_logprobs_sent.get(request.request_id, 0)
+        start = request.num_computed_tokens
+        self._num_prompt_logprobs_sent[request.request_id] = max(sent, start + len(entries))
+        return entries[max(0, sent - start):]
 
     def _check_stop(self, request: Request, token_id: int) -> bool:
         params = request.sampling_params
@@ -257,7 +272,7 @@ class Scheduler:
             request.status = RequestStatus.FINISHED_STOPPED
             request.stop_reason = token_id
         elif (params.max_tokens is not None and request.num_output_tokens >= params.max_tokens) or (
-            request.num_tokens >= self.max_model_len
+            request.num_tokens >= self.max_model_len or request.num_tokens > self._kv_capacity_tokens
         ):
             request.status = RequestStatus.FINISHED_LENGTH
         return request.is_finished
@@ -282,6 +297,7 @@ class Scheduler:
         if request in self.running:
             self.running.remove(request)
         self.kv.free(request)
+        self._num_prompt_logprobs_sent.pop(request.request_id, None)
         del self.requests[request.request_id]
         if request.request_id in self._known_to_runner:
             self._known_to_runner.discard(request.request_id)

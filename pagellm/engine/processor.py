@@ -35,7 +35,8 @@ class InputProcessor:
         """(prompt text or None, prompt token ids)."""
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                prompt = list(prompt["prompt_token_ids"])
+                text, (_, ids) = prompt.get("prompt"), self.split_prompt(list(prompt["prompt_token_ids"]))
+                return text, ids
             elif "prompt" in prompt:
                 prompt = prompt["prompt"]
             else:

@@ -11,6 +11,7 @@ from pagellm.config import EngineConfig
 from pagellm.engine.llm_engine import LLMEngine
 from pagellm.engine.output_processor import OutputKind
 from pagellm.engine.processor import PromptType
+from pagellm.entrypoints.chat_utils import render_chat
 from pagellm.outputs import RequestOutput
 from pagellm.sampling_params import SamplingParams
 
@@ -41,6 +42,34 @@ class LLM:
         prompt_list = _as_prompt_list(prompts)
         params_list = _as_params_list(sampling_params, len(prompt_list))
         return self._run(prompt_list, params_list, use_tqdm)
+
+    def chat(
+        self,
+        messages: Union[list[dict], list[list[dict]]],
+        sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+        use_tqdm: bool = True,
+        chat_template: Optional[str] = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: Optional[dict] = None,
+    ) -> list[RequestOutput]:
+        """Generates replies to one conversation (a list of {"role", "content"} dicts) or a list of them,
+        rendered with the model's chat template (or `chat_template`, a Jinja string)."""
+        tokenizer = self.get_tokenizer()
+        if tokenizer is None:
+            raise ValueError("chat() needs a tokenizer; this LLM was created with skip_tokenizer_init=True")
+        if not messages:
+            raise ValueError("no messages given")
+        conversations = [messages] if isinstance(messages[0], dict) else list(messages)
+        prompts: list[PromptType] = []
+        for conversation in conversations:
+            text = render_chat(tokenizer, conversation, chat_template=chat_template,
+                               add_generation_prompt=add_generation_prompt,
+                               continue_final_message=continue_final_message, **(chat_template_kwargs or {}))
+            # The template already wrote BOS and friends; don't let the tokenizer add them twice.
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+            prompts.append({"prompt": text, "prompt_token_ids": ids})
+        return self._run(prompts, _as_params_list(sampling_params, len(prompts)), use_tqdm)
 
     def _run(self, prompts: list[PromptType], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine

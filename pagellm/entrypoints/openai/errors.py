@@ -1,0 +1,125 @@
+"""Errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+
+Handlers route every failure path of the app through `error_response`: our own
+`OpenAIError`, FastAPI's schema errors and malformed JSON (400, not FastAPI's 422
+shape), Starlette's HTTP errors (404 route, 405, 413) and anything unexpected (500).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+# OpenAI's `type` for each status we return.
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    500: "internal_server_error",
+    503: "service_unavailable_error",
+}
+
+# "SamplingParams.top_p: must be in (0, 1], got 2.0" -> param "top_p".
+_PARAM_IN_MESSAGE = re.compile(r"^SamplingParams\.(\w+):")
+
+
+class OpenAIError(Exception):
+    """An error a handler raises on purpose; rendered as the OpenAI error body with `status`."""
+
+    def __init__(self, message: str, status: int = 400, param: Optional[str] = None,
+                 code: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.param = param
+        self.code = code
+
+
+class RequestTooLarge(StarletteHTTPException):
+    """Raised while the body is read, so FastAPI passes it through its body parsing unchanged."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body is larger than the limit of {limit} bytes")
+
+
+def error_body(message: str, status: int, param: Optional[str] = None, code: Optional[str] = None) -> dict:
+    return {"error": {"message": message, "type": _ERROR_TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": code}}
+
+
+def error_response(message: str, status: int, param: Optional[str] = None,
+                   code: Optional[str] = None) -> JSONResponse:
+    return JSONResponse(error_body(message, status, param, code), status_code=status)
+
+
+def from_value_error(exc: ValueError, param_names: Optional[dict[str, str]] = None) -> OpenAIError:
+    """A ValueError from SamplingParams / the input processor -> 400, naming the field when we know it.
+
+    `param_names` maps an internal field to the request field the user actually sent
+    (chat's `top_logprobs` is SamplingParams' `logprobs`).
+    """
+    message = str(exc)
+    match = _PARAM_IN_MESSAGE.match(message)
+    param = match.group(1) if match else None
+    if param is not None and param_names:
+        param = param_names.get(param, param)
+    return OpenAIError(message, 400, param=param, code="invalid_value")
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, Optional[str], str]:
+    """(message, param, code) from pydantic's error list; names the first offending field."""
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None, "invalid_request"
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", "JSON decode error")
+        return f"the request body is not valid JSON: {detail}", None, "invalid_json"
+    # loc is ("body", field, index, ...); drop the "body" prefix and union-branch names pydantic adds.
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(loc) if loc else None
+    if not loc and first.get("type") in ("missing", "model_attributes_type", "dict_type"):
+        return "the request body must be a JSON object", None, "invalid_request"
+    parts = []
+    for err in errors[:3]:
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {err.get('msg', 'invalid value')}")
+    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+    return "; ".join(parts) + more, param, "invalid_value"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
+        return error_response(exc.message, exc.status, exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param, code = _validation_message(exc)
+        return error_response(message, 400, param, code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        status = exc.status_code
+        if status == 404 and exc.detail == "Not Found":
+            message = f"no route {request.method} {request.url.path}"
+        else:
+            message = str(exc.detail)
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(status)
+        return JSONResponse(error_body(message, status, None, code), status_code=status, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error while serving a request")
+        return error_response(f"internal server error: {type(exc).__name__}: {exc}", 500, None, "internal_error")
+
