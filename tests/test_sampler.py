@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pagellm.layers.sampler import (
-    _TOP_P_WINDOW,
+    _TOP_P_WINDOWS,
     Sampler,
     SamplingMetadata,
     SamplingRow,
@@ -198,16 +198,18 @@ def test_reference_distribution_truncates_as_documented():
     assert sum(p > 0 for p in reference_distribution(BASE, 1.0, 0, 1.0, 0.1)) == 5
 
 
-def test_top_p_window_and_full_sort_agree_with_reference():
-    vocab = 4 * _TOP_P_WINDOW
+def test_top_p_windows_and_full_sort_agree_with_reference():
+    small, large = _TOP_P_WINDOWS
+    vocab = 2 * large
     gen = torch.Generator().manual_seed(7)
-    logits = torch.randn(4, vocab, generator=gen)
-    logits[0] *= 8.0  # peaked: the nucleus sits inside the window
-    logits[1] *= 0.1  # nearly flat: the nucleus is larger than the window
+    logits = torch.randn(5, vocab, generator=gen)
+    logits[0] *= 8.0  # peaked: the nucleus sits inside the first window
+    logits[1] *= 0.1  # nearly flat: the nucleus is larger than every window (full sort)
+    logits[4] *= 2.5  # in between: the second window covers it
     probs = logits.softmax(dim=-1)
-    top_p = torch.tensor([0.9, 0.9, 1.0, 0.5])
+    top_p = torch.tensor([0.9, 0.9, 1.0, 0.5, 0.9])
     got = apply_top_p(probs, top_p)
-    for i in range(4):
+    for i in range(5):
         order = probs[i].double().argsort(descending=True)
         before = torch.cumsum(probs[i].double()[order], 0) - probs[i].double()[order]
         n_keep = int((before < top_p[i].item()).sum()) if top_p[i] < 1 else vocab
@@ -215,7 +217,7 @@ def test_top_p_window_and_full_sort_agree_with_reference():
         keep[order[:n_keep]] = True
         assert torch.equal(got[i] > 0, keep), f"row {i}"
         assert torch.equal(got[i][keep], probs[i][keep])
-    assert (got[0] > 0).sum() < _TOP_P_WINDOW < (got[1] > 0).sum()
+    assert (got[0] > 0).sum() < small < (got[4] > 0).sum() < large < (got[1] > 0).sum()
 
 
 def test_truncation_keeps_ties_and_top_token():
@@ -404,3 +406,16 @@ def test_bench_sampler_runs():
     result = bench_sampler(batch=4, vocab=512, steps=2)
     for key in ("greedy_ms", "mixed_ms", "penalties_ms"):
         assert result[key] > 0.0
+
+
+def test_top_k_with_rows_that_do_not_limit_k():
+    """Rows with k = vocab (top-p only) next to real top-k rows: the cheap path equals the plain definition."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 300, generator=gen)
+    top_k = torch.tensor([300, 5, 300, 40])
+    got = apply_top_k(logits, top_k, 300)
+    for i, k in enumerate(top_k.tolist()):
+        kth = logits[i].sort(descending=True).values[k - 1]
+        expected = logits[i].masked_fill(logits[i] < kth, float("-inf"))
+        assert torch.equal(got[i], expected)
+    assert torch.equal(apply_top_k(logits, torch.tensor([300] * 4), 300), logits)
