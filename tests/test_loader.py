@@ -428,10 +428,8 @@ def smollm2_config(smollm2_source):
 
 
 @pytest.fixture(scope="module")
-def smollm2_hf_state(smollm2_source) -> dict[str, torch.Tensor]:
-    directory, name = os.path.split(smollm2_source.gguf_path)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
-    return model.state_dict()
+def smollm2_hf_state(hf_smollm) -> dict[str, torch.Tensor]:
+    return hf_smollm[0].state_dict()  # the session-wide HF load (conftest), shared with the parity tests
 
 
 @pytest.mark.slow
