@@ -364,7 +364,11 @@ def test_prefix_cache_stats_and_reset():
     prompt = list(range(1, 11))
     kv.get_computed_blocks(make_req("a", prompt))
     kv.allocate_slots(make_req("a", prompt), 10)
-    kv.get_computed_blocks(make_req("b", prompt))
+    b = make_req("b", prompt)
+    hits, n = kv.get_computed_blocks(b)
+    kv.get_computed_blocks(b)  # a blocked request retrying is not counted again
+    assert kv.prefix_cache_queries == 10 and kv.prefix_cache_hits == 0  # counted on admission only
+    kv.allocate_slots(b, 10 - n, hits)
     assert kv.prefix_cache_queries == 20 and kv.prefix_cache_hits == 8
     kv.reset_prefix_cache()
     assert kv.get_computed_blocks(make_req("c", prompt)) == ([], 0)

@@ -39,7 +39,7 @@ def test_chunked_prefill_and_preemption_do_not_change_outputs(tiny_path):
     assert chunked == reference
     # 40 blocks of 16 tokens: far less than 12 requests need at once, so the scheduler must preempt.
     tiny_kv = 40 * 16 * 2 * 2 * 2 * 16 * 4  # blocks * block_size * (k,v) * layers * kv_heads * head_dim * fp32
-    preempted, core = _run(tiny_path, prompts, kv_cache_memory=tiny_kv, max_num_batched_tokens=64)
+    preempted, core = _run(tiny_path, prompts, kv_cache_memory=tiny_kv, max_num_batched_tokens=64, max_model_len=512)
     assert core.scheduler.num_preemptions_total > 0
     assert preempted == reference
     cached, core = _run(tiny_path, prompts + prompts[:4], enable_prefix_caching=True)

@@ -23,8 +23,9 @@ class KVCacheManager:
         self.req_to_blocks: dict[str, list[int]] = {}
         # How many leading blocks of each request are registered in the prefix cache.
         self._num_cached_blocks: dict[str, int] = {}
+        # In tokens, counted once per admitted request (not per retry of a blocked one).
         self.prefix_cache_queries = 0
-        self.prefix_cache_hits = 0  # in tokens
+        self.prefix_cache_hits = 0
 
     @property
     def num_blocks(self) -> int:
@@ -70,8 +71,6 @@ class KVCacheManager:
             if block_id is None:
                 break
             hits.append(block_id)
-        self.prefix_cache_queries += request.num_tokens
-        self.prefix_cache_hits += len(hits) * self.block_size
         return hits, len(hits) * self.block_size
 
     # -- allocation -------------------------------------------------------------
@@ -98,6 +97,9 @@ class KVCacheManager:
             if not blocks:
                 del self.req_to_blocks[request.request_id]
             return None
+        if request.num_computed_tokens == 0 and not blocks:
+            self.prefix_cache_queries += request.num_tokens
+            self.prefix_cache_hits += len(computed_blocks) * self.block_size
         self.pool.touch(computed_blocks)
         blocks.extend(computed_blocks)
         new_blocks = self.pool.allocate(needed) if needed > 0 else []
