@@ -54,12 +54,19 @@ class EngineCore:
             enable_chunked_prefill=config.enable_chunked_prefill,
         )
         self.capacity_tokens = num_blocks * config.block_size
+        if self.capacity_tokens < config.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {self.capacity_tokens} tokens, less than max_model_len ({config.max_model_len}), "
+                "so one long request could never finish; raise kv_cache_memory / gpu_memory_utilization "
+                "or lower max_model_len")
         per_token = kv_bytes_per_token(model_config, runner.dtype)
         message = (f"KV cache: {num_blocks} blocks x {config.block_size} tokens = {self.capacity_tokens} tokens "
                    f"({per_token} bytes/token, {num_blocks * config.block_size * per_token / 2**20:.1f} MiB); "
                    f"max concurrency at {config.max_model_len} tokens/request: "
                    f"{self.capacity_tokens / config.max_model_len:.2f}x")
         logger.info(message)
+        # Kept so a core running in its own process can hand the line to the front end to print.
+        self.kv_cache_summary = message
         if not quiet:
             print(f"[pagellm] {message}", flush=True)
         self.num_steps = 0
@@ -71,11 +78,13 @@ class EngineCore:
         runner = ModelRunner.load(setup.config, setup.model_config, weights)
         return cls(setup.config, setup.model_config, runner, quiet=quiet)
 
-    def add_request(self, req: EngineCoreRequest) -> None:
+    def add_request(self, req: EngineCoreRequest) -> Request:
+        """Queues the request; returns its scheduler state (read-only to callers, e.g. for queue-time metrics)."""
         request = Request(req.request_id, req.prompt_token_ids, req.sampling_params, req.eos_token_ids,
                           arrival_time=req.arrival_time)
         request.share_prefix = req.share_prefix
         self.scheduler.add_request(request)
+        return request
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)

@@ -179,20 +179,25 @@ class OutputProcessor:
         now = time.monotonic()
         changed: dict[str, list[CompletionState]] = {}
         stops: list[tuple[str, str]] = []
+        timed: set[str] = set()  # n > 1 siblings stepping together count as one token time
         for update in updates:
             entry = self.core_to_completion.get(update.req_id)
             if entry is None:
                 continue
             state, completion = entry
+            if completion.finished:
+                # An async core may still be stepping a sequence the front end already stopped on a stop string.
+                continue
             state.add_prompt_logprobs(update.new_prompt_logprobs)
-            if update.new_token_ids:
-                m = state.metrics
+            m = state.metrics
+            m.num_generation_tokens += len(update.new_token_ids)
+            if update.new_token_ids and state.request_id not in timed:
+                timed.add(state.request_id)
                 if m.first_token_time is None:
                     m.first_token_time = now
                 elif m.last_token_time is not None:
                     m.inter_token_latencies.append(now - m.last_token_time)
                 m.last_token_time = now
-                m.num_generation_tokens += len(update.new_token_ids)
             stop = completion.apply(update)
             if stop is not None:
                 stops.append((update.req_id, stop))

@@ -1,0 +1,399 @@
+"""AsyncLLM: the engine for asyncio servers.
+
+The front end (this object, in the server's process) validates and tokenizes prompts,
+detokenizes outputs, finds stop strings and keeps metrics; the engine core (scheduler +
+model) runs off the event loop, in a child process by default or in a thread:
+
+    generate() --AddRequest--> core loop --CoreOutputs--> reader thread
+                                                            | OutputProcessor (text, stop strings, metrics)
+    async for out in generate()  <-- call_soon_threadsafe --+
+
+Each request has its own output stream bound to the event loop that called generate(), so
+one engine can serve several loops (tests run one `asyncio.run` per test). Leaving a stream
+early (aclose, cancellation, client disconnect) aborts the request in the core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import os
+import threading
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import AsyncIterator, Optional, Union
+
+from pagellm.config import EngineConfig
+from pagellm.core.scheduler import SchedulerStats
+from pagellm.engine.core import EngineCore
+from pagellm.engine.core_process import (AbortRequests, AddRequest, CoreOutputs, FinishOnStop, ProcessCoreClient,
+                                         StatsRequest, ThreadCoreClient)
+from pagellm.engine.llm_engine import fan_out
+from pagellm.engine.metrics import EngineMetrics
+from pagellm.engine.output_processor import OutputKind, OutputProcessor, RequestState
+from pagellm.engine.processor import InputProcessor, PromptType
+from pagellm.engine.setup import ModelSetup, resolve_setup
+from pagellm.loader import load_tokenizer, resolve_model
+from pagellm.outputs import CompletionOutput, RequestOutput
+from pagellm.sampling_params import SamplingParams
+
+CoreClient = Union[ProcessCoreClient, ThreadCoreClient]
+
+
+class _Stream:
+    """Outputs of one request, filled from the reader thread (via its loop), drained by generate()."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.items: list[object] = []
+        self.ready = asyncio.Event()
+
+    def put(self, item: object) -> None:  # on self.loop
+        self.items.append(item)
+        self.ready.set()
+
+    async def get_all(self) -> list[object]:
+        while not self.items:
+            await self.ready.wait()
+            self.ready.clear()
+        items, self.items = self.items, []
+        return items
+
+
+@dataclass
+class _Tracking:
+    """Per-request bookkeeping for metrics that the OutputProcessor does not keep."""
+
+    first_token_recorded: bool = False
+    num_itl_recorded: int = 0
+    first_scheduled_time: Optional[float] = None
+
+
+class AsyncLLM:
+    def __init__(self, setup: ModelSetup, tokenizer, client: CoreClient, model_name: Optional[str] = None) -> None:
+        """Use `from_config`; this wires up a front end around an already started core client."""
+        self.setup = setup
+        self.config: EngineConfig = setup.config
+        self.model_config = setup.model_config
+        self.tokenizer = tokenizer
+        self.processor = InputProcessor(self.config, tokenizer, self.model_config)
+        self.output_processor = OutputProcessor(tokenizer)
+        self.metrics = EngineMetrics(model_name or default_model_name(setup))
+        # Guards the OutputProcessor and the tables below: the event loop and the reader thread both use them.
+        self._lock = threading.Lock()
+        self._streams: dict[str, _Stream] = {}
+        self._tracking: dict[str, _Tracking] = {}
+        self._stats: Optional[SchedulerStats] = None
+        self._stats_waiters: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._tokens = itertools.count()
+        self._dead: Optional[str] = None
+        self._closed = False
+        self._client = client
+        client.start_reader(self._on_core_message, self._on_core_exit)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, *, engine_process: bool = True, quiet: bool = False,
+                    model_name: Optional[str] = None) -> "AsyncLLM":
+        """Starts the engine and returns once the model is loaded.
+
+        engine_process: run the core in a child process (default) or in a thread of this one.
+        model_name: the `model_name` label of the metrics (default: the model file/directory name).
+        """
+        setup = resolve_setup(config)
+        client: Optional[CoreClient] = None
+        try:
+            if engine_process:
+                client = ProcessCoreClient(setup)  # the child loads the weights ...
+                tokenizer = _load_tokenizer(setup)  # ... while this process loads the tokenizer
+                ready = client.wait_ready()
+                if not quiet:
+                    print(f"[pagellm] {ready.kv_cache_summary}", flush=True)
+            else:
+                tokenizer = _load_tokenizer(setup)
+                client = ThreadCoreClient(EngineCore.from_config(setup, quiet=quiet))
+        except BaseException:
+            if client is not None:
+                client.close()
+            raise
+        return cls(setup, tokenizer, client, model_name)
+
+    # -- requests -----------------------------------------------------------------------
+    async def generate(self, prompt: PromptType, sampling_params: SamplingParams, request_id: str,
+                       arrival_time: Optional[float] = None) -> AsyncIterator[RequestOutput]:
+        """Streams DELTA outputs (new text / token ids / logprobs) until the request finishes.
+
+        Bad input raises ValueError before the first output. `arrival_time` is on the
+        time.monotonic() clock (default: now).
+        """
+        self._check_usable()
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
+        text, core_req = self.processor.process(request_id, prompt, sampling_params, arrival_time)
+        children = fan_out(core_req)
+        state = RequestState(request_id, text, core_req.prompt_token_ids, core_req.sampling_params, self.tokenizer,
+                             OutputKind.DELTA, core_req.arrival_time)
+        stream = _Stream(asyncio.get_running_loop())
+        with self._lock:
+            self._check_usable()  # again, under the lock: the core may have died while we tokenized
+            if request_id in self.output_processor.requests:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self.output_processor.add_request(state, [c.request_id for c in children],
+                                              [c.sampling_params for c in children])
+            self._streams[request_id] = stream
+            self._tracking[request_id] = _Tracking()
+        finished = False
+        try:
+            try:
+                self._client.send(AddRequest(request_id, children))
+            except (OSError, ValueError) as e:
+                raise RuntimeError(f"engine core died: {self._dead or e}") from None
+            while not finished:
+                items = await stream.get_all()
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                out = merge_deltas(items)  # type: ignore[arg-type]
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self._abort_request(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        """Aborts a request; its stream ends with a final output whose finish_reason is "abort"."""
+        aborted = self._abort_request(request_id)
+        if aborted is not None and aborted[1] is not None:
+            self._deliver([aborted])
+
+    def _abort_request(self, request_id: str) -> Optional[tuple[_Stream, Optional[RequestOutput]]]:
+        """Forgets the request here and tells the core to free it. Any thread."""
+        with self._lock:
+            stream = self._streams.pop(request_id, None)
+            if stream is None:
+                return None
+            core_ids = self.output_processor.core_ids_of(request_id)
+            final = self.output_processor.abort(request_id)
+            self._tracking.pop(request_id, None)
+            if final is not None:
+                self.metrics.record_finished("abort", None, None)
+        if core_ids:
+            self._send_quietly(AbortRequests(core_ids))
+        return stream, final
+
+    # -- stats and state ----------------------------------------------------------------
+    def get_stats(self) -> Optional[SchedulerStats]:
+        """The latest snapshot the core sent (None before its first step)."""
+        return self._stats
+
+    async def wait_for_stats(self) -> SchedulerStats:
+        """A snapshot the core takes after this call (after everything sent before it, aborts included)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._lock:
+            self._check_usable()
+            token = next(self._tokens)
+            self._stats_waiters[token] = (loop, future)
+        try:
+            try:
+                self._client.send(StatsRequest(token))
+            except (OSError, ValueError) as e:
+                raise RuntimeError(f"engine core died: {self._dead or e}") from None
+            return await future
+        finally:
+            with self._lock:
+                self._stats_waiters.pop(token, None)
+
+    @property
+    def errored(self) -> bool:
+        return self._dead is not None
+
+    @property
+    def is_running(self) -> bool:
+        return not self._closed and self._dead is None
+
+    def shutdown(self) -> None:
+        """Aborts in-flight requests (their streams end with finish_reason "abort") and stops the core."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            request_ids = list(self._streams)
+        finals = []
+        for request_id in request_ids:
+            aborted = self._abort_request(request_id)
+            if aborted is not None and aborted[1] is not None:
+                finals.append(aborted)
+        self._deliver(finals)
+        self._client.close()
+        self._fail_stats_waiters(RuntimeError("the engine has been shut down"))
+
+    def _check_usable(self) -> None:
+        if self._dead is not None:
+            raise RuntimeError(f"engine core died: {self._dead}")
+        if self._closed:
+            raise RuntimeError("the engine has been shut down")
+
+    # -- the reader thread ------------------------------------------------------------------
+    def _on_core_message(self, message: object) -> None:
+        if not isinstance(message, CoreOutputs):
+            return  # CoreFailed: its message arrives again through _on_core_exit
+        deliveries: list[tuple[_Stream, object]] = []
+        with self._lock:
+            for request_id, error in message.rejected:
+                stream = self._streams.pop(request_id, None)
+                self.output_processor.abort(request_id)
+                self._tracking.pop(request_id, None)
+                if stream is not None:
+                    deliveries.append((stream, ValueError(error)))
+            self._note_first_scheduled(message.first_scheduled)
+            touched: dict[str, tuple[RequestState, int]] = {}
+            for update in message.updates:
+                entry = self.output_processor.core_to_completion.get(update.req_id)
+                if entry is not None and entry[0].request_id not in touched:
+                    touched[entry[0].request_id] = (entry[0], entry[0].metrics.num_generation_tokens)
+            outputs, stops = self.output_processor.process(message.updates)
+            for state, tokens_before in touched.values():
+                self._record_progress(state, tokens_before)
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if out.finished:
+                    self._streams.pop(out.request_id, None)
+                    self._record_finished(touched[out.request_id][0])
+                if stream is not None:
+                    deliveries.append((stream, out))
+            waiters = [self._stats_waiters.pop(t) for t in message.stats_tokens if t in self._stats_waiters]
+        if stops:
+            self._send_quietly(FinishOnStop(stops))  # first: the core keeps generating until it hears this
+        self._stats = message.stats
+        self.metrics.record_scheduler_stats(message.stats)
+        self._deliver(deliveries)
+        for loop, future in waiters:
+            _call_soon(loop, _resolve, future, message.stats, None)
+
+    def _note_first_scheduled(self, first_scheduled: dict[str, float]) -> None:
+        for core_id, when in first_scheduled.items():
+            entry = self.output_processor.core_to_completion.get(core_id)
+            tracking = self._tracking.get(entry[0].request_id) if entry is not None else None
+            if tracking is not None and (tracking.first_scheduled_time is None or when < tracking.first_scheduled_time):
+                tracking.first_scheduled_time = when
+
+    def _record_progress(self, state: RequestState, tokens_before: int) -> None:
+        m = state.metrics
+        tracking = self._tracking.get(state.request_id)
+        self.metrics.record_generation_tokens(m.num_generation_tokens - tokens_before)
+        if tracking is None:
+            return
+        if m.first_token_time is not None and not tracking.first_token_recorded:
+            tracking.first_token_recorded = True
+            self.metrics.record_first_token(m.first_token_time - m.arrival_time, len(state.prompt_token_ids))
+        for latency in m.inter_token_latencies[tracking.num_itl_recorded:]:
+            self.metrics.record_inter_token_latency(latency)
+        tracking.num_itl_recorded = len(m.inter_token_latencies)
+
+    def _record_finished(self, state: RequestState) -> None:
+        m = state.metrics
+        tracking = self._tracking.pop(state.request_id, None)
+        queue_time = None
+        if tracking is not None and tracking.first_scheduled_time is not None:
+            queue_time = tracking.first_scheduled_time - m.arrival_time
+        e2e = m.finished_time - m.arrival_time if m.finished_time is not None else None
+        self.metrics.record_finished(state.completions[0].finish_reason or "abort", e2e, queue_time)
+
+    def _on_core_exit(self, reason: str) -> None:
+        with self._lock:
+            if self._closed:
+                return  # an orderly shutdown
+            self._dead = reason
+            streams = list(self._streams.values())
+            for request_id in list(self._streams):
+                self.output_processor.abort(request_id)
+            self._streams.clear()
+            self._tracking.clear()
+        self._deliver([(s, RuntimeError(f"engine core died: {reason}")) for s in streams])
+        self._fail_stats_waiters(RuntimeError(f"engine core died: {reason}"))
+
+    def _fail_stats_waiters(self, error: BaseException) -> None:
+        with self._lock:
+            waiters = list(self._stats_waiters.values())
+            self._stats_waiters.clear()
+        for loop, future in waiters:
+            _call_soon(loop, _resolve, future, None, error)
+
+    def _send_quietly(self, message: object) -> None:
+        """Sends what only matters while the core lives (aborts, stop hits); a dead core has freed everything."""
+        try:
+            self._client.send(message)
+        except (OSError, ValueError):
+            pass
+
+    def _deliver(self, items: list[tuple[_Stream, object]]) -> None:
+        """Hands items to their streams, one call per event loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, object]]] = defaultdict(list)
+        for stream, item in items:
+            by_loop[stream.loop].append((stream, item))
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        for loop, batch in by_loop.items():
+            if loop is running:
+                _put_all(batch)
+            else:
+                _call_soon(loop, _put_all, batch)
+
+
+def merge_deltas(outputs: list[RequestOutput]) -> RequestOutput:
+    """Several DELTA outputs of one request (the consumer fell behind) as one."""
+    if len(outputs) == 1:
+        return outputs[0]
+    merged: dict[int, CompletionOutput] = {}
+    for out in outputs:
+        for c in out.outputs:
+            prev = merged.get(c.index)
+            if prev is None:
+                merged[c.index] = dataclasses.replace(
+                    c, token_ids=list(c.token_ids), logprobs=list(c.logprobs) if c.logprobs is not None else None)
+                continue
+            prev.text += c.text
+            prev.token_ids.extend(c.token_ids)
+            if c.logprobs is not None:
+                prev.logprobs = (prev.logprobs or []) + c.logprobs
+            prev.cumulative_logprob = c.cumulative_logprob
+            prev.finish_reason, prev.stop_reason = c.finish_reason, c.stop_reason
+    prompt_logprobs = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None)
+    return dataclasses.replace(outputs[-1], outputs=[merged[i] for i in sorted(merged)],
+                               prompt_logprobs=prompt_logprobs)
+
+
+def default_model_name(setup: ModelSetup) -> str:
+    return os.path.basename(setup.source.path.rstrip(os.sep)).removesuffix(".gguf")
+
+
+def _load_tokenizer(setup: ModelSetup):
+    config = setup.config
+    if config.skip_tokenizer_init:
+        return None
+    source = setup.source if config.tokenizer is None else resolve_model(config.tokenizer)
+    return load_tokenizer(source, trust_remote_code=config.trust_remote_code)
+
+
+def _put_all(batch: list[tuple[_Stream, object]]) -> None:
+    for stream, item in batch:
+        stream.put(item)
+
+
+def _resolve(future: asyncio.Future, value, error: Optional[BaseException]) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback, *args) -> None:
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        pass  # that event loop is closed: nobody is waiting there any more
