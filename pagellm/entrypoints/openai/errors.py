@@ -7,6 +7,7 @@ shape), Starlette's HTTP errors (404 route, 405, 413) and anything unexpected (5
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from typing import Optional
@@ -62,18 +63,46 @@ def error_response(message: str, status: int, param: Optional[str] = None,
     return JSONResponse(error_body(message, status, param, code), status_code=status)
 
 
-def from_value_error(exc: ValueError, param_names: Optional[dict[str, str]] = None) -> OpenAIError:
+def from_value_error(exc: ValueError, param_names: Optional[dict[str, str]] = None,
+                     prompt_param: Optional[str] = None) -> OpenAIError:
     """A ValueError from SamplingParams / the input processor -> 400, naming the field when we know it.
 
     `param_names` maps an internal field to the request field the user actually sent
-    (chat's `top_logprobs` is SamplingParams' `logprobs`).
+    (chat's `top_logprobs` is SamplingParams' `logprobs`); errors about the prompt name
+    `prompt_param` ("prompt", or "messages" for chat).
     """
     message = str(exc)
     match = _PARAM_IN_MESSAGE.match(message)
     param = match.group(1) if match else None
     if param is not None and param_names:
         param = param_names.get(param, param)
+    if param is None and "prompt" in message:
+        param = prompt_param
     return OpenAIError(message, 400, param=param, code="invalid_value")
+
+
+def _field_path(loc) -> tuple[list[str], bool]:
+    """A pydantic error location without the "body" prefix and union-branch tags; and whether it had tags."""
+    parts, tagged = [], False
+    for part in loc:
+        text = str(part)
+        if part == "body":
+            continue
+        if isinstance(part, str) and ("[" in text or text in _UNION_TAGS):
+            tagged = True  # e.g. prompt -> "list[int]" -> 0: pydantic names the union branch it tried
+            continue
+        parts.append(text)
+    return parts, tagged
+
+
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
+# What the union-typed fields accept, for a readable message instead of one line per branch.
+_UNION_FIELDS = {
+    "prompt": "a string, a list of strings, a list of token ids or a list of token-id lists",
+    "stop": "a string or a list of strings",
+    "content": "a string or a list of content parts",
+    "tool_choice": "a string or an object",
+}
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, Optional[str], str]:
@@ -85,14 +114,26 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]
     if first.get("type") == "json_invalid":
         detail = (first.get("ctx") or {}).get("error", "JSON decode error")
         return f"the request body is not valid JSON: {detail}", None, "invalid_json"
-    # loc is ("body", field, index, ...); drop the "body" prefix and union-branch names pydantic adds.
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(loc) if loc else None
+    loc, tagged = _field_path(first.get("loc", ()))
     if not loc and first.get("type") in ("missing", "model_attributes_type", "dict_type"):
+        raw = first.get("input")
+        if isinstance(raw, (bytes, str)):  # sent without a JSON content type, so FastAPI did not parse it
+            try:
+                json.loads(raw)
+            except ValueError as exc:
+                return f"the request body is not valid JSON: {exc}", None, "invalid_json"
+            return "send the JSON body with the header 'Content-Type: application/json'", None, "invalid_request"
         return "the request body must be a JSON object", None, "invalid_request"
+    param = ".".join(loc) if loc else None
+    if tagged:
+        # A union field: report it once, by what it accepts, not per branch tried.
+        base = loc[0] if loc else "body"
+        field = next((p for p in reversed(loc) if p in _UNION_FIELDS), base)
+        accepted = _UNION_FIELDS.get(field, "one of the accepted types")
+        return f"{base}: invalid value; {field} must be {accepted}", base, "invalid_value"
     parts = []
     for err in errors[:3]:
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        where = ".".join(_field_path(err.get("loc", ()))[0]) or "body"
         parts.append(f"{where}: {err.get('msg', 'invalid value')}")
     more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
     return "; ".join(parts) + more, param, "invalid_value"

@@ -1,0 +1,242 @@
+"""POST /v1/chat/completions: messages -> chat template -> prompt ids -> assistant message(s).
+
+Templates come from a --chat-template file or the tokenizer, and render through
+`chat_utils.render_chat` (transformers' renderer, in Jinja2's immutable sandbox), the same
+path as `LLM.chat`, so the server and the offline API see identical prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, AsyncIterator, Optional
+
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from pagellm.entrypoints.chat_utils import render_chat
+from pagellm.entrypoints.openai.errors import OpenAIError
+from pagellm.entrypoints.openai.protocol import (
+    ChatCompletionLogProb,
+    ChatCompletionLogProbs,
+    ChatCompletionLogProbsContent,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionResponseChoice,
+    ChatCompletionStreamChoice,
+    ChatCompletionStreamResponse,
+    ChatMessageIn,
+    ChatMessageOut,
+    DeltaMessage,
+    UsageInfo,
+    now,
+)
+from pagellm.entrypoints.openai.serving_engine import (
+    SSE_DONE,
+    OpenAIServing,
+    clamp_logprob,
+    random_id,
+    sse,
+    sse_error,
+    start_stream,
+)
+from pagellm.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+
+# Arguments of the renderer itself; template variables with these names would change how it
+# runs (tokenize=True returns ids, not text) rather than what the template sees.
+_RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "chat_template", "tokenize", "add_generation_prompt", "continue_final_message",
+    "return_dict", "return_tensors", "return_assistant_tokens_mask", "padding", "truncation", "max_length",
+    "tokenizer_kwargs", "tools", "documents"})
+
+
+def tokenizer_chat_template(tokenizer) -> Optional[str]:
+    """The tokenizer's template; a dict of named templates uses the "default" one."""
+    template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+    if isinstance(template, dict):
+        template = template.get("default")
+    return template or None
+
+
+def message_dicts(messages: list[ChatMessageIn]) -> list[dict[str, Any]]:
+    """Messages as templates expect them: text content, parts joined with newlines."""
+    out = []
+    for i, message in enumerate(messages):
+        content = message.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise OpenAIError(f"messages[{i}] has a content part of type {part.type!r}; this server "
+                                      "accepts text parts only", 400, param=f"messages.{i}.content")
+                texts.append(part.text)
+            content = "\n".join(texts)
+        entry: dict[str, Any] = {"role": message.role, "content": content if content is not None else ""}
+        if message.name is not None:
+            entry["name"] = message.name
+        out.append(entry)
+    return out
+
+
+# -- the endpoint --------------------------------------------------------------------------------
+@dataclass
+class _Choice:
+    text: str = ""
+    num_tokens: int = 0
+    logprobs: list[ChatCompletionLogProbsContent] = field(default_factory=list)
+    finish_reason: Optional[str] = None
+    stop_reason: int | str | None = None
+
+
+class OpenAIServingChat(OpenAIServing):
+    param_names = MappingProxyType({"logprobs": "top_logprobs"})  # chat's top_logprobs is SamplingParams.logprobs
+    prompt_param = "messages"
+    def __init__(self, engine, served_model_name: str, chat_template: Optional[str] = None) -> None:
+        super().__init__(engine, served_model_name)
+        self.template: Optional[str] = chat_template or tokenizer_chat_template(self.tokenizer)
+
+    def render_prompt(self, messages: list[ChatMessageIn], add_generation_prompt: bool,
+                      continue_final_message: bool, extra: Optional[dict[str, Any]]) -> str:
+        if self.template is None:
+            raise OpenAIError(f"the model `{self.model_name}` has no chat template; start the server with "
+                              "--chat-template FILE, or use /v1/completions", 400, param="messages",
+                              code="no_chat_template")
+        if continue_final_message and (add_generation_prompt or messages[-1].role != "assistant"):
+            raise OpenAIError("continue_final_message needs add_generation_prompt=false and a final assistant "
+                              "message", 400, param="continue_final_message")
+        reserved = sorted(set(extra or {}) & _RESERVED_TEMPLATE_KWARGS)
+        if reserved:
+            raise OpenAIError(f"chat_template_kwargs may not set {reserved}", 400, param="chat_template_kwargs")
+        try:
+            return render_chat(self.require_tokenizer("chat"), message_dicts(messages), chat_template=self.template,
+                               add_generation_prompt=add_generation_prompt,
+                               continue_final_message=continue_final_message, **(extra or {}))
+        except ValueError as exc:
+            raise OpenAIError(str(exc), 400, param="messages", code="invalid_value") from None
+
+    async def create(self, request: ChatCompletionRequest):
+        self.check_model(request.model)
+        self._reject_unsupported(request)
+        self.require_tokenizer("chat")
+        text = self.render_prompt(request.messages, request.add_generation_prompt, request.continue_final_message,
+                                  request.chat_template_kwargs)
+        prompt_ids = self.encode(text, request.add_special_tokens)
+        if request.max_completion_tokens is not None:
+            max_tokens = self.max_tokens_for(len(prompt_ids), request.max_completion_tokens, "max_completion_tokens")
+        else:
+            max_tokens = self.max_tokens_for(len(prompt_ids), request.max_tokens, "max_tokens")
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        params = self.build_params(request, max_tokens, logprobs, request.prompt_logprobs)
+        request_id = random_id("chatcmpl")
+        self.validate(request_id, prompt_ids, params)
+        try:
+            outputs = await start_stream(self.engine.generate(prompt_ids, params, request_id))
+        except ValueError as exc:
+            raise self.bad_value(exc) from None
+        run = _Run(self, request, request_id, len(prompt_ids))
+        if request.stream:
+            return StreamingResponse(run.stream(outputs), media_type="text/event-stream")
+        return JSONResponse((await run.collect(outputs)).model_dump())
+
+    @staticmethod
+    def _reject_unsupported(request: ChatCompletionRequest) -> None:
+        if request.stream_options is not None and not request.stream:
+            raise OpenAIError("stream_options is only allowed with stream=true", 400, param="stream_options")
+        if request.tools:
+            raise OpenAIError("tools are not supported by this server", 400, param="tools",
+                              code="unsupported_parameter")
+        if request.tool_choice not in (None, "none"):
+            raise OpenAIError("tool_choice is not supported by this server (only \"none\")", 400,
+                              param="tool_choice", code="unsupported_parameter")
+        if request.response_format is not None and request.response_format.get("type") != "text":
+            raise OpenAIError("only response_format {\"type\": \"text\"} is supported", 400,
+                              param="response_format", code="unsupported_parameter")
+        if request.top_logprobs is not None and not request.logprobs:
+            raise OpenAIError("top_logprobs needs logprobs=true", 400, param="top_logprobs", code="invalid_value")
+
+
+class _Run:
+    """One chat request in flight: turns the engine's deltas into OpenAI's chat shapes."""
+
+    def __init__(self, serving: OpenAIServingChat, request: ChatCompletionRequest, request_id: str,
+                 prompt_tokens: int) -> None:
+        self.serving = serving
+        self.request = request
+        self.request_id = request_id
+        self.prompt_tokens = prompt_tokens
+        self.choices = [_Choice() for _ in range(request.n)]
+        self.created = now()
+
+    def _take(self, delta: CompletionOutput) -> Optional[list[ChatCompletionLogProbsContent]]:
+        choice = self.choices[delta.index]
+        choice.text += delta.text
+        choice.num_tokens += len(delta.token_ids)
+        logprobs = None
+        if self.request.logprobs:
+            logprobs = self._logprobs(delta.token_ids, delta.logprobs or [])
+            choice.logprobs.extend(logprobs)
+        if delta.finish_reason is not None:
+            choice.finish_reason, choice.stop_reason = delta.finish_reason, delta.stop_reason
+        return logprobs
+
+    def _logprobs(self, token_ids: list[int], positions: list[PositionLogprobs]) -> list[ChatCompletionLogProbsContent]:
+        limit = self.request.top_logprobs or 0
+        serving = self.serving
+        out = []
+        for token_id, position in zip(token_ids, positions):
+            entry = position.get(token_id)
+            token = serving.token_text(token_id, entry)
+            top = [ChatCompletionLogProb(token=(t := serving.token_text(tid, lp)), logprob=clamp_logprob(lp.logprob),
+                                         bytes=list(t.encode("utf-8")))
+                   for tid, lp in serving.top_entries(position, limit)]
+            out.append(ChatCompletionLogProbsContent(
+                token=token, logprob=clamp_logprob(entry.logprob if entry is not None else float("-inf")),
+                bytes=list(token.encode("utf-8")), top_logprobs=top))
+        return out
+
+    def _usage(self) -> UsageInfo:
+        completion = sum(c.num_tokens for c in self.choices)
+        return UsageInfo(prompt_tokens=self.prompt_tokens, completion_tokens=completion,
+                         total_tokens=self.prompt_tokens + completion)
+
+    async def collect(self, outputs: AsyncIterator[RequestOutput]) -> ChatCompletionResponse:
+        async for out in outputs:
+            for delta in out.outputs:
+                self._take(delta)
+        choices = [
+            ChatCompletionResponseChoice(
+                index=i, message=ChatMessageOut(content=c.text),
+                logprobs=ChatCompletionLogProbs(content=c.logprobs) if self.request.logprobs else None,
+                finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+            for i, c in enumerate(self.choices)
+        ]
+        return ChatCompletionResponse(id=self.request_id, created=self.created, model=self.serving.model_name,
+                                      choices=choices, usage=self._usage())
+
+    def _chunk(self, choices: list[ChatCompletionStreamChoice], usage: Optional[UsageInfo] = None) -> str:
+        return sse(ChatCompletionStreamResponse(id=self.request_id, created=self.created,
+                                                model=self.serving.model_name, choices=choices, usage=usage))
+
+    async def stream(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
+        options = self.request.stream_options
+        include_usage = options is not None and options.include_usage
+        continuous = include_usage and options.continuous_usage_stats
+        try:
+            # OpenAI's first delta of each choice carries the role and an empty content.
+            for i in range(self.request.n):
+                yield self._chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant",
+                                                                                         content=""))])
+            async for out in outputs:
+                for delta in out.outputs:
+                    logprobs = self._take(delta)
+                    if not delta.text and delta.finish_reason is None and not logprobs:
+                        continue
+                    choice = ChatCompletionStreamChoice(
+                        index=delta.index, delta=DeltaMessage(content=delta.text or None),
+                        logprobs=ChatCompletionLogProbs(content=logprobs) if logprobs is not None else None,
+                        finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
+                    yield self._chunk([choice], self._usage() if continuous else None)
+            if include_usage:
+                yield self._chunk([], self._usage())
+        except Exception as exc:  # noqa: BLE001 - the status line is sent; report in-band
+            yield sse_error(exc)
+        yield SSE_DONE
