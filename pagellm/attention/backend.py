@@ -57,19 +57,22 @@ def build_metadata(
     """Lays out the flat batch (positions are context_len .. context_len + query_len - 1 per request)."""
     seq_lens = [c + q for c, q in zip(context_lens, query_lens)]
     query_start_loc = [0]
-    slots: list[int] = []
-    for qlen, ctx, blocks in zip(query_lens, context_lens, block_ids):
+    for qlen in query_lens:
         query_start_loc.append(query_start_loc[-1] + qlen)
-        for pos in range(ctx, ctx + qlen):
-            slots.append(blocks[pos // block_size] * block_size + pos % block_size)
     max_blocks = max((len(b) for b in block_ids), default=0)
     table = torch.zeros((len(block_ids), max(max_blocks, 1)), dtype=torch.int32)
     for i, blocks in enumerate(block_ids):
         table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+    # Slot of every new token, computed with tensor ops rather than a Python loop per token.
+    lens = torch.tensor(query_lens, dtype=torch.long)
+    req_index = torch.repeat_interleave(torch.arange(len(query_lens)), lens)
+    starts = torch.tensor(query_start_loc[:-1], dtype=torch.long)
+    positions = torch.tensor(context_lens, dtype=torch.long)[req_index] + torch.arange(int(lens.sum())) - starts[req_index]
+    slots = table[req_index, positions // block_size].long() * block_size + positions % block_size
     decode_indices = [i for i, q in enumerate(query_lens) if q == 1]
     prefill_indices = [i for i, q in enumerate(query_lens) if q > 1]
     return AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+        slot_mapping=slots.to(device),
         query_start_loc=query_start_loc,
         seq_lens=seq_lens,
         context_lens=list(context_lens),
