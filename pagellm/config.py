@@ -13,6 +13,8 @@ from typing import Optional
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEVICES = ("auto", "cpu", "cuda")
+_ATTENTION_BACKENDS = ("auto", "torch", "triton")
+_LOAD_FORMATS = ("auto", "dummy")
 
 DEFAULT_KV_CACHE_MEMORY = 1 << 30  # 1 GiB of KV cache on the CPU unless told otherwise
 DEFAULT_MAX_MODEL_LEN_CAP = 8192  # a model claiming 128k context should not get a 128k default on the CPU
@@ -35,6 +37,9 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     seed: int = 0
+    attention_backend: str = "auto"  # auto: triton on CUDA, torch on the CPU
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps
+    load_format: str = "auto"  # dummy: random weights from config.json alone (benchmarks)
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> None:
@@ -44,6 +49,10 @@ class EngineConfig:
             bad("dtype", f"must be one of {_DTYPES}")
         if self.device not in _DEVICES:
             bad("device", f"must be one of {_DEVICES}")
+        if self.attention_backend not in _ATTENTION_BACKENDS:
+            bad("attention_backend", f"must be one of {_ATTENTION_BACKENDS}")
+        if self.load_format not in _LOAD_FORMATS:
+            bad("load_format", f"must be one of {_LOAD_FORMATS}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
             bad("max_model_len", "must be a positive integer")
         if not isinstance(self.block_size, int) or self.block_size < 1 or self.block_size & (self.block_size - 1):

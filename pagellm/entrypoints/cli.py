@@ -30,6 +30,9 @@ _HELP = {
     "enable_chunked_prefill": "split long prompts across steps",
     "enable_prefix_caching": "reuse KV blocks of identical prompt prefixes",
     "seed": "seed of the default random generator",
+    "attention_backend": "attention implementation: auto (triton on CUDA, torch on CPU), torch or triton",
+    "enforce_eager": "never capture CUDA graphs",
+    "load_format": "auto, or dummy: random weights from config.json only (benchmarks)",
 }
 
 
@@ -54,7 +57,9 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Tr
         base = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Union else hint
         help_text = f"{_HELP.get(f.name, f.name)} (default: {f.default})"
         if base is bool:
+            # `--flag`, `--flag false` and `--no-flag` all work, as in vLLM.
             parser.add_argument(flag, type=_bool, nargs="?", const=True, default=None, help=help_text)
+            parser.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", default=None, help=argparse.SUPPRESS)
         else:
             parser.add_argument(flag, type=base, default=None, help=help_text)
 
