@@ -33,6 +33,8 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos_cache", emb.cos() * attention_scaling, persistent=False)
         self.register_buffer("sin_cache", emb.sin() * attention_scaling, persistent=False)
+        # Partial rotary (e.g. Phi-4-mini): only the first `rotary_dim` dims of a head rotate.
+        self.rotary_dim = 2 * inv_freq.numel()
 
     @staticmethod
     def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -43,20 +45,33 @@ class RotaryEmbedding(nn.Module):
         """q: [T, Hq, D], k: [T, Hkv, D]; positions: [T]."""
         cos = self.cos_cache[positions].to(q.dtype).unsqueeze(1)
         sin = self.sin_cache[positions].to(q.dtype).unsqueeze(1)
-        q = q * cos + self._rotate_half(q) * sin
-        k = k * cos + self._rotate_half(k) * sin
-        return q, k
+        d = self.rotary_dim
+        if d == q.shape[-1]:
+            return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        return (torch.cat((self._rotate(q[..., :d], cos, sin), q[..., d:]), dim=-1),
+                torch.cat((self._rotate(k[..., :d], cos, sin), k[..., d:]), dim=-1))
+
+    @classmethod
+    def _rotate(cls, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return x * cos + cls._rotate_half(x) * sin
 
 
 def get_rope(config, head_dim: int, max_position: int, params: dict | None = None) -> RotaryEmbedding:
     params = params or rope_parameters(config)
     rope_type = params.get("rope_type", "default")
     if rope_type == "default":
-        inv_freq, scaling = _default_inv_freq(params["rope_theta"], head_dim), 1.0
+        rotary_dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+        inv_freq, scaling = _default_inv_freq(params["rope_theta"], rotary_dim), 1.0
     else:
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
         if rope_type not in ROPE_INIT_FUNCTIONS or rope_type == "dynamic":
             raise ValueError(f"rope type {rope_type!r} is not supported")
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+        kwargs = {}
+        if rope_type == "longrope":
+            # HF switches between short and long factors by the current sequence length; a batch
+            # engine cannot (sequences of both kinds share a step), so, like vLLM, the long factors
+            # are used whenever the engine may run past the original context.
+            kwargs["seq_len"] = max_position
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu", **kwargs)
     return RotaryEmbedding(inv_freq, max_position, scaling)

@@ -28,10 +28,28 @@ def load_hf_config(source: ModelSource) -> PretrainedConfig:
         check_gguf_file(source.gguf_path)
         directory, name = os.path.split(source.gguf_path)
         return AutoConfig.from_pretrained(directory, gguf_file=name, local_files_only=True)
+    legacy = _legacy_su_rope_config(source.path)
+    if legacy is not None:
+        return legacy
     try:
         return AutoConfig.from_pretrained(source.path, local_files_only=True)
     except OSError as exc:  # transformers reports an unreadable config.json as OSError
         raise ValueError(f"could not read the config.json of {source.path}: {exc}") from exc
+
+
+def _legacy_su_rope_config(directory: str) -> PretrainedConfig | None:
+    """Older Phi-3 configs call LongRoPE "su"; transformers validates them before renaming it
+    and fails, so rename it first. None for every other config (AutoConfig reads those)."""
+    try:
+        with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        return None
+    rope = raw.get("rope_scaling") if isinstance(raw, dict) else None
+    if not isinstance(rope, dict) or "su" not in (rope.get("type"), rope.get("rope_type")) or "model_type" not in raw:
+        return None
+    raw["rope_scaling"] = {**rope, "type": "longrope", "rope_type": "longrope"}
+    return AutoConfig.for_model(raw.pop("model_type"), **raw)
 
 
 def safetensors_files(directory: str) -> list[str]:

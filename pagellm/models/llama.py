@@ -1,12 +1,17 @@
-"""Llama family (Llama 2/3/3.1/3.2, SmolLM2, Mistral-style without sliding window).
+"""Llama family (Llama 2/3/3.1/3.2, SmolLM2) and the decoder pieces the Llama-like families share.
 
 Works on a flat token batch: `forward(input_ids [T], positions [T]) -> hidden [T, H]`;
 which token belongs to which request is the attention backend's business.
+
+Qwen2, Qwen3, Mistral, Phi-3 and Mixtral differ from Llama only in a few switches (biases,
+per-head q/k norm, a per-layer sliding window, the MLP), so their model classes subclass
+`LlamaForCausalLM` and override `attention_options` / `make_mlp` / `load_weights`.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -16,42 +21,64 @@ from pagellm.layers.activation import SiluAndMul
 from pagellm.layers.embedding import LMHead, VocabEmbedding
 from pagellm.layers.linear import Linear, MergedLinear
 from pagellm.layers.norm import RMSNorm
-from pagellm.layers.rotary import get_rope
+from pagellm.layers.rotary import RotaryEmbedding, get_rope
+
+
+@dataclass(frozen=True)
+class AttentionOptions:
+    """What differs between the attention blocks of the Llama-like families, per layer."""
+
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k, before rope
+    sliding_window: int | None = None  # attend to the last `sliding_window` positions only
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, max_position: int) -> None:
+    def __init__(self, config, rotary_emb: RotaryEmbedding, options: AttentionOptions = AttentionOptions()) -> None:
         super().__init__()
         hidden = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(config, "head_dim", None) or hidden // self.num_heads
-        bias = bool(getattr(config, "attention_bias", False))
+        self.head_dim = head_dim_of(config)
         self.qkv_proj = MergedLinear(hidden, {
             "q": self.num_heads * self.head_dim,
             "k": self.num_kv_heads * self.head_dim,
             "v": self.num_kv_heads * self.head_dim,
-        }, bias=bias)
-        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=bias)
-        self.rotary_emb = get_rope(config, self.head_dim, max_position)
-        self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, scale=self.head_dim ** -0.5)
+        }, bias=options.qkv_bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=options.o_bias)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if options.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if options.qk_norm else None
+        self.rotary_emb = rotary_emb  # one table shared by every layer
+        self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, scale=self.head_dim ** -0.5,
+                              sliding_window=options.sliding_window)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
         t = hidden.shape[0]
-        q, k = self.rotary_emb(positions, q.view(t, self.num_heads, self.head_dim),
-                               k.view(t, self.num_kv_heads, self.head_dim))
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k)
         out = self.attn(q.reshape(t, -1), k.reshape(t, -1), v)
         return self.o_proj(out)
 
 
+def require_silu(config) -> None:
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only silu)")
+
+
 class LlamaMLP(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(self, config, bias: bool = False) -> None:
         super().__init__()
-        bias = bool(getattr(config, "mlp_bias", False))
         inter = config.intermediate_size
-        if getattr(config, "hidden_act", "silu") != "silu":
-            raise ValueError(f"Llama hidden_act {config.hidden_act!r} is not supported (only silu)")
+        require_silu(config)
         self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": inter, "up": inter}, bias=bias)
         self.down_proj = Linear(inter, config.hidden_size, bias=bias)
         self.act = SiluAndMul()
@@ -61,10 +88,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, max_position: int) -> None:
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.)); the residual add is fused into the norms."""
+
+    def __init__(self, config, self_attn: nn.Module, mlp: nn.Module) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, max_position)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = self_attn
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -80,10 +109,15 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, max_position: int) -> None:
+    def __init__(self, config, max_position: int,
+                 attention_options: Callable[[object, int], AttentionOptions],
+                 make_mlp: Callable[[object, int], nn.Module]) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, max_position) for _ in range(config.num_hidden_layers))
+        rope = get_rope(config, head_dim_of(config), max_position)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, LlamaAttention(config, rope, attention_options(config, i)), make_mlp(config, i))
+            for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -95,23 +129,33 @@ class LlamaModel(nn.Module):
 
 
 # checkpoint sub-name -> (our merged module attribute, shard)
-_MERGED = {
+LLAMA_MERGED = {
     "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
     "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up"),
 }
 
 
 class LlamaForCausalLM(nn.Module):
+    """Llama; subclasses change the per-layer attention options, the MLP and the weight names."""
+
+    merged_weights: dict[str, tuple[str, str]] = LLAMA_MERGED
+
     def __init__(self, config, max_position: int) -> None:
         super().__init__()
-        if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) \
-                and config.sliding_window < max_position:
-            raise ValueError("Mistral-style sliding-window attention is not supported by the Llama model; "
-                             f"use max_model_len <= {config.sliding_window}")
         self.config = config
-        self.model = LlamaModel(config, max_position)
+        self.model = LlamaModel(config, max_position, self.attention_options, self.make_mlp)
         tied = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = LMHead(config.vocab_size, config.hidden_size, self.model.embed_tokens if tied else None)
+
+    @classmethod
+    def attention_options(cls, config, layer_idx: int) -> AttentionOptions:
+        # Llama has no sliding window (HF's Llama ignores one in the config too).
+        bias = bool(getattr(config, "attention_bias", False))
+        return AttentionOptions(qkv_bias=bias, o_bias=bias)
+
+    @classmethod
+    def make_mlp(cls, config, layer_idx: int) -> nn.Module:
+        return LlamaMLP(config, bias=bool(getattr(config, "mlp_bias", False)))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
@@ -120,13 +164,25 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        load_merged_weights(self, weights, _MERGED, skip_tied_lm_head=self.lm_head.tied)
+        load_merged_weights(self, weights, self.merged_weights, skip_tied_lm_head=self.lm_head.tied)
+
+
+def layer_types_window(config, layer_idx: int) -> int | None:
+    """The window of a layer in configs with `layer_types` (Qwen2/3): only "sliding_attention" layers slide."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:
+        return getattr(config, "sliding_window", None)
+    return getattr(config, "sliding_window", None) if layer_types[layer_idx] == "sliding_attention" else None
 
 
 def load_merged_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
-                        merged: dict[str, tuple[str, str]], skip_tied_lm_head: bool) -> None:
+                        merged: dict[str, tuple[str, str]], skip_tied_lm_head: bool,
+                        handled: Callable[[str, torch.Tensor], bool] | None = None) -> None:
     """Loads HF-named tensors, routing separate q/k/v and gate/up tensors into merged layers.
 
+    A merged layer may also be filled whole (Phi-3 stores qkv_proj / gate_up_proj fused).
+    `handled(name, tensor)` may take tensors first (returns True when it loaded one); modules
+    it fills report their own gaps through a `missing_weights()` method.
     Fails loudly on unknown names and on parameters the checkpoint never filled.
     """
     params = dict(model.named_parameters())
@@ -136,6 +192,8 @@ def load_merged_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Ten
         if "rotary_emb.inv_freq" in name:
             continue  # some checkpoints store rope buffers; we compute our own
         if name == "lm_head.weight" and skip_tied_lm_head:
+            continue
+        if handled is not None and handled(name, tensor):
             continue
         module_path, _, leaf = name.rpartition(".")
         parent, _, proj = module_path.rpartition(".")
@@ -154,15 +212,19 @@ def load_merged_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Ten
             raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
         param.data.copy_(tensor)
         filled.add(name)
-    missing = []
+    missing: list[str] = []
+    self_checked: set[str] = set()  # parameters whose modules check themselves
     for name, module in modules.items():
+        if hasattr(module, "missing_weights"):
+            missing += [f"{name}.{m}" for m in module.missing_weights()]
+            self_checked |= {f"{name}.{p}" for p, _ in module.named_parameters(recurse=False)}
         if isinstance(module, MergedLinear):
             for leaf in ("weight", "bias"):
-                if getattr(module, leaf) is None:
+                if getattr(module, leaf) is None or f"{name}.{leaf}" in filled:
                     continue
                 missing += [f"{name}.{leaf}:{s}" for s in module.shard_offsets if f"{name}.{leaf}:{s}" not in filled]
     merged_params = {f"{n}.{leaf}" for n, m in modules.items() if isinstance(m, MergedLinear) for leaf in ("weight", "bias")}
-    missing += [n for n in params if n not in filled and n not in merged_params
+    missing += [n for n in params if n not in filled and n not in merged_params and n not in self_checked
                 and not (skip_tied_lm_head and n == "lm_head.weight")]
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:4]}")

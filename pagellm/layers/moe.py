@@ -1,0 +1,92 @@
+"""Sparse mixture of experts (Mixtral style): a softmax top-k router over stacked expert weights.
+
+The expert weights live in two stacked tensors, `w13` [E, 2I, H] (gate | up) and `w2` [E, H, I].
+A step's (token, expert) pairs are sorted by expert, so each expert runs one pair of matmuls
+over a contiguous slice of the batch: the Python loop is over experts, never over tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagellm.layers.activation import SiluAndMul
+from pagellm.layers.linear import Linear
+
+# checkpoint expert projection -> (our stacked parameter, row slice: 0 = gate / down, 1 = up)
+_EXPERT_PROJS = {"w1": ("w13", 0), "w3": ("w13", 1), "w2": ("w2", 0)}
+
+
+def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T, k] float32, expert ids [T, k]): softmax over experts (in float32), the top k,
+    renormalised to sum to one when asked (Mixtral)."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = probs.topk(top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def grouped_expert_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                       ids: torch.Tensor) -> torch.Tensor:
+    """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) for every token t; x: [T, H] -> [T, H]."""
+    num_tokens, top_k = ids.shape
+    flat_ids = ids.flatten()
+    order = flat_ids.argsort(stable=True)  # (token, k) pairs grouped by expert
+    token_of = order // top_k
+    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    grouped = x[token_of]
+    out = torch.empty_like(grouped)
+    act = SiluAndMul()
+    start = 0
+    for expert, n in enumerate(counts):
+        if n:
+            rows = slice(start, start + n)
+            out[rows] = F.linear(act(F.linear(grouped[rows], w13[expert])), w2[expert])
+            start += n
+    # Weight in float32 like the reference, then add each token's k contributions.
+    out = (out.float() * weights.flatten()[order].unsqueeze(-1)).to(x.dtype)
+    return torch.zeros_like(x).index_add_(0, token_of, out)
+
+
+class SparseMoE(nn.Module):
+    """Router (`gate`) + experts; replaces the MLP of a decoder layer."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
+                 renormalize: bool = True) -> None:
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"num_experts_per_tok must be in [1, {num_experts}], got {top_k}")
+        self.top_k = top_k
+        self.renormalize = renormalize
+        self.intermediate_size = intermediate_size
+        self.gate = Linear(hidden_size, num_experts)
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size), requires_grad=False)
+        self._loaded: set[tuple[int, str]] = set()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = select_experts(self.gate(x), self.top_k, self.renormalize)
+        return grouped_expert_mlp(x, self.w13, self.w2, weights, ids)
+
+    def load_expert(self, expert: int, proj: str, tensor: torch.Tensor) -> None:
+        """One expert's checkpoint projection: w1 (gate) / w3 (up) [I, H], w2 (down) [H, I]."""
+        if proj not in _EXPERT_PROJS:
+            raise ValueError(f"unknown expert projection {proj!r}; expected one of {sorted(_EXPERT_PROJS)}")
+        if not 0 <= expert < self.w13.shape[0]:
+            raise ValueError(f"expert index {expert} out of range (the model has {self.w13.shape[0]} experts)")
+        attr, part = _EXPERT_PROJS[proj]
+        target = getattr(self, attr).data[expert]
+        if attr == "w13":
+            target = target.narrow(0, part * self.intermediate_size, self.intermediate_size)
+        if target.shape != tensor.shape:
+            raise ValueError(f"expert {expert} {proj} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
+        target.copy_(tensor)
+        self._loaded.add((expert, proj))
+
+    def missing_weights(self) -> list[str]:
+        """Expert projections the checkpoint never filled (the router is checked like any parameter)."""
+        return [f"experts.{e}.{p}" for e in range(self.w13.shape[0]) for p in _EXPERT_PROJS
+                if (e, p) not in self._loaded]
