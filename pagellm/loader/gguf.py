@@ -217,12 +217,21 @@ _GEMMA_LAYER_NAMES = {
     "post_ffw_norm": "post_feedforward_layernorm",
 }
 
+# Phi-3 keeps q/k/v fused in one attn_qkv tensor and gate/up fused in ffn_up ([gate | up] rows),
+# exactly as HF's Phi3 checkpoints store qkv_proj and gate_up_proj; no reordering is needed.
+_PHI3_LAYER_NAMES = {
+    **{k: v for k, v in _LAYER_NAMES.items() if k not in ("ffn_gate", "ffn_up")},
+    "attn_qkv": "self_attn.qkv_proj",
+    "ffn_up": "mlp.gate_up_proj",
+}
+
 # Architectures whose tensors this module knows how to convert. An architecture with other
-# conventions (fused QKV, MoE experts, ...) must be added deliberately, not guessed at.
+# conventions (MoE experts, ...) must be added deliberately, not guessed at.
 _ARCH_LAYER_NAMES = {
     "llama": _LAYER_NAMES,
     "qwen2": _LAYER_NAMES,
     "qwen3": _LAYER_NAMES,
+    "phi3": _PHI3_LAYER_NAMES,
     "gemma2": _GEMMA_LAYER_NAMES,
     "gemma3": _GEMMA_LAYER_NAMES,
 }
@@ -231,9 +240,10 @@ _ARCH_LAYER_NAMES = {
 # RMSNorm works; HF keeps w, so every norm weight is shifted back (as transformers does).
 _NORM_OFFSET_ARCHS = {"gemma2", "gemma3"}
 
-# Tensors that are not model parameters. rope_freqs holds llama3-style rope scaling factors that
-# llama.cpp precomputes; HF recomputes them from config.rope_scaling, so there is nothing to load.
-_SKIPPED_TENSORS = {"rope_freqs.weight"}
+# Tensors that are not model parameters. rope_freqs (llama3-style scaling) and Phi-3's
+# rope_factors_long/short (longrope) hold rope factors llama.cpp precomputes; HF recomputes them
+# from the config, so there is nothing to load.
+_SKIPPED_TENSORS = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
 
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _TOP_TENSOR = re.compile(r"(\w+)\.(weight|bias)")
