@@ -3,12 +3,17 @@
 The runner lays the step out as one flat token batch: request i owns query tokens
 `query_start_loc[i]:query_start_loc[i+1]`, has `context_lens[i]` tokens already in the
 KV cache before this step and `seq_lens[i]` after it. Its blocks are `block_tables[i]`.
+
+The host-side lists serve the torch backend; GPU kernels read only the device tensors
+(`query_start_loc_tensor`, `seq_lens_tensor`, `block_tables`, `slot_mapping`) and the two
+host bounds `max_query_len` / `max_seq_len`, so a CUDA graph can replay them with new contents.
 """
 
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -24,6 +29,9 @@ class AttentionMetadata:
     # Requests whose query is one token (decodes), handled as one vectorised batch.
     decode_indices: list[int]
     prefill_indices: list[int]
+    query_start_loc_tensor: Optional[torch.Tensor] = None  # [B+1] int32 on the device
+    max_query_len: int = 0  # upper bounds: pick kernel tile shapes and the split-KV count
+    max_seq_len: int = 0
 
     @property
     def num_reqs(self) -> int:
@@ -34,6 +42,9 @@ class AttentionBackend(abc.ABC):
     """Owns the KV cache layout and the attention math; knows nothing about requests."""
 
     name: str = "abstract"
+    # True when forward() does no host sync and no data-dependent Python branching on the
+    # decode path, so the runner may capture decode steps in CUDA graphs.
+    supports_cuda_graphs: bool = False
 
     @staticmethod
     @abc.abstractmethod
@@ -80,4 +91,7 @@ def build_metadata(
         seq_lens_tensor=torch.tensor(seq_lens, dtype=torch.int32, device=device),
         decode_indices=decode_indices,
         prefill_indices=prefill_indices,
+        query_start_loc_tensor=torch.tensor(query_start_loc, dtype=torch.int32, device=device),
+        max_query_len=max(query_lens, default=0),
+        max_seq_len=max(seq_lens, default=0),
     )

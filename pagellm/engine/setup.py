@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from pagellm.config import EngineConfig
-from pagellm.loader import ModelSource, default_model_path, load_hf_config, resolve_model
+from pagellm.loader import ModelSource, default_model_path, load_hf_config, resolve_model_source
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ def text_config(hf_config):
 
 
 def resolve_setup(config: EngineConfig) -> ModelSetup:
-    source = resolve_model(config.model or default_model_path())
+    source = resolve_model_source(config.model or default_model_path(), config.load_format)
     model_config = text_config(load_hf_config(source))
     max_len = getattr(model_config, "max_position_embeddings", None) or 2048
     resolved = config.resolve(model_max_len=max_len, cuda_available=torch.cuda.is_available())

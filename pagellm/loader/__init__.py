@@ -6,9 +6,10 @@ from collections.abc import Iterator
 
 import torch
 
+from pagellm.loader.dummy import dummy_source, initialize_dummy_weights
 from pagellm.loader.gguf import gguf_architecture, iter_gguf_weights
 from pagellm.loader.hf import iter_safetensors_weights, load_hf_config
-from pagellm.loader.source import ModelSource, default_model_path, resolve_model
+from pagellm.loader.source import ModelSource, default_model_path, gemma3_270m_path, resolve_model
 from pagellm.loader.tokenizer import load_tokenizer
 
 
@@ -24,12 +25,23 @@ def iter_weights(source: ModelSource, dtype: torch.dtype) -> Iterator[tuple[str,
     return iter_safetensors_weights(source.path, dtype)
 
 
+def resolve_model_source(model: str, load_format: str = "auto") -> ModelSource:
+    """`resolve_model`, except that with load_format="dummy" a directory holding only config.json will do."""
+    if load_format == "dummy":
+        return dummy_source(model)
+    return resolve_model(model)
+
+
 __all__ = [
     "ModelSource",
     "default_model_path",
+    "dummy_source",
+    "initialize_dummy_weights",
+    "gemma3_270m_path",
     "gguf_architecture",
     "iter_weights",
     "load_hf_config",
     "load_tokenizer",
     "resolve_model",
+    "resolve_model_source",
 ]

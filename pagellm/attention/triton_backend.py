@@ -1,0 +1,48 @@
+"""Paged attention with Triton kernels: the GPU backend.
+
+Same cache layout and semantics as the torch backend (which stays the reference): new K/V are
+written by slot, then one kernel launch covers every request of the step, prompt chunks and
+decodes alike. Only device tensors and static host bounds are read, so decode steps can be
+captured in CUDA graphs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from pagellm.attention.backend import AttentionBackend, AttentionMetadata
+from pagellm.attention.triton_reshape_and_cache import reshape_and_cache
+from pagellm.attention.triton_unified_attention import unified_attention
+
+
+class TritonAttentionBackend(AttentionBackend):
+    name = "triton"
+    supports_cuda_graphs = True
+
+    def __init__(self, device: Optional[torch.device] = None) -> None:
+        # The split-KV heuristic sizes its grid against the SM count.
+        self.num_sms = 132
+        if device is not None and device.type == "cuda":
+            self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+
+    @staticmethod
+    def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+        if block_size < 16:
+            # One KV block is one tile of the kernel's dot products, which need at least 16 columns.
+            raise ValueError(f"EngineConfig.block_size: the Triton attention backend needs block_size >= 16, "
+                             f"got {block_size}; use a larger block size or attention_backend='torch'")
+        return (2, num_blocks, block_size, num_kv_heads, head_dim)
+
+    def forward(self, q, k, v, kv_cache, metadata: AttentionMetadata, scale: float,
+                sliding_window: int | None = None, logit_softcap: float | None = None) -> torch.Tensor:
+        if metadata.query_start_loc_tensor is None:
+            raise ValueError("the Triton backend needs AttentionMetadata.query_start_loc_tensor (use build_metadata)")
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        reshape_and_cache(k, v, k_cache, v_cache, metadata.slot_mapping)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        return unified_attention(
+            q, k_cache, v_cache, out, metadata.query_start_loc_tensor, metadata.seq_lens_tensor,
+            metadata.block_tables, metadata.max_query_len, metadata.max_seq_len, scale,
+            sliding_window=sliding_window, logit_softcap=logit_softcap, num_sms=self.num_sms)
