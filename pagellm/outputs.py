@@ -40,3 +40,5 @@ class RequestOutput:
     finished: bool
     prompt_logprobs: Optional[list[Optional[PositionLogprobs]]] = None
     metrics: dict = field(default_factory=dict)
+    # Prompt tokens whose KV came from the prefix cache (whole blocks; never the last prompt token).
+    num_cached_tokens: int = 0

@@ -53,8 +53,12 @@ class Request:
         self.stop_reason: int | str | None = None
         self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
         self.first_scheduled_time: Optional[float] = None
-        # Extra key mixed into prefix-cache hashes (e.g. a LoRA id); None shares freely.
+        # Mixed into prefix-cache hashes: only requests with the same salt share cached blocks
+        # (tenant isolation). None shares with every other unsalted request.
         self.cache_salt = cache_salt
+        # Prompt tokens found in the prefix cache at first admission (-1: not admitted yet).
+        # A request resumed after preemption keeps its first count, as usage reports it.
+        self.num_cached_tokens = -1
         # Full-block hashes of this request's tokens, filled lazily by the KV cache manager.
         self.block_hashes: list[bytes] = []
         # Parallel-sampling children reuse each other's prompt blocks even with prefix caching off.

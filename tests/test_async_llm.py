@@ -261,6 +261,43 @@ def test_metrics_after_requests(engine):
     assert 0 <= queue_mean < e2e_mean
 
 
+def test_prefix_cache_hits_metrics_and_reset(engine):
+    """Cached-token counts reach the final output, the counters move, and reset goes over the pipe."""
+    prompt = "Prefix caching test: the quick brown fox jumps over the lazy dog, twice over. " * 2
+    num_prompt = len(engine.tokenizer(prompt).input_ids)
+    cached = (num_prompt - 1) // engine.config.block_size * engine.config.block_size
+    params = SamplingParams(temperature=0.0, max_tokens=2)
+
+    async def main():
+        await wait_idle(engine)
+        assert await engine.reset_prefix_cache() is True
+        before = _samples(engine.metrics.render().decode())
+        first = (await collect(engine, prompt, params, "pc-1"))[3]
+        second = (await collect(engine, prompt, params, "pc-2"))[3]
+        # Refused while a request holds KV blocks.
+        stream = engine.generate(prompt, SamplingParams(max_tokens=500, ignore_eos=True), "pc-busy")
+        await anext(stream)
+        assert await engine.reset_prefix_cache() is False
+        await stream.aclose()
+        await wait_idle(engine)
+        after = _samples(engine.metrics.render().decode())
+        assert await engine.reset_prefix_cache() is True
+        third = (await collect(engine, prompt, params, "pc-3"))[3]
+        return first, second, third, before, after
+
+    first, second, third, before, after = asyncio.run(main())
+    assert cached >= 16
+    assert (first.num_cached_tokens, second.num_cached_tokens, third.num_cached_tokens) == (0, cached, 0)
+    assert second.outputs[0].finish_reason == "length"
+    model = (("model_name", engine.metrics.model_name),)
+
+    def delta(name):
+        return after[(name, model)] - before.get((name, model), 0.0)
+
+    assert delta("pagellm:prefix_cache_queries_total") == 3 * num_prompt
+    assert delta("pagellm:prefix_cache_hits_total") == 2 * cached  # the second and the aborted one
+
+
 def test_shutdown_ends_streams_and_joins_the_core(engine):
     async def main():
         outputs = []

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from pagellm.core.block_pool import BlockPool, hash_block_tokens
+from pagellm.core.block_pool import BlockPool, hash_block_tokens, root_block_hash
 from pagellm.core.kv_cache_manager import KVCacheManager
 from pagellm.request import Request
 from pagellm.sampling_params import SamplingParams
+
+
+ROOT = root_block_hash()
 
 
 def free_order(pool: BlockPool) -> list[int]:
@@ -41,14 +44,51 @@ def assert_all_free(kv: KVCacheManager) -> None:
 # -- hashing -----------------------------------------------------------------------
 
 
-def test_block_hash_chains_parent_tokens_and_extra_key():
-    h0 = hash_block_tokens(None, [1, 2, 3, 4])
-    assert h0 == hash_block_tokens(None, [1, 2, 3, 4])
-    assert h0 != hash_block_tokens(None, [1, 2, 3, 5])
-    assert hash_block_tokens(h0, [5, 6]) != hash_block_tokens(None, [5, 6])
-    assert hash_block_tokens(h0, [5, 6]) != hash_block_tokens(hash_block_tokens(None, [9]), [5, 6])
-    assert hash_block_tokens(None, [1, 2], "lora-a") != hash_block_tokens(None, [1, 2])
-    assert hash_block_tokens(None, [1, 2], "lora-a") != hash_block_tokens(None, [1, 2], "lora-b")
+def test_block_hash_chains_parent_tokens_and_extra_keys():
+    h0 = hash_block_tokens(ROOT, [1, 2, 3, 4])
+    assert isinstance(h0, bytes) and len(h0) == 16
+    assert h0 == hash_block_tokens(ROOT, [1, 2, 3, 4])
+    assert h0 != hash_block_tokens(ROOT, [1, 2, 3, 5])
+    assert h0 != hash_block_tokens(ROOT, [4, 3, 2, 1])
+    assert hash_block_tokens(h0, [5, 6]) != hash_block_tokens(ROOT, [5, 6])
+    assert hash_block_tokens(h0, [5, 6]) != hash_block_tokens(hash_block_tokens(ROOT, [9]), [5, 6])
+    # Extra keys (a salt, a LoRA id) change the hash; type and boundaries count.
+    assert hash_block_tokens(ROOT, [1, 2], ("salt", "a")) != hash_block_tokens(ROOT, [1, 2])
+    assert hash_block_tokens(ROOT, [1, 2], ("salt", "a")) != hash_block_tokens(ROOT, [1, 2], ("salt", "b"))
+    assert hash_block_tokens(ROOT, [1, 2], ("ab", "c")) != hash_block_tokens(ROOT, [1, 2], ("a", "bc"))
+    assert hash_block_tokens(ROOT, [1, 2], (7,)) != hash_block_tokens(ROOT, [1, 2], ("7",))
+    # Large token ids are hashed exactly (no truncation to 32 bits).
+    assert hash_block_tokens(ROOT, [2**40]) != hash_block_tokens(ROOT, [0])
+
+
+def test_root_hash_is_seeded():
+    assert root_block_hash() == root_block_hash()  # deterministic across runs and processes
+    assert root_block_hash("deployment-a") != root_block_hash("deployment-b")
+    assert root_block_hash("deployment-a") != root_block_hash()
+    # Managers seeded differently hash the same prompt differently.
+    prompt = list(range(1, 10))
+    a = KVCacheManager(8, 4, hash_seed="deployment-a")
+    b = KVCacheManager(8, 4, hash_seed="deployment-b")
+    ra, rb = make_req("a", prompt), make_req("b", prompt)
+    a.allocate_slots(ra, 9)
+    b.allocate_slots(rb, 9)
+    assert len(ra.block_hashes) == 2 and set(ra.block_hashes).isdisjoint(rb.block_hashes)
+
+
+def test_request_block_hashes_match_the_chain_over_prompt_and_output():
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    req = make_req("r", [10, 11, 12, 13, 14, 15], cache_salt="t1")
+    kv.allocate_slots(req, 6)
+    assert len(req.block_hashes) == 1  # only full blocks are hashed
+    req.num_computed_tokens = 6
+    req.output_token_ids.extend([16, 17, 18, 19, 20])
+    kv.allocate_slots(req, 5)  # tokens 6..10: block 1 (prompt + output tokens) fills up
+    h0 = hash_block_tokens(ROOT, [10, 11, 12, 13], ("salt", "t1"))
+    h1 = hash_block_tokens(h0, [14, 15, 16, 17])  # the salt rides along the chain
+    assert req.block_hashes == [h0, h1]
+    blocks = kv.get_block_ids("r")
+    assert kv.pool.lookup(h0) == blocks[0] and kv.pool.lookup(h1) == blocks[1]
+    assert kv.pool.blocks[blocks[2]].block_hash is None  # partial block: not registered
 
 
 # -- block pool ---------------------------------------------------------------------
@@ -98,7 +138,7 @@ def test_free_list_is_lru_and_freed_blocks_go_to_the_back():
     req_a = pool.allocate(3)  # 0, 1, 2
     req_b = pool.allocate(2)  # 3, 4
     for i in req_a + req_b:
-        pool.cache_block(i, hash_block_tokens(None, [i]))
+        pool.cache_block(i, hash_block_tokens(ROOT, [i]))
     assert free_order(pool) == [5]
     # Tail first, as the KV cache manager frees a request: its last block is evicted first.
     pool.free(reversed(req_a))
@@ -107,9 +147,9 @@ def test_free_list_is_lru_and_freed_blocks_go_to_the_back():
     assert free_order(pool) == [5, 2, 1, 0, 4, 3]
     assert pool.allocate(3) == [5, 2, 1]
     # Reused blocks lose their hash; the others stay findable.
-    assert pool.lookup(hash_block_tokens(None, [2])) is None
+    assert pool.lookup(hash_block_tokens(ROOT, [2])) is None
     assert pool.blocks[2].block_hash is None
-    assert pool.lookup(hash_block_tokens(None, [0])) == 0
+    assert pool.lookup(hash_block_tokens(ROOT, [0])) == 0
 
 
 def test_cached_free_blocks_are_reused_after_uncached_ones():
@@ -117,24 +157,24 @@ def test_cached_free_blocks_are_reused_after_uncached_ones():
     cached = pool.allocate(3)  # 0, 1, 2: full blocks with hashes
     plain = pool.allocate(3)  # 3, 4, 5: e.g. partial tail blocks, no hash
     for i in cached:
-        pool.cache_block(i, hash_block_tokens(None, [i]))
+        pool.cache_block(i, hash_block_tokens(ROOT, [i]))
     pool.free(reversed(cached))
     pool.free(reversed(plain))  # freed later, but holds nothing worth keeping
     got = pool.allocate(5)
     assert sorted(got) == [3, 4, 5, 6, 7]
     for i in cached:
-        assert pool.lookup(hash_block_tokens(None, [i])) == i
+        assert pool.lookup(hash_block_tokens(ROOT, [i])) == i
     # Only now is a cached block evicted: the least recently freed one (2 was freed first).
     assert pool.allocate(1) == [2]
-    assert pool.lookup(hash_block_tokens(None, [2])) is None
+    assert pool.lookup(hash_block_tokens(ROOT, [2])) is None
     assert pool.blocks[2].block_hash is None and pool.blocks[2].ref_cnt == 1
-    assert pool.lookup(hash_block_tokens(None, [1])) == 1
+    assert pool.lookup(hash_block_tokens(ROOT, [1])) == 1
 
 
 def test_cache_block_and_lookup():
     pool = BlockPool(4)
     a, b = pool.allocate(2)
-    h = hash_block_tokens(None, [7, 7])
+    h = hash_block_tokens(ROOT, [7, 7])
     assert pool.lookup(h) is None
     pool.cache_block(a, h)
     assert pool.lookup(h) == a and pool.blocks[a].block_hash == h
@@ -142,20 +182,23 @@ def test_cache_block_and_lookup():
     pool.cache_block(b, h)
     assert pool.lookup(h) == a and pool.blocks[b].block_hash is None
     # A block keeps the first hash it was given.
-    h2 = hash_block_tokens(None, [8, 8])
+    h2 = hash_block_tokens(ROOT, [8, 8])
     pool.cache_block(a, h2)
     assert pool.lookup(h2) is None and pool.blocks[a].block_hash == h
     # Freeing keeps the hash; reuse drops it.
-    pool.free([b, a])
+    pool.free([b])
+    assert pool.reset_prefix_cache() is False  # a is still held
     assert pool.lookup(h) == a
-    pool.reset_prefix_cache()
+    pool.free([a])
+    assert pool.lookup(h) == a
+    assert pool.reset_prefix_cache() is True
     assert pool.lookup(h) is None and pool.blocks[a].block_hash is None
 
 
 def test_touch_of_free_cached_block_takes_it_off_the_free_list():
     pool = BlockPool(4)
     (a,) = pool.allocate(1)
-    h = hash_block_tokens(None, [1, 2])
+    h = hash_block_tokens(ROOT, [1, 2])
     pool.cache_block(a, h)
     pool.free([a])
     assert pool.is_free(a) and pool.num_free_blocks == 4 and pool.usage == 0.0
@@ -370,8 +413,15 @@ def test_prefix_cache_stats_and_reset():
     assert kv.prefix_cache_queries == 10 and kv.prefix_cache_hits == 0  # counted on admission only
     kv.allocate_slots(b, 10 - n, hits)
     assert kv.prefix_cache_queries == 20 and kv.prefix_cache_hits == 8
-    kv.reset_prefix_cache()
+    # Refused while requests hold blocks: nothing changes.
+    assert kv.reset_prefix_cache() is False
+    assert kv.get_computed_blocks(make_req("c", prompt))[1] == 8
+    kv.free(make_req("a", prompt))
+    kv.free(b)
+    assert kv.reset_prefix_cache() is True
     assert kv.get_computed_blocks(make_req("c", prompt)) == ([], 0)
+    assert kv.pool.num_cached_blocks == 0 and all(blk.block_hash is None for blk in kv.pool.blocks)
+    assert_all_free(kv)
 
 
 def test_free_returns_everything_with_many_requests():
@@ -389,3 +439,84 @@ def test_free_returns_everything_with_many_requests():
     assert_all_free(kv)
     assert kv.allocate_slots(make_req("big", list(range(24))), 24) is not None
     assert kv.num_free_blocks == 0
+
+
+def test_eviction_is_least_recently_used_not_least_recently_freed():
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    a = make_req("a", list(range(1, 10)))  # 2 full blocks + 1
+    b = make_req("b", list(range(50, 59)))
+    kv.allocate_slots(a, 9)
+    kv.allocate_slots(b, 9)
+    blocks_a, blocks_b = kv.get_block_ids("a"), kv.get_block_ids("b")
+    kv.free(a)
+    kv.free(b)
+    # Free list: the spare blocks and both partial tails first, then a's full blocks (tail first), then b's.
+    assert free_order(kv.pool)[-4:] == [blocks_a[1], blocks_a[0], blocks_b[1], blocks_b[0]]
+    # A hit on a's head uses it again: it moves behind b's blocks.
+    c = make_req("c", list(range(1, 5)) + [99, 98])
+    hits, n = kv.get_computed_blocks(c)
+    assert hits == blocks_a[:1] and n == 4
+    kv.allocate_slots(c, 6 - n, hits)
+    kv.free(c)
+    assert free_order(kv.pool)[-1] == blocks_a[0]
+    # Draining the pool evicts a's tail, then b's blocks, and a's (recently used) head last.
+    kv.pool.allocate(kv.num_free_blocks - 3)
+    assert free_order(kv.pool) == [blocks_b[1], blocks_b[0], blocks_a[0]]
+    assert kv.pool.lookup(a.block_hashes[1]) is None  # evicted
+    assert kv.pool.lookup(a.block_hashes[0]) == blocks_a[0]
+
+
+def test_all_blocks_free_and_still_cached_after_a_mixed_workload():
+    import random
+
+    rng = random.Random(3)
+    kv = KVCacheManager(num_blocks=64, block_size=4)
+    prefixes = [[rng.randrange(1000) for _ in range(rng.randrange(4, 13))] for _ in range(3)]
+    live: list[Request] = []
+    registered: set[bytes] = set()
+    for i in range(40):
+        req = make_req(f"r{i}", rng.choice(prefixes) + [rng.randrange(1000) for _ in range(rng.randrange(1, 6))],
+                       cache_salt=rng.choice([None, None, "t"]))
+        hits, n = kv.get_computed_blocks(req)
+        if kv.allocate_slots(req, req.num_tokens - n, hits) is None:
+            continue
+        req.num_computed_tokens = req.num_tokens
+        for _ in range(rng.randrange(0, 6)):  # decode a few tokens
+            req.output_token_ids.append(rng.randrange(1000))
+            assert kv.allocate_slots(req, 1) is not None
+            req.num_computed_tokens += 1
+        live.append(req)
+        held = [b for blocks in kv.req_to_blocks.values() for b in blocks]
+        for block_id in set(held):  # ref count = number of requests holding the block
+            assert kv.pool.blocks[block_id].ref_cnt == held.count(block_id)
+        if rng.random() < 0.5 or len(live) > 6:
+            done = live.pop(rng.randrange(len(live)))
+            registered.update(done.block_hashes[:kv._num_cached_blocks.get(done.request_id, 0)])
+            kv.free(done)
+    for req in live:
+        registered.update(req.block_hashes[:kv._num_cached_blocks.get(req.request_id, 0)])
+        kv.free(req)
+    assert_all_free(kv)
+    assert kv.prefix_cache_hits > 0
+    # Fewer distinct full blocks than the pool has, so nothing was evicted: every one is still findable.
+    assert 0 < len(registered) < kv.num_blocks
+    for h in registered:
+        block_id = kv.pool.lookup(h)
+        assert block_id is not None and kv.pool.blocks[block_id].block_hash == h
+    assert kv.pool.num_cached_blocks == len(registered)
+
+
+def test_hit_counters_count_only_requests_that_consulted_the_cache():
+    prompt = list(range(1, 11))
+    kv = KVCacheManager(num_blocks=16, block_size=4)
+    kv.allocate_slots(make_req("a", prompt), 10)
+    kv.allocate_slots(make_req("p", prompt, prompt_logprobs=1), 10)  # bypasses the cache
+    assert (kv.prefix_cache_queries, kv.prefix_cache_hits) == (10, 0)
+    off = KVCacheManager(num_blocks=16, block_size=4, enable_prefix_caching=False)
+    off.allocate_slots(make_req("a", prompt), 10)
+    assert (off.prefix_cache_queries, off.prefix_cache_hits) == (0, 0)
+    sibling = make_req("s", prompt)
+    sibling.share_prefix = True  # n > 1 children consult it even with caching off
+    hits, n = off.get_computed_blocks(sibling, use_cache=True)
+    off.allocate_slots(sibling, 10 - n, hits)
+    assert (off.prefix_cache_queries, off.prefix_cache_hits) == (10, 8)

@@ -346,3 +346,64 @@ def test_metrics_are_prometheus_text(server):
     assert values["pagellm:num_requests_running"] == 0
     assert "pagellm:num_requests_waiting" in values
     assert values["pagellm:kv_cache_usage_perc"] == 0
+
+
+# -- prefix caching ------------------------------------------------------------------------------------------------
+def _cached(usage) -> int:
+    return usage.prompt_tokens_details.cached_tokens
+
+
+def test_prefix_cache_usage_salt_reset_and_metrics(server):
+    prompt = "Prefix caching over HTTP: a long shared system prompt that many requests repeat, " * 2
+    c = client(server)
+    _wait_idle(server, within=10.0)
+    assert httpx.post(server.url + "/reset_prefix_cache", timeout=10).status_code == 200
+    before = metric_values(server)
+    first = c.completions.create(model=NAME, prompt=prompt, max_tokens=2, temperature=0)
+    second = c.completions.create(model=NAME, prompt=prompt, max_tokens=2, temperature=0)
+    n = first.usage.prompt_tokens
+    cached = (n - 1) // 16 * 16  # whole 16-token blocks, leaving the last prompt token to compute
+    assert cached >= 16
+    assert (_cached(first.usage), _cached(second.usage)) == (0, cached)
+    assert second.choices[0].text == first.choices[0].text
+    # A salted request shares nothing with unsalted ones, only with the same salt.
+    salted = [c.completions.create(model=NAME, prompt=prompt, max_tokens=2, temperature=0,
+                                   extra_body={"cache_salt": "tenant-a"}) for _ in range(2)]
+    assert [_cached(r.usage) for r in salted] == [0, cached]
+    assert salted[0].choices[0].text == first.choices[0].text
+    # Chat, streamed: the final usage chunk carries the cached count.
+    messages = [{"role": "user", "content": prompt}]
+    counts = []
+    for _ in range(2):
+        chunks = list(c.chat.completions.create(model=NAME, messages=messages, max_tokens=2, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}))
+        usage = chunks[-1].usage
+        counts.append((_cached(usage), usage.prompt_tokens))
+    assert counts[0][0] == 0 and counts[1][0] == (counts[1][1] - 1) // 16 * 16 > 0
+    after = metric_values(server)
+    queries = after["pagellm:prefix_cache_queries_total"] - before.get("pagellm:prefix_cache_queries_total", 0)
+    hits = after["pagellm:prefix_cache_hits_total"] - before.get("pagellm:prefix_cache_hits_total", 0)
+    assert queries == 4 * n + 2 * counts[0][1]
+    assert hits == 2 * cached + counts[1][0]
+    # After a reset nothing is cached; a bad salt is a 400 naming the field.
+    assert httpx.post(server.url + "/reset_prefix_cache", timeout=10).status_code == 200
+    again = c.completions.create(model=NAME, prompt=prompt, max_tokens=2, temperature=0)
+    assert _cached(again.usage) == 0
+    with pytest.raises(openai.BadRequestError) as err:
+        c.completions.create(model=NAME, prompt=prompt, max_tokens=2, extra_body={"cache_salt": ""})
+    assert err.value.body["param"] == "cache_salt"
+
+
+def test_reset_prefix_cache_is_refused_while_requests_run(server):
+    body = {"model": NAME, "prompt": "Once upon a time", "max_tokens": 900, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", server.base_url + "/completions", json=body) as response:
+            lines = response.iter_lines()  # kept alive: closing it would close the connection (an abort)
+            while not next(lines).startswith("data: "):
+                pass  # the first chunk: generating, so the request holds KV blocks
+            refused = http.post(server.url + "/reset_prefix_cache")
+            assert next(lines) is not None  # still streaming
+    assert refused.status_code == 409
+    assert refused.json()["error"]["code"] == "engine_busy"
+    _wait_idle(server, within=10.0)
+    assert httpx.post(server.url + "/reset_prefix_cache", timeout=10).status_code == 200

@@ -13,21 +13,34 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence, Union
 
 BlockHash = bytes
+# An extra key that changes what a block means beyond its token ids: a cache salt, a LoRA id, ...
+ExtraKey = Union[str, int]
+
+DEFAULT_HASH_SEED = "pagellm-prefix-cache-v1"
 
 
-def hash_block_tokens(parent: Optional[BlockHash], token_ids: Iterable[int], extra: Optional[str] = None) -> BlockHash:
-    """Chains the parent block's hash with this block's token ids (and an optional extra key).
+def root_block_hash(seed: str = DEFAULT_HASH_SEED) -> BlockHash:
+    """The parent of every request's first block. A different seed gives a disjoint hash space."""
+    return hashlib.blake2b(seed.encode(), digest_size=16, person=b"pagellm-root").digest()
 
-    A cryptographic digest keeps collisions (which would silently reuse wrong KV) out of the picture.
+
+def hash_block_tokens(parent: BlockHash, token_ids: Sequence[int], extra_keys: tuple[ExtraKey, ...] = ()) -> BlockHash:
+    """Chains the parent block's hash with this block's token ids and extra keys.
+
+    The hash stands for the block's KV, which depends on every earlier token: hence the
+    chain. A cryptographic digest keeps collisions (which would silently reuse wrong KV)
+    out of the picture. Extra keys are typed and length-prefixed, so no two different key
+    tuples encode to the same bytes.
     """
-    h = hashlib.blake2b(digest_size=16)
-    h.update(parent or b"root")
+    h = hashlib.blake2b(parent, digest_size=16)
     h.update(array("q", token_ids).tobytes())
-    if extra is not None:
-        h.update(b"|" + extra.encode())
+    for key in extra_keys:
+        data = f"{type(key).__name__}:{key}".encode()
+        h.update(len(data).to_bytes(4, "little"))
+        h.update(data)
     return h.digest()
 
 
@@ -120,9 +133,24 @@ class BlockPool:
         block.block_hash = block_hash
         self._cached[block_hash] = block_id
 
-    def reset_prefix_cache(self) -> None:
+    def reset_prefix_cache(self) -> bool:
+        """Forgets every cached hash, but only when no request holds a block; returns whether it did.
+
+        A held block's KV may be read again by its request, and a block a request is still
+        filling would be re-registered later; refusing while anything is held (as vLLM does)
+        keeps "after a reset nothing old is findable" true without touching running requests.
+        """
+        if len(self._free) != self.num_blocks:
+            return False
         for block in self.blocks:
-            self._evict(block)
+            block.block_hash = None
+        self._cached.clear()
+        return True
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks findable by hash (held or free)."""
+        return len(self._cached)
 
     def _evict(self, block: KVBlock) -> None:
         if block.block_hash is not None:

@@ -1,13 +1,21 @@
 """Maps requests to KV blocks: allocation for N new tokens, prefix-cache lookups, freeing.
 
 Token `t` of a request lives in block `blocks[t // block_size]`, slot `t % block_size`.
+
+Prefix caching: block i of a request is known by the hash of (block i-1's hash, its
+token ids, extra keys); the first block chains on a seeded root hash and carries the
+request's `cache_salt`, so requests with different salts never share a block. A block is
+registered under its hash when the step that computes its last token is scheduled: every
+layer writes the step's K/V before any attention reads the cache, so a request admitted
+later in the same step may already read it. Registered blocks stay findable after their
+request frees them, until the pool reuses them (LRU).
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
-from pagellm.core.block_pool import BlockHash, BlockPool, hash_block_tokens
+from pagellm.core.block_pool import DEFAULT_HASH_SEED, BlockHash, BlockPool, hash_block_tokens, root_block_hash
 from pagellm.request import Request
 
 
@@ -16,9 +24,11 @@ def cdiv(a: int, b: int) -> int:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 hash_seed: str = DEFAULT_HASH_SEED) -> None:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.root_hash = root_block_hash(hash_seed)
         self.pool = BlockPool(num_blocks)
         self.req_to_blocks: dict[str, list[int]] = {}
         # How many leading blocks of each request are registered in the prefix cache.
@@ -43,31 +53,55 @@ class KVCacheManager:
         return self.req_to_blocks.get(request_id, [])
 
     # -- prefix cache -----------------------------------------------------------
-    def _block_hashes(self, request: Request, num_tokens: int) -> list[BlockHash]:
-        """Hashes of the request's full blocks among its first `num_tokens` tokens (memoised on the request)."""
+    @staticmethod
+    def extra_keys(request: Request, block_index: int) -> tuple:
+        """What besides token ids decides a block's KV. Only the first block needs the request-wide
+        keys: every later hash chains on it."""
+        if block_index == 0 and request.cache_salt is not None:
+            return ("salt", request.cache_salt)
+        return ()
+
+    def _hash_blocks(self, request: Request, num_tokens: int) -> list[BlockHash]:
+        """Makes sure the request's full blocks among its first `num_tokens` tokens are hashed.
+
+        Memoised on the request (token ids never change once written), so each block is
+        hashed once however often the request is looked up or grows. Returns the request's
+        whole hash list, which may be longer than asked for.
+        """
         hashes = request.block_hashes
         num_full = num_tokens // self.block_size
         if len(hashes) < num_full:
-            tokens = request.all_token_ids
             bs = self.block_size
+            prompt, output = request.prompt_token_ids, request.output_token_ids
+            parent = hashes[-1] if hashes else self.root_hash
             for i in range(len(hashes), num_full):
-                parent = hashes[i - 1] if i else None
-                hashes.append(hash_block_tokens(parent, tokens[i * bs:(i + 1) * bs], request.cache_salt))
-        return hashes[:num_full]
+                start, end = i * bs, (i + 1) * bs
+                if end <= len(prompt):
+                    tokens = prompt[start:end]
+                else:
+                    tokens = (prompt[start:] if start < len(prompt) else []) + \
+                        output[max(start - len(prompt), 0):end - len(prompt)]
+                parent = hash_block_tokens(parent, tokens, self.extra_keys(request, i))
+                hashes.append(parent)
+        return hashes
 
     def get_computed_blocks(self, request: Request, use_cache: Optional[bool] = None) -> tuple[list[int], int]:
         """Longest run of leading blocks already in the cache, and how many tokens they cover.
 
         At least one token is always left to compute, so the step still produces logits.
+        Requests asking for prompt logprobs bypass the cache: logprobs come from the logits
+        of computed positions, and cached positions would have none.
         """
         if not (self.enable_prefix_caching if use_cache is None else use_cache):
             return [], 0
         if request.sampling_params.prompt_logprobs is not None:
-            return [], 0  # cached tokens would get no prompt logprobs: compute them all
-        max_tokens = request.num_tokens - 1
+            return [], 0
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        hashes = self._hash_blocks(request, max_blocks * self.block_size)
         hits: list[int] = []
-        for block_hash in self._block_hashes(request, max_tokens):
-            block_id = self.pool.lookup(block_hash)
+        lookup = self.pool.lookup
+        for i in range(max_blocks):
+            block_id = lookup(hashes[i])
             if block_id is None:
                 break
             hits.append(block_id)
@@ -97,7 +131,8 @@ class KVCacheManager:
             if not blocks:
                 del self.req_to_blocks[request.request_id]
             return None
-        if request.num_computed_tokens == 0 and not blocks:
+        if request.num_computed_tokens == 0 and not blocks and self._looked_up(request):
+            # Once per admission (a blocked request retrying never gets here).
             self.prefix_cache_queries += request.num_tokens
             self.prefix_cache_hits += len(computed_blocks) * self.block_size
         self.pool.touch(computed_blocks)
@@ -107,22 +142,34 @@ class KVCacheManager:
         if cache_blocks:
             # Blocks become findable as soon as the step that fills them is scheduled: KV is
             # written before attention reads it within a forward pass, so a request admitted
-            # in the same step may already reuse them.
+            # in the same step may already reuse them. (Also with caching off: parallel-sampling
+            # siblings look them up; hashing costs ~3 us per block, nothing next to computing it.)
             self._cache_full_blocks(request, num_computed + num_new_tokens)
         return new_blocks
 
+    def _looked_up(self, request: Request) -> bool:
+        """Whether admission consulted the cache for this request (what the hit-rate counters count)."""
+        use_cache = self.enable_prefix_caching or request.share_prefix
+        return use_cache and request.sampling_params.prompt_logprobs is None
+
     def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
         start = self._num_cached_blocks.get(request.request_id, 0)
-        hashes = self._block_hashes(request, num_tokens)
+        num_full = num_tokens // self.block_size
+        if num_full <= start:
+            return  # the common decode step: no block filled up
+        hashes = self._hash_blocks(request, num_tokens)
         blocks = self.req_to_blocks[request.request_id]
-        for i in range(start, len(hashes)):
+        for i in range(start, num_full):
             self.pool.cache_block(blocks[i], hashes[i])
-        self._num_cached_blocks[request.request_id] = max(start, len(hashes))
+        self._num_cached_blocks[request.request_id] = num_full
 
     def free(self, request: Request) -> None:
+        """Drops the request's hold on its blocks, last block first: the free list is the eviction
+        order, and a request's tail (its own suffix) is less likely to be shared than its head."""
         blocks = self.req_to_blocks.pop(request.request_id, [])
         self._num_cached_blocks.pop(request.request_id, None)
         self.pool.free(reversed(blocks))
 
-    def reset_prefix_cache(self) -> None:
-        self.pool.reset_prefix_cache()
+    def reset_prefix_cache(self) -> bool:
+        """Forgets all cached blocks; refused (False) while any request holds blocks."""
+        return self.pool.reset_prefix_cache()

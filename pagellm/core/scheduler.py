@@ -67,6 +67,8 @@ class RequestUpdate:
     stop_reason: int | str | None = None
     new_logprobs: Optional[object] = None  # per-token logprobs lists, passed through from the runner
     new_prompt_logprobs: Optional[object] = None
+    # Prompt tokens served from the prefix cache at first admission (usage's cached_tokens).
+    num_cached_tokens: int = 0
 
 
 @dataclass
@@ -180,6 +182,8 @@ class Scheduler:
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_cached_tokens
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_cached_tokens
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
             self.running.append(request)
@@ -245,6 +249,7 @@ class Scheduler:
             update = RequestUpdate(
                 req_id, appended,
                 new_logprobs=logprobs.get(req_id), new_prompt_logprobs=new_prompt_logprobs,
+                num_cached_tokens=max(request.num_cached_tokens, 0),
             )
             if request.is_finished:
                 update.finish_reason = request.status.finish_reason

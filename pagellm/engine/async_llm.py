@@ -28,8 +28,8 @@ from pagellm.config import EngineConfig
 from pagellm.core.scheduler import SchedulerStats
 from pagellm.engine.core import EngineCore
 from pagellm.engine.core_process import (AbortRequests, AddRequest, CoreOutputs, FinishOnStop, ProcessCoreClient,
-                                         StatsRequest, ThreadCoreClient)
-from pagellm.engine.llm_engine import fan_out
+                                         ResetPrefixCache, StatsRequest, ThreadCoreClient)
+from pagellm.engine.llm_engine import CachedTokenCounts, fan_out
 from pagellm.engine.metrics import EngineMetrics
 from pagellm.engine.output_processor import OutputKind, OutputProcessor, RequestState
 from pagellm.engine.processor import InputProcessor, PromptType
@@ -85,7 +85,9 @@ class AsyncLLM:
         self._streams: dict[str, _Stream] = {}
         self._tracking: dict[str, _Tracking] = {}
         self._stats: Optional[SchedulerStats] = None
-        self._stats_waiters: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        # Answers the core owes us (stats snapshots, prefix-cache resets), by request token.
+        self._waiters: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._cached_tokens = CachedTokenCounts()
         self._tokens = itertools.count()
         self._dead: Optional[str] = None
         self._closed = False
@@ -176,7 +178,9 @@ class AsyncLLM:
             final = self.output_processor.abort(request_id)
             self._tracking.pop(request_id, None)
             if final is not None:
+                self._cached_tokens.attach([final])
                 self.metrics.record_finished("abort", None, None)
+            self._cached_tokens.forget(request_id)
         if core_ids:
             self._send_quietly(AbortRequests(core_ids))
         return stream, final
@@ -188,21 +192,29 @@ class AsyncLLM:
 
     async def wait_for_stats(self) -> SchedulerStats:
         """A snapshot the core takes after this call (after everything sent before it, aborts included)."""
+        return await self._ask_core(StatsRequest)
+
+    async def reset_prefix_cache(self) -> bool:
+        """Empties the core's prefix cache; False (nothing changed) while any request holds KV blocks."""
+        return await self._ask_core(ResetPrefixCache)
+
+    async def _ask_core(self, message_type):
+        """Sends `message_type(token)` and waits for the core's answer under that token."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with self._lock:
             self._check_usable()
             token = next(self._tokens)
-            self._stats_waiters[token] = (loop, future)
+            self._waiters[token] = (loop, future)
         try:
             try:
-                self._client.send(StatsRequest(token))
+                self._client.send(message_type(token))
             except (OSError, ValueError) as e:
                 raise RuntimeError(f"engine core died: {self._dead or e}") from None
             return await future
         finally:
             with self._lock:
-                self._stats_waiters.pop(token, None)
+                self._waiters.pop(token, None)
 
     @property
     def errored(self) -> bool:
@@ -226,7 +238,7 @@ class AsyncLLM:
                 finals.append(aborted)
         self._deliver(finals)
         self._client.close()
-        self._fail_stats_waiters(RuntimeError("the engine has been shut down"))
+        self._fail_waiters(RuntimeError("the engine has been shut down"))
 
     def _check_usable(self) -> None:
         if self._dead is not None:
@@ -252,7 +264,9 @@ class AsyncLLM:
                 entry = self.output_processor.core_to_completion.get(update.req_id)
                 if entry is not None and entry[0].request_id not in touched:
                     touched[entry[0].request_id] = (entry[0], entry[0].metrics.num_generation_tokens)
+            self._cached_tokens.note(self.output_processor, message.updates)
             outputs, stops = self.output_processor.process(message.updates)
+            self._cached_tokens.attach(outputs)
             for state, tokens_before in touched.values():
                 self._record_progress(state, tokens_before)
             for out in outputs:
@@ -262,14 +276,16 @@ class AsyncLLM:
                     self._record_finished(touched[out.request_id][0])
                 if stream is not None:
                     deliveries.append((stream, out))
-            waiters = [self._stats_waiters.pop(t) for t in message.stats_tokens if t in self._stats_waiters]
+            answers = [(t, message.stats) for t in message.stats_tokens]
+            answers += message.reset_results
+            waiters = [(self._waiters.pop(t), value) for t, value in answers if t in self._waiters]
         if stops:
             self._send_quietly(FinishOnStop(stops))  # first: the core keeps generating until it hears this
         self._stats = message.stats
         self.metrics.record_scheduler_stats(message.stats)
         self._deliver(deliveries)
-        for loop, future in waiters:
-            _call_soon(loop, _resolve, future, message.stats, None)
+        for (loop, future), value in waiters:
+            _call_soon(loop, _resolve, future, value, None)
 
     def _note_first_scheduled(self, first_scheduled: dict[str, float]) -> None:
         for core_id, when in first_scheduled.items():
@@ -311,12 +327,12 @@ class AsyncLLM:
             self._streams.clear()
             self._tracking.clear()
         self._deliver([(s, RuntimeError(f"engine core died: {reason}")) for s in streams])
-        self._fail_stats_waiters(RuntimeError(f"engine core died: {reason}"))
+        self._fail_waiters(RuntimeError(f"engine core died: {reason}"))
 
-    def _fail_stats_waiters(self, error: BaseException) -> None:
+    def _fail_waiters(self, error: BaseException) -> None:
         with self._lock:
-            waiters = list(self._stats_waiters.values())
-            self._stats_waiters.clear()
+            waiters = list(self._waiters.values())
+            self._waiters.clear()
         for loop, future in waiters:
             _call_soon(loop, _resolve, future, None, error)
 

@@ -36,6 +36,8 @@ class EngineCoreRequest:
     arrival_time: float = field(default_factory=time.monotonic)
     # Parallel-sampling children look up each other's prompt blocks even with prefix caching off.
     share_prefix: bool = False
+    # Only requests with the same salt share prefix-cache blocks.
+    cache_salt: Optional[str] = None
 
 
 class EngineCore:
@@ -64,6 +66,9 @@ class EngineCore:
                    f"({per_token} bytes/token, {num_blocks * config.block_size * per_token / 2**20:.1f} MiB); "
                    f"max concurrency at {config.max_model_len} tokens/request: "
                    f"{self.capacity_tokens / config.max_model_len:.2f}x")
+        runner.capture_cuda_graphs()  # CUDA only, unless enforce_eager
+        if runner.graph_summary:
+            message += "\n" + runner.graph_summary
         logger.info(message)
         # Kept so a core running in its own process can hand the line to the front end to print.
         self.kv_cache_summary = message
@@ -74,14 +79,15 @@ class EngineCore:
 
     @classmethod
     def from_config(cls, setup: "ModelSetup", quiet: bool = False) -> "EngineCore":
-        weights = iter_weights(setup.source, DTYPES[setup.config.dtype])
+        # Dummy weights are random: no checkpoint is read.
+        weights = None if setup.config.load_format == "dummy" else iter_weights(setup.source, DTYPES[setup.config.dtype])
         runner = ModelRunner.load(setup.config, setup.model_config, weights)
         return cls(setup.config, setup.model_config, runner, quiet=quiet)
 
     def add_request(self, req: EngineCoreRequest) -> Request:
         """Queues the request; returns its scheduler state (read-only to callers, e.g. for queue-time metrics)."""
         request = Request(req.request_id, req.prompt_token_ids, req.sampling_params, req.eos_token_ids,
-                          arrival_time=req.arrival_time)
+                          arrival_time=req.arrival_time, cache_salt=req.cache_salt)
         request.share_prefix = req.share_prefix
         self.scheduler.add_request(request)
         return request
@@ -111,8 +117,9 @@ class EngineCore:
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()
 
-    def reset_prefix_cache(self) -> None:
-        self.kv.reset_prefix_cache()
+    def reset_prefix_cache(self) -> bool:
+        """Forgets every cached block; refused (False) while any request holds KV blocks."""
+        return self.kv.reset_prefix_cache()
 
     @property
     def num_free_blocks(self) -> int:

@@ -1,6 +1,6 @@
 """The engine core off the event loop: its step loop, the messages it speaks, and two ways to run it.
 
-    front end --(AddRequest / AbortRequests / FinishOnStop / StatsRequest / Shutdown)--> core loop
+    front end --(AddRequest / AbortRequests / FinishOnStop / StatsRequest / ResetPrefixCache / Shutdown)--> core loop
     front end <--(CoreReady | CoreStartupFailed, then CoreOutputs per step, CoreFailed)-- core loop
 
 `ProcessCoreClient` runs the loop in a child process (multiprocessing "spawn", pickled
@@ -53,6 +53,13 @@ class StatsRequest:
 
 
 @dataclass
+class ResetPrefixCache:
+    """Answered in CoreOutputs.reset_results under the same token."""
+
+    token: int
+
+
+@dataclass
 class Shutdown:
     pass
 
@@ -82,6 +89,8 @@ class CoreOutputs:
     rejected: list[tuple[str, str]] = field(default_factory=list)
     # StatsRequest tokens answered by `stats`
     stats_tokens: list[int] = field(default_factory=list)
+    # (ResetPrefixCache token, whether the cache was reset)
+    reset_results: list[tuple[int, bool]] = field(default_factory=list)
 
 
 @dataclass
@@ -143,6 +152,9 @@ class CoreLoop:
                 self.core.finish_on_stop_string(core_id, stop)
         elif isinstance(message, StatsRequest):
             out.stats_tokens.append(message.token)
+        elif isinstance(message, ResetPrefixCache):
+            # After this batch's aborts, before its new requests are scheduled.
+            out.reset_results.append((message.token, self.core.reset_prefix_cache()))
         else:
             raise TypeError(f"unknown message for the engine core: {type(message).__name__}")
 

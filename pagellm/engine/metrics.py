@@ -50,6 +50,12 @@ class EngineMetrics:
         self.prompt_tokens = counter("pagellm:prompt_tokens_total", "Number of prefill (prompt) tokens processed.")
         self.generation_tokens = counter("pagellm:generation_tokens_total", "Number of generated tokens.")
         self.num_preemptions = counter("pagellm:num_preemptions_total", "Cumulative number of preemptions.")
+        # Hit rate = hits / queries. In tokens: every prompt token of an admitted request is a query,
+        # and those found in the prefix cache are hits.
+        self.prefix_cache_queries = counter("pagellm:prefix_cache_queries",
+                                            "Prompt tokens looked up in the prefix cache.")
+        self.prefix_cache_hits = counter("pagellm:prefix_cache_hits",
+                                         "Prompt tokens found in the prefix cache.")
         # Labelled by finish reason as well, so kept unbound.
         self.request_success = Counter("pagellm:request_success_total", "Number of finished requests, by reason.",
                                        _LABELS + ["finished_reason"], registry=r)
@@ -61,18 +67,23 @@ class EngineMetrics:
                                              "Time from arrival to the end of a request.", _REQUEST_BUCKETS)
         self.request_queue_time = histogram("pagellm:request_queue_time_seconds",
                                             "Time a request waited before it was first scheduled.", _REQUEST_BUCKETS)
-        self._last_preemptions_total = 0
+        # The core reports running totals; counters move forward by the difference.
+        self._last_totals = {"preemptions": 0, "queries": 0, "hits": 0}
 
     # -- updates ----------------------------------------------------------------------
     def record_scheduler_stats(self, stats: SchedulerStats) -> None:
         self.num_requests_running.set(stats.num_running)
         self.num_requests_waiting.set(stats.num_waiting)
         self.kv_cache_usage_perc.set(stats.kv_cache_usage)
-        # The core reports a running total; a counter only moves forward by the difference.
-        delta = stats.num_preemptions_total - self._last_preemptions_total
+        self._advance(self.num_preemptions, "preemptions", stats.num_preemptions_total)
+        self._advance(self.prefix_cache_queries, "queries", stats.prefix_cache_queries)
+        self._advance(self.prefix_cache_hits, "hits", stats.prefix_cache_hits)
+
+    def _advance(self, counter, key: str, total: int) -> None:
+        delta = total - self._last_totals[key]
         if delta > 0:
-            self.num_preemptions.inc(delta)
-        self._last_preemptions_total = max(self._last_preemptions_total, stats.num_preemptions_total)
+            counter.inc(delta)
+            self._last_totals[key] = total
 
     def record_first_token(self, ttft: float, num_prompt_tokens: int) -> None:
         self.time_to_first_token.observe(max(ttft, 0.0))

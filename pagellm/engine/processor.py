@@ -8,8 +8,21 @@ from pagellm.config import EngineConfig
 from pagellm.engine.core import EngineCoreRequest
 from pagellm.sampling_params import SamplingParams
 
-# A prompt: text, token ids, or vLLM-style dicts {"prompt": ...} / {"prompt_token_ids": [...]}.
+# A prompt: text, token ids, or vLLM-style dicts {"prompt": ...} / {"prompt_token_ids": [...]},
+# which may also carry a "cache_salt" (only prompts with the same salt share prefix-cache blocks).
 PromptType = Union[str, list[int], dict[str, Any]]
+
+_PROMPT_KEYS = frozenset({"prompt", "prompt_token_ids", "cache_salt"})
+
+
+def prompt_cache_salt(prompt: PromptType) -> Optional[str]:
+    """The prompt's cache_salt (None when it has none); raises ValueError unless it is a non-empty string."""
+    if not isinstance(prompt, dict) or prompt.get("cache_salt") is None:
+        return None
+    salt = prompt["cache_salt"]
+    if not isinstance(salt, str) or not salt:
+        raise ValueError(f"cache_salt must be a non-empty string, got {salt!r}")
+    return salt
 
 
 def model_eos_token_ids(tokenizer, model_config) -> set[int]:
@@ -34,6 +47,9 @@ class InputProcessor:
     def split_prompt(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
         """(prompt text or None, prompt token ids)."""
         if isinstance(prompt, dict):
+            unknown = set(prompt) - _PROMPT_KEYS
+            if unknown:
+                raise ValueError(f"unknown prompt fields {sorted(unknown)}; a dict prompt may have {sorted(_PROMPT_KEYS)}")
             if "prompt_token_ids" in prompt:
                 text, (_, ids) = prompt.get("prompt"), self.split_prompt(list(prompt["prompt_token_ids"]))
                 return text, ids
@@ -63,6 +79,7 @@ class InputProcessor:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
         text, ids = self.split_prompt(prompt)
+        cache_salt = prompt_cache_salt(prompt)
         if not ids:
             raise ValueError("the prompt is empty (it tokenized to zero tokens)")
         max_len = self.config.max_model_len
@@ -78,7 +95,7 @@ class InputProcessor:
         if params.bad_words:
             params = params.clone()
             params._bad_words_token_ids = self._bad_words_ids(params.bad_words)
-        req = EngineCoreRequest(request_id, ids, params, set(self.eos_token_ids))
+        req = EngineCoreRequest(request_id, ids, params, set(self.eos_token_ids), cache_salt=cache_salt)
         if arrival_time is not None:
             req.arrival_time = arrival_time
         return text, req

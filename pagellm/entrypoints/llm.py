@@ -33,12 +33,24 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.get_tokenizer()
 
+    def reset_prefix_cache(self) -> bool:
+        """Empties the prefix cache (later prompts recompute everything); True on success.
+
+        Between `generate` calls no request holds KV blocks, so it succeeds there; it is
+        refused (False) only while requests are in flight.
+        """
+        return self.llm_engine.reset_prefix_cache()
+
     def generate(
         self,
         prompts: Union[PromptType, Sequence[PromptType]],
         sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
+        """Generates for one prompt or a list: text, token ids, or dicts {"prompt": text} /
+        {"prompt_token_ids": ids}, optionally with "cache_salt": only prompts with the same salt
+        share prefix-cache blocks. Each output's `num_cached_tokens` counts the prompt tokens whose
+        KV came from the prefix cache."""
         prompt_list = _as_prompt_list(prompts)
         params_list = _as_params_list(sampling_params, len(prompt_list))
         return self._run(prompt_list, params_list, use_tqdm)

@@ -70,6 +70,9 @@ class SamplingFields(RequestModel):
     spaces_between_special_tokens: bool = True
     allowed_token_ids: Optional[list[int]] = None
     prompt_logprobs: Optional[int] = None
+    # vLLM's prefix-cache isolation: only requests with the same salt share cached KV blocks.
+    # Not a sampling parameter; the handlers pass it along with the prompt.
+    cache_salt: Optional[str] = Field(default=None, min_length=1)
 
     def to_sampling_params(self, max_tokens: int, logprobs: Optional[int],
                            prompt_logprobs: Optional[int]) -> SamplingParams:
@@ -114,10 +117,15 @@ class SamplingFields(RequestModel):
         )
 
 
+class PromptTokenUsageInfo(ResponseModel):
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
 class UsageInfo(ResponseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: Optional[PromptTokenUsageInfo] = None
 
 
 # -- /v1/completions ----------------------------------------------------------------------

@@ -169,6 +169,14 @@ def build_app(engine, served_model_name: str, api_key: Optional[str] = None, cha
     async def metrics():
         return Response(content=engine.metrics.render(), media_type=engine.metrics.CONTENT_TYPE)
 
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache():
+        # Refused while requests hold KV blocks: their cached blocks would stay findable.
+        if not await engine.reset_prefix_cache():
+            return error_response("the prefix cache was not reset: requests are still running; "
+                                  "retry when the server is idle", 409, None, "engine_busy")
+        return Response(status_code=200)
+
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
         completions.check_model(body.model)

@@ -27,6 +27,7 @@ from pagellm.entrypoints.openai.protocol import (
     ChatMessageIn,
     ChatMessageOut,
     DeltaMessage,
+    PromptTokenUsageInfo,
     UsageInfo,
     now,
 )
@@ -129,7 +130,8 @@ class OpenAIServingChat(OpenAIServing):
         request_id = random_id("chatcmpl")
         self.validate(request_id, prompt_ids, params)
         try:
-            outputs = await start_stream(self.engine.generate(prompt_ids, params, request_id))
+            outputs = await start_stream(self.engine.generate(self.engine_prompt(prompt_ids, request.cache_salt),
+                                                              params, request_id))
         except ValueError as exc:
             raise self.bad_value(exc) from None
         run = _Run(self, request, request_id, len(prompt_ids))
@@ -165,6 +167,7 @@ class _Run:
         self.prompt_tokens = prompt_tokens
         self.choices = [_Choice() for _ in range(request.n)]
         self.created = now()
+        self.num_cached_tokens = 0
 
     def _take(self, delta: CompletionOutput) -> Optional[list[ChatCompletionLogProbsContent]]:
         choice = self.choices[delta.index]
@@ -196,10 +199,12 @@ class _Run:
     def _usage(self) -> UsageInfo:
         completion = sum(c.num_tokens for c in self.choices)
         return UsageInfo(prompt_tokens=self.prompt_tokens, completion_tokens=completion,
-                         total_tokens=self.prompt_tokens + completion)
+                         total_tokens=self.prompt_tokens + completion,
+                         prompt_tokens_details=PromptTokenUsageInfo(cached_tokens=self.num_cached_tokens))
 
     async def collect(self, outputs: AsyncIterator[RequestOutput]) -> ChatCompletionResponse:
         async for out in outputs:
+            self.num_cached_tokens = out.num_cached_tokens
             for delta in out.outputs:
                 self._take(delta)
         choices = [
@@ -226,6 +231,7 @@ class _Run:
                 yield self._chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant",
                                                                                          content=""))])
             async for out in outputs:
+                self.num_cached_tokens = out.num_cached_tokens
                 for delta in out.outputs:
                     logprobs = self._take(delta)
                     if not delta.text and delta.finish_reason is None and not logprobs:

@@ -14,6 +14,7 @@ from pagellm.entrypoints.openai.protocol import (
     CompletionResponse,
     CompletionResponseChoice,
     CompletionStreamResponse,
+    PromptTokenUsageInfo,
     UsageInfo,
     now,
 )
@@ -35,6 +36,7 @@ class _Prompt:
     text: Optional[str]  # None for token-id prompts (echo decodes them)
     token_ids: list[int]
     prompt_logprobs: Optional[list[Optional[PositionLogprobs]]] = None
+    num_cached_tokens: int = 0
 
 
 @dataclass
@@ -83,7 +85,8 @@ class OpenAIServingCompletion(OpenAIServing):
                                        request.logprobs if want_prompt_logprobs else request.prompt_logprobs)
             self.validate(f"{request_id}-{i}", prompt.token_ids, params)
             streams.append((prompt.token_ids, params, f"{request_id}-{i}"))
-        merged = merge_streams([self.engine.generate(ids, params, rid) for ids, params, rid in streams])
+        merged = merge_streams([self.engine.generate(self.engine_prompt(ids, request.cache_salt), params, rid)
+                                for ids, params, rid in streams])
         try:
             merged = await start_stream(merged)
         except ValueError as exc:
@@ -134,6 +137,7 @@ class _Run:
         prompt = self.prompts[prompt_index]
         if out.prompt_logprobs is not None and prompt.prompt_logprobs is None:
             prompt.prompt_logprobs = out.prompt_logprobs
+        prompt.num_cached_tokens = out.num_cached_tokens
         taken = []
         for delta in out.outputs:
             if self.prompt_only:  # the one sampled token is not part of the answer
@@ -146,8 +150,10 @@ class _Run:
     def _usage(self) -> UsageInfo:
         prompt_tokens = sum(len(p.token_ids) for p in self.prompts)
         completion_tokens = sum(len(c.token_ids) for c in self.choices)
+        cached = sum(p.num_cached_tokens for p in self.prompts)
         return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                         total_tokens=prompt_tokens + completion_tokens)
+                         total_tokens=prompt_tokens + completion_tokens,
+                         prompt_tokens_details=PromptTokenUsageInfo(cached_tokens=cached))
 
     def _echo_text(self, prompt: _Prompt) -> str:
         return prompt.text if prompt.text is not None else self.serving.decode(prompt.token_ids)

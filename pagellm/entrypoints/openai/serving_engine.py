@@ -122,6 +122,13 @@ class OpenAIServing:
         except ValueError as exc:
             raise self.bad_value(exc) from None
 
+    @staticmethod
+    def engine_prompt(prompt_ids: list[int], cache_salt: Optional[str]):
+        """The prompt as the engine takes it: token ids, with the request's cache_salt when it has one."""
+        if cache_salt is None:
+            return prompt_ids
+        return {"prompt_token_ids": prompt_ids, "cache_salt": cache_salt}
+
     # -- text ------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         tokenizer = self.require_tokenizer("a text prompt")
