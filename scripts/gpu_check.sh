@@ -25,14 +25,15 @@ echo "== kernels and one decode step against the roofline"
 "$PY" -m pagellm.attention.triton_bench --model "$MODEL" --out "$OUT_DIR/triton_bench.json" \
     2>&1 | tee "$OUT_DIR/triton_bench.md"
 
-echo "== end-to-end benchmarks ($MODEL, dummy weights, bf16)"
+echo "== end-to-end benchmarks ($MODEL, dummy weights, bf16; the config dir has no tokenizer)"
 PAGELLM=${PAGELLM:-.venv/bin/pagellm}
-"$PAGELLM" bench throughput --model "$MODEL" --load-format dummy --num-prompts 1000 --input-len 1024 \
-    --output-len 256 --result-dir "$OUT_DIR" 2>&1 | tee "$OUT_DIR/throughput.txt"
-for bs in 1 32; do
-    "$PAGELLM" bench latency --model "$MODEL" --load-format dummy --batch-size "$bs" --input-len 128 \
-        --output-len 256 --result-dir "$OUT_DIR" 2>&1 | tee "$OUT_DIR/latency_bs$bs.txt"
-    "$PAGELLM" bench latency --model "$MODEL" --load-format dummy --enforce-eager --batch-size "$bs" \
-        --input-len 128 --output-len 256 --result-dir "$OUT_DIR" 2>&1 | tee "$OUT_DIR/latency_bs${bs}_eager.txt"
+DUMMY=(--model "$MODEL" --load-format dummy --skip-tokenizer-init --result-dir "$OUT_DIR")
+"$PAGELLM" bench throughput "${DUMMY[@]}" --dataset random --num-prompts 1000 --input-len 512 --output-len 128 \
+    --backend pagellm,hf --hf-batch-size 64,128,256 --hf-max-batches 2 2>&1 | tee "$OUT_DIR/throughput_512_128.txt"
+"$PAGELLM" bench throughput "${DUMMY[@]}" --dataset sharegpt-like --num-prompts 1000 \
+    --backend pagellm,hf --hf-batch-size 64,128,256 --hf-max-batches 2 2>&1 | tee "$OUT_DIR/throughput_sharegpt.txt"
+for eager in "" --enforce-eager; do
+    "$PAGELLM" bench latency "${DUMMY[@]}" $eager --batch-size 1 --input-len 128 --output-len 128 \
+        2>&1 | tee "$OUT_DIR/latency_bs1${eager}.txt"
 done
 echo "results in $OUT_DIR"

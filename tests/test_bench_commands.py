@@ -90,3 +90,20 @@ def test_latency(tiny_model, tmp_path, capsys):
 def test_bad_backend_is_a_clear_error(tiny_model, tmp_path, capsys):
     rc = main(["bench", "throughput", "--model", tiny_model, "--backend", "vllm", "--result-dir", str(tmp_path)])
     assert rc == 2 and "--backend" in capsys.readouterr().err
+
+
+def test_throughput_on_a_config_only_dir_with_dummy_weights(tmp_path):
+    """The GPU benchmark's path: no checkpoint, no tokenizer; both backends get random weights."""
+    from transformers import LlamaConfig
+
+    model_dir = str(tmp_path / "config-only")
+    LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, max_position_embeddings=128).save_pretrained(model_dir)
+    out_dir = str(tmp_path / "res")
+    rc = main(["bench", "throughput", "--model", model_dir, "--load-format", "dummy", "--skip-tokenizer-init",
+               "--kv-cache-memory", str(1 << 20), "--backend", "pagellm,hf", "--hf-batch-size", "2",
+               "--num-prompts", "4", "--input-len", "6", "--output-len", "3", "--result-dir", out_dir,
+               "--disable-tqdm"])
+    assert rc == 0
+    res = _result(out_dir, "throughput")["results"]
+    assert res["pagellm"]["output_tokens"] == 12 and res["hf"][0]["output_tokens"] == 12

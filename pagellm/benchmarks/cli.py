@@ -151,7 +151,7 @@ def cmd_throughput(args: argparse.Namespace) -> int:
     if "hf" in backends:
         llm = None  # free the engine's KV cache before HF allocates
         gc.collect()
-        model = load_hf_model(setup.source)
+        model = load_hf_model(setup.source, setup.config)
         pad = _pad_id(tokenizer)
         run_hf(model, samples[:1], 1, pad, max_batches=1, show_progress=False)  # warm-up
         sweep = []

@@ -83,16 +83,25 @@ def run_pagellm(llm, samples: Sequence[SampleRequest], shape: Optional[ModelShap
 
 
 # -- HF transformers ------------------------------------------------------------------------------
-def load_hf_model(source):
-    """HF transformers' own load of the same checkpoint (a GGUF is dequantized to fp32)."""
+def load_hf_model(source, config=None):
+    """HF transformers' own load of the same checkpoint (a GGUF is dequantized), on the engine's
+    device and dtype. With load_format="dummy", HF's own random init from the same config.json."""
     import os
 
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    device = config.device if config is not None else "cpu"
+    dtype = getattr(torch, config.dtype) if config is not None and config.dtype != "auto" else torch.float32
+    if config is not None and config.load_format == "dummy":
+        hf_config = AutoConfig.from_pretrained(source.path)
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(hf_config, dtype=dtype).eval()
     if source.kind == "gguf":
         directory, name = os.path.split(source.gguf_path)
-        return AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
-    return AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
+    return model.to(device).eval()
 
 
 def run_hf(model, samples: Sequence[SampleRequest], batch_size: int, pad_id: int,
@@ -110,8 +119,9 @@ def run_hf(model, samples: Sequence[SampleRequest], batch_size: int, pad_id: int
     for batch in batches:
         width = max(s.prompt_len for s in batch)
         new = max(s.output_len for s in batch)
-        ids = torch.tensor([[pad_id] * (width - s.prompt_len) + s.prompt_token_ids for s in batch])
-        mask = torch.tensor([[0] * (width - s.prompt_len) + [1] * s.prompt_len for s in batch])
+        device = next(model.parameters()).device
+        ids = torch.tensor([[pad_id] * (width - s.prompt_len) + s.prompt_token_ids for s in batch], device=device)
+        mask = torch.tensor([[0] * (width - s.prompt_len) + [1] * s.prompt_len for s in batch], device=device)
         with torch.inference_mode():
             out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                                  pad_token_id=pad_id, top_p=None, top_k=None, temperature=None)
