@@ -107,3 +107,21 @@ def test_throughput_on_a_config_only_dir_with_dummy_weights(tmp_path):
     assert rc == 0
     res = _result(out_dir, "throughput")["results"]
     assert res["pagellm"]["output_tokens"] == 12 and res["hf"][0]["output_tokens"] == 12
+
+
+def test_prefix_shared_reports_hits_and_counts_only_computed_flops(tiny_model, tmp_path):
+    tflops = {}
+    for flag in ("--enable-prefix-caching", "--no-enable-prefix-caching"):
+        out_dir = str(tmp_path / flag)
+        assert main(["bench", "throughput", "--model", tiny_model, "--skip-tokenizer-init", flag,
+                     "--kv-cache-memory", str(4 << 20), "--dataset", "prefix-shared", "--num-prefixes", "1",
+                     "--prefix-len", "64", "--suffix-len", "8", "--num-prompts", "4", "--output-len", "2",
+                     "--result-dir", out_dir, "--disable-tqdm"]) == 0
+        p = _result(out_dir, "throughput")["results"]["pagellm"]
+        tflops[flag] = p["model_tflops"]
+        if flag == "--enable-prefix-caching":
+            # The prefix is computed once (the first request), then 64 tokens (4 blocks of 16) hit per request.
+            assert p["prefix_cache_hit_rate"] == pytest.approx(3 * 64 / (4 * 72))
+        else:
+            assert p["prefix_cache_hit_rate"] == 0
+    assert tflops["--enable-prefix-caching"] < tflops["--no-enable-prefix-caching"]

@@ -82,6 +82,8 @@ def _print_rates(label: str, r: dict) -> None:
             line += f" = {100 * r['fraction_of_matmul_peak']:.0f}% of matmul"
     if "peak_kv_cache_usage" in r:
         line += f"  peak KV {100 * r['peak_kv_cache_usage']:.0f}%  preemptions {r['preemptions']}"
+    if r.get("prefix_cache_hit_rate"):
+        line += f"  prefix-cache hits {100 * r['prefix_cache_hit_rate']:.1f}% of prompt tokens"
     print(line, flush=True)
 
 

@@ -21,7 +21,7 @@ from pagellm.benchmarks.flops import ModelShape
 
 
 def _rates(samples: Sequence[SampleRequest], elapsed: float, shape: Optional[ModelShape] = None,
-           matmul_flops: Optional[float] = None) -> dict:
+           matmul_flops: Optional[float] = None, cached_tokens: Sequence[int] = ()) -> dict:
     input_tokens = sum(s.prompt_len for s in samples)
     output_tokens = sum(s.output_len for s in samples)
     result = {
@@ -34,8 +34,10 @@ def _rates(samples: Sequence[SampleRequest], elapsed: float, shape: Optional[Mod
         "output_tokens_per_s": output_tokens / elapsed,
         "total_tokens_per_s": (input_tokens + output_tokens) / elapsed,
     }
-    if shape is not None:  # the model FLOPs of the useful work, and their rate
+    if shape is not None:  # the model FLOPs of the work computed, and their rate
         flops = shape.total_flops((s.prompt_len, s.output_len) for s in samples)
+        # Prompt tokens served from the prefix cache were not computed: take their positions' work out.
+        flops -= sum(shape.request_flops(c, 1) - 2 * shape.hidden * shape.vocab for c in cached_tokens if c)
         result["model_tflops"] = flops / 1e12
         result["model_gflops_per_s"] = flops / elapsed / 1e9
         if matmul_flops:
@@ -55,6 +57,7 @@ def run_pagellm(llm, samples: Sequence[SampleRequest], shape: Optional[ModelShap
     if warmup:  # first-call costs (allocator, thread pool) out of the timing
         llm.generate([samples[0].prompt_token_ids[:16]],
                      SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+        llm.reset_prefix_cache()  # the warm-up's blocks must not count as hits for the run
     preemptions_before = engine.core.stats().num_preemptions_total
     steps_before = engine.core.num_steps
     peak_kv = 0.0
@@ -65,10 +68,12 @@ def run_pagellm(llm, samples: Sequence[SampleRequest], shape: Optional[ModelShap
         engine.add_request(f"bench-{i}", {"prompt_token_ids": s.prompt_token_ids}, params,
                            kind=OutputKind.FINAL_ONLY)
     generated = 0
+    cached: list[int] = []
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
                 generated += len(out.outputs[0].token_ids)
+                cached.append(out.num_cached_tokens)
                 bar.update(1)
         peak_kv = max(peak_kv, engine.core.stats().kv_cache_usage)
     elapsed = time.perf_counter() - start
@@ -76,7 +81,9 @@ def run_pagellm(llm, samples: Sequence[SampleRequest], shape: Optional[ModelShap
     expected = sum(s.output_len for s in samples)
     if generated != expected:
         raise RuntimeError(f"pagellm generated {generated} tokens, expected {expected}")
-    result = {"backend": "pagellm", **_rates(samples, elapsed, shape, matmul_flops), "peak_kv_cache_usage": peak_kv,
+    result = {"backend": "pagellm", **_rates(samples, elapsed, shape, matmul_flops, cached),
+              "prefix_cache_hit_rate": sum(cached) / max(1, sum(s.prompt_len for s in samples)),
+              "peak_kv_cache_usage": peak_kv,
               "preemptions": engine.core.stats().num_preemptions_total - preemptions_before,
               "engine_steps": engine.core.num_steps - steps_before}
     return result
