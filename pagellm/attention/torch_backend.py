@@ -2,8 +2,8 @@
 
 New K/V are scattered into the block pool by slot first, then every request attends
 over its cached context plus its own new tokens, read back through its block table.
-Decodes (one query token) are batched into a single padded SDPA call; prompt chunks
-run one request at a time with an offset causal mask.
+Decodes (one query token) are batched into padded SDPA calls over groups of requests;
+prompt chunks run one request at a time with an offset causal mask.
 """
 
 from __future__ import annotations
@@ -14,8 +14,17 @@ import torch.nn.functional as F
 from pagellm.attention.backend import AttentionBackend, AttentionMetadata
 
 
+# Bytes of gathered K+V per decode group. Gathering the whole batch's context at once streams it
+# through main memory twice (copy, then SDPA); groups this small stay in cache, 1.3-2.6x faster
+# per layer on a 2-core CPU (batch 64 at 144 and 1104 tokens of context).
+DEFAULT_DECODE_GROUP_BYTES = 6 << 20
+
+
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
+
+    def __init__(self, decode_group_bytes: int = DEFAULT_DECODE_GROUP_BYTES) -> None:
+        self.decode_group_bytes = decode_group_bytes
 
     @staticmethod
     def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
@@ -39,9 +48,19 @@ class TorchAttentionBackend(AttentionBackend):
                                     mask.unsqueeze(0), scale, logit_softcap).squeeze(0)
         return out
 
+    def _decode(self, q, k_cache, v_cache, md: AttentionMetadata, scale, sliding_window, logit_softcap,
+                out) -> None:
+        num_kv_heads, head_dim = k_cache.shape[2:]
+        token_bytes = 2 * num_kv_heads * head_dim * k_cache.element_size()
+        max_len = max(md.seq_lens[i] for i in md.decode_indices)
+        group = max(1, self.decode_group_bytes // (token_bytes * max_len))
+        for g in range(0, len(md.decode_indices), group):
+            self._decode_group(q, k_cache, v_cache, md, md.decode_indices[g:g + group], scale, sliding_window,
+                               logit_softcap, out)
+
     @staticmethod
-    def _decode(q, k_cache, v_cache, md: AttentionMetadata, scale, sliding_window, logit_softcap, out) -> None:
-        idx = md.decode_indices
+    def _decode_group(q, k_cache, v_cache, md: AttentionMetadata, idx: list[int], scale, sliding_window,
+                      logit_softcap, out) -> None:
         token_idx = torch.tensor([md.query_start_loc[i] for i in idx], device=q.device)
         seq_lens = md.seq_lens_tensor[idx].long()
         block_size = k_cache.shape[1]
