@@ -29,7 +29,7 @@ from pagellm.core.scheduler import SchedulerStats
 from pagellm.engine.core import EngineCore
 from pagellm.engine.core_process import (AbortRequests, AddRequest, CoreOutputs, FinishOnStop, ProcessCoreClient,
                                          ResetPrefixCache, StatsRequest, ThreadCoreClient)
-from pagellm.engine.llm_engine import CachedTokenCounts, fan_out
+from pagellm.engine.llm_engine import fan_out
 from pagellm.engine.metrics import EngineMetrics
 from pagellm.engine.output_processor import OutputKind, OutputProcessor, RequestState
 from pagellm.engine.processor import InputProcessor, PromptType
@@ -87,7 +87,6 @@ class AsyncLLM:
         self._stats: Optional[SchedulerStats] = None
         # Answers the core owes us (stats snapshots, prefix-cache resets), by request token.
         self._waiters: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
-        self._cached_tokens = CachedTokenCounts()
         self._tokens = itertools.count()
         self._dead: Optional[str] = None
         self._closed = False
@@ -178,9 +177,7 @@ class AsyncLLM:
             final = self.output_processor.abort(request_id)
             self._tracking.pop(request_id, None)
             if final is not None:
-                self._cached_tokens.attach([final])
                 self.metrics.record_finished("abort", None, None)
-            self._cached_tokens.forget(request_id)
         if core_ids:
             self._send_quietly(AbortRequests(core_ids))
         return stream, final
@@ -264,9 +261,7 @@ class AsyncLLM:
                 entry = self.output_processor.core_to_completion.get(update.req_id)
                 if entry is not None and entry[0].request_id not in touched:
                     touched[entry[0].request_id] = (entry[0], entry[0].metrics.num_generation_tokens)
-            self._cached_tokens.note(self.output_processor, message.updates)
             outputs, stops = self.output_processor.process(message.updates)
-            self._cached_tokens.attach(outputs)
             for state, tokens_before in touched.values():
                 self._record_progress(state, tokens_before)
             for out in outputs:

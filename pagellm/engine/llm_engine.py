@@ -43,36 +43,6 @@ def fan_out(request: EngineCoreRequest) -> list[EngineCoreRequest]:
     return children
 
 
-class CachedTokenCounts:
-    """Prompt tokens each user request found in the prefix cache, as its core requests report them.
-
-    With n > 1 the smallest count among the children is kept: usage counts the prompt once,
-    and a child that computed the prompt means it was not (all) cached.
-    """
-
-    def __init__(self) -> None:
-        self._counts: dict[str, int] = {}
-
-    def note(self, output_processor: OutputProcessor, updates: list) -> None:
-        """Call before `output_processor.process(updates)` (which forgets finished requests)."""
-        for update in updates:
-            entry = output_processor.core_to_completion.get(update.req_id)
-            if entry is None:
-                continue
-            request_id = entry[0].request_id
-            seen = self._counts.get(request_id)
-            self._counts[request_id] = update.num_cached_tokens if seen is None else min(seen, update.num_cached_tokens)
-
-    def attach(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
-            out.num_cached_tokens = self._counts.get(out.request_id, 0)
-            if out.finished:
-                self._counts.pop(out.request_id, None)
-
-    def forget(self, request_id: str) -> None:
-        self._counts.pop(request_id, None)
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig, quiet: bool = False) -> None:
         self.setup: ModelSetup = resolve_setup(config)
@@ -85,7 +55,6 @@ class LLMEngine:
         self.core = EngineCore.from_config(self.setup, quiet=quiet)
         self.processor = InputProcessor(self.config, self.tokenizer, self.setup.model_config)
         self.output_processor = OutputProcessor(self.tokenizer)
-        self._cached_tokens = CachedTokenCounts()
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "LLMEngine":
@@ -118,9 +87,7 @@ class LLMEngine:
             self.core.abort_requests(self.output_processor.core_ids_of(request_id))
             out = self.output_processor.abort(request_id)
             if out is not None:
-                self._cached_tokens.attach([out])
                 outputs.append(out)
-            self._cached_tokens.forget(request_id)
         return outputs
 
     def has_unfinished_requests(self) -> bool:
@@ -132,9 +99,7 @@ class LLMEngine:
     # -- the loop -------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         updates = self.core.step()
-        self._cached_tokens.note(self.output_processor, updates)
         outputs, stops = self.output_processor.process(updates)
-        self._cached_tokens.attach(outputs)
         for core_id, stop in stops:
             self.core.finish_on_stop_string(core_id, stop)
         return outputs

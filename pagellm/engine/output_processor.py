@@ -119,11 +119,17 @@ class RequestState:
         self.prompt_logprobs: Optional[list[Optional[PositionLogprobs]]] = (
             [None] if params.prompt_logprobs is not None else None)
         self.metrics = RequestMetrics(arrival_time)
+        # Prompt tokens found in the prefix cache. With n > 1 the smallest count among the
+        # children: usage counts the prompt once, and a child that computed it was not served.
+        self.num_cached_tokens: Optional[int] = None
         self._prompt_logprobs_sent = False
 
     @property
     def finished(self) -> bool:
         return all(c.finished for c in self.completions)
+
+    def note_cached_tokens(self, count: int) -> None:
+        self.num_cached_tokens = count if self.num_cached_tokens is None else min(self.num_cached_tokens, count)
 
     def add_prompt_logprobs(self, entries) -> None:
         if self.prompt_logprobs is None or entries is None:
@@ -151,7 +157,8 @@ class RequestState:
                              prompt_logprobs, metrics={
                                  "arrival_time": m.arrival_time, "first_token_time": m.first_token_time,
                                  "finished_time": m.finished_time,
-                                 "num_generation_tokens": m.num_generation_tokens})
+                                 "num_generation_tokens": m.num_generation_tokens},
+                             num_cached_tokens=self.num_cached_tokens or 0)
 
 
 class OutputProcessor:
@@ -185,6 +192,7 @@ class OutputProcessor:
             if entry is None:
                 continue
             state, completion = entry
+            state.note_cached_tokens(update.num_cached_tokens)
             if completion.finished:
                 # An async core may still be stepping a sequence the front end already stopped on a stop string.
                 continue
