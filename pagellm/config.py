@@ -13,7 +13,7 @@ from typing import Optional
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEVICES = ("auto", "cpu", "cuda")
-_ATTENTION_BACKENDS = ("auto", "torch", "triton")
+_ATTENTION_BACKENDS = ("auto", "torch", "triton", "cpu")
 _LOAD_FORMATS = ("auto", "dummy")
 
 DEFAULT_KV_CACHE_MEMORY = 1 << 30  # 1 GiB of KV cache on the CPU unless told otherwise
@@ -37,9 +37,11 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     seed: int = 0
-    attention_backend: str = "auto"  # auto: triton on CUDA, torch on the CPU
+    attention_backend: str = "auto"  # auto: triton on CUDA, cpu (C++ decode kernel) on the CPU
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
     load_format: str = "auto"  # dummy: random weights from config.json alone (benchmarks)
+    cpu_weight_prepack: bool = True  # CPU: linear weights in oneDNN's packed layout (faster matmuls)
+    cpu_fused_ops: bool = True  # CPU: C++ RMSNorm(+residual) and SiLU-and-mul instead of torch expressions
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> None:

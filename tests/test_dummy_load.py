@@ -26,8 +26,9 @@ def config_dir(tmp_path_factory) -> str:
 
 
 def dummy_core(path: str, seed: int = 0) -> EngineCore:
+    # Unpacked weights: the test reads the plain parameters the dummy init wrote.
     config = EngineConfig(model=path, load_format="dummy", seed=seed, device="cpu", max_model_len=256,
-                          kv_cache_memory=4 << 20)
+                          kv_cache_memory=4 << 20, cpu_weight_prepack=False)
     source = resolve_model_source(path, config.load_format)
     model_config = text_config(load_hf_config(source))
     setup = ModelSetup(config.resolve(model_max_len=512, cuda_available=False), source, model_config)

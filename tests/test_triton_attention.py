@@ -239,8 +239,10 @@ def test_selector_choices(monkeypatch):
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_backend_name("auto", cpu) == "torch"
+    assert resolve_backend_name("auto", cpu) == "cpu"  # the C++ kernels (tests/test_cpu_kernels.py)
     assert resolve_backend_name("torch", cuda) == "torch"
+    with pytest.raises(ValueError, match="'cpu' runs on the CPU only"):
+        resolve_backend_name("cpu", cuda)
     assert resolve_backend_name("auto", cuda) == ("triton" if triton_importable() else "torch")
     with pytest.raises(ValueError, match="attention_backend: 'triton' needs a CUDA device"):
         resolve_backend_name("triton", cpu)

@@ -30,9 +30,12 @@ _HELP = {
     "enable_chunked_prefill": "split long prompts across steps",
     "enable_prefix_caching": "reuse KV blocks of identical prompt prefixes",
     "seed": "seed of the default random generator",
-    "attention_backend": "attention implementation: auto (triton on CUDA, torch on CPU), torch or triton",
+    "attention_backend": "attention implementation: auto (triton on CUDA, cpu on the CPU), torch, triton, "
+                         "or cpu (C++ paged decode kernel)",
     "enforce_eager": "never capture CUDA graphs",
     "load_format": "auto, or dummy: random weights from config.json only (benchmarks)",
+    "cpu_weight_prepack": "CPU: pack linear weights once in oneDNN's layout (faster small-batch matmuls)",
+    "cpu_fused_ops": "CPU: C++ kernels for RMSNorm (+ residual add) and SiLU-and-mul",
 }
 
 

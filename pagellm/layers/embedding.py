@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pagellm.layers.linear import pack_weight_for_cpu, packed_linear
 
 
 class VocabEmbedding(nn.Module):
@@ -24,7 +28,17 @@ class LMHead(nn.Module):
         self.tied = tied_to is not None
         self.weight = tied_to.weight if tied_to is not None else nn.Parameter(
             torch.empty(vocab_size, hidden_size), requires_grad=False)
+        self.packed: Optional[torch.Tensor] = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits in float32 whatever the model dtype: sampling and logprobs need the precision."""
+        if self.packed is not None:
+            return packed_linear(hidden, self.packed, None).float()
         return F.linear(hidden, self.weight).float()
+
+    def prepack_for_cpu(self) -> None:
+        """The LM head is the largest matmul of a small model, and the slowest through MKL.
+        A tied head keeps the embedding's weight (the lookup needs it) next to the packed copy."""
+        self.packed = pack_weight_for_cpu(self.weight)
+        if not self.tied:
+            self.weight = None

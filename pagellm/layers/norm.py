@@ -11,6 +11,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.use_cpu_kernel = False  # set by enable_cpu_kernels(): one C++ pass instead of five torch ops
+
+    def enable_cpu_kernel(self) -> None:
+        self.use_cpu_kernel = True
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -19,7 +23,15 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """With `residual`, adds it first and returns (normed, new residual), saving a pass over memory later."""
+        """With `residual`, adds it first and returns (normed, new residual), saving a pass over memory later.
+        The C++ kernel writes the new residual into `residual` in place."""
+        if self.use_cpu_kernel and x.is_contiguous() and (residual is None or residual.is_contiguous()):
+            out = torch.empty_like(x)
+            if residual is None:
+                torch.ops.pagellm_cpu.rms_norm(out, x, self.weight, self.eps)
+                return out
+            torch.ops.pagellm_cpu.fused_add_rms_norm(out, x, residual, self.weight, self.eps)
+            return out, residual
         if residual is None:
             return self._norm(x)
         x = x + residual

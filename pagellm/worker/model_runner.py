@@ -22,9 +22,11 @@ from pagellm.attention.selector import select_attention_backend
 from pagellm.config import EngineConfig
 from pagellm.core.scheduler import SchedulerOutput
 from pagellm.forward_context import set_forward_context
+from pagellm.layers.linear import cpu_prepack_available, prepack_cpu_weights
 from pagellm.layers.sampler import LogprobsTensors, Sampler, SamplingMetadata, SamplingRow, compute_logprobs_tensors
 from pagellm.loader.dummy import initialize_dummy_weights
 from pagellm.models.registry import get_model_class
+from pagellm.ops.cpu import enable_cpu_kernels, load_cpu_ops
 from pagellm.sampling_params import SamplingParams
 from pagellm.worker.cuda_graphs import DecodeGraphs, capture_batch_sizes
 from pagellm.worker.gpu_memory import MemoryProfile, kv_cache_num_blocks
@@ -123,6 +125,13 @@ class ModelRunner:
         else:
             model.load_weights(weights)
             model = model.to(torch.device(config.device)).eval()
+        if config.device == "cpu" and config.cpu_weight_prepack:
+            if cpu_prepack_available():
+                logger.info("prepacked %d linear layers for oneDNN", prepack_cpu_weights(model))
+            else:
+                logger.warning("cpu_weight_prepack: this torch build has no oneDNN; using plain matmuls")
+        if config.device == "cpu" and config.cpu_fused_ops and load_cpu_ops():
+            logger.info("C++ CPU kernels for %d norm/activation layers", enable_cpu_kernels(model))
         return cls(config, model_config, model)
 
     def determine_num_blocks(self) -> int:

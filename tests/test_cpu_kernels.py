@@ -1,0 +1,197 @@
+"""The CPU fast paths against their torch references, and each one's on/off switch in the engine.
+
+- C++ paged decode attention (`attention_backend="cpu"`) vs the torch backend: ragged contexts,
+  random block tables, GQA 1/3/4/8, head sizes 64/128/256 (and an odd 40), block sizes 16/32,
+  sliding window, softcap, fp32/bf16, batches big and small (the kernel splits small ones by head),
+  and steps that mix decodes with prompt chunks.
+- C++ RMSNorm / fused residual-add RMSNorm / SiLU-and-mul vs the torch expressions.
+- oneDNN-prepacked linear layers vs F.linear.
+- Engine: greedy tokens identical with every fast path off and on, on the real SmolLM2.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pagellm.attention import selector
+from pagellm.attention.backend import build_metadata
+from pagellm.attention.cpu_backend import CpuAttentionBackend
+from pagellm.attention.torch_backend import TorchAttentionBackend
+from pagellm.layers.activation import SiluAndMul
+from pagellm.layers.embedding import LMHead, VocabEmbedding
+from pagellm.layers.linear import Linear, MergedLinear, cpu_prepack_available, prepack_cpu_weights
+from pagellm.layers.norm import RMSNorm
+from pagellm.ops.cpu import enable_cpu_kernels, load_cpu_ops
+
+# The kernels are built with the machine's compiler; `make test` machines have one, and a build
+# failure must fail these tests rather than quietly test the torch fallback against itself.
+assert load_cpu_ops(), "the C++ CPU kernels failed to build (see the warning above)"
+
+TOLERANCE = {torch.float32: dict(atol=2e-5, rtol=1e-5), torch.bfloat16: dict(atol=1.5e-2, rtol=1e-2)}
+
+
+def _paged_batch(gen, query_lens, context_lens, block_size, hq, hkv, d, dtype):
+    num_blocks = sum(-(-(c + q) // block_size) for c, q in zip(context_lens, query_lens)) + 5
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    block_ids, used = [], 0
+    for c, q in zip(context_lens, query_lens):
+        n = -(-(c + q) // block_size)
+        block_ids.append(order[used:used + n])
+        used += n
+    md = build_metadata(query_lens, context_lens, block_ids, block_size, torch.device("cpu"))
+    cache = torch.randn(2, num_blocks, block_size, hkv, d, generator=gen).to(dtype)
+    t = sum(query_lens)
+    q, k, v = (torch.randn(t, h, d, generator=gen).to(dtype) for h in (hq, hkv, hkv))
+    return q, k, v, cache, md
+
+
+def _compare(q, k, v, cache, md, window, softcap, dtype):
+    scale = q.shape[-1] ** -0.5
+    ref_cache, cpu_cache = cache.clone(), cache.clone()
+    expected = TorchAttentionBackend().forward(q, k, v, ref_cache, md, scale, window, softcap)
+    got = CpuAttentionBackend().forward(q, k, v, cpu_cache, md, scale, window, softcap)
+    assert torch.equal(cpu_cache, ref_cache)  # the same cache writes
+    torch.testing.assert_close(got.float(), expected.float(), **TOLERANCE[dtype])
+
+
+RAGGED_CONTEXTS = [0, 4, 15, 16, 17, 63, 130, 300]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (8, 8, 128), (8, 2, 256), (4, 1, 40), (16, 2, 64)])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_decode_kernel_matches_torch(dtype, hq, hkv, d, block_size):
+    gen = torch.Generator().manual_seed(hq * 1000 + d + block_size)
+    batch = _paged_batch(gen, [1] * len(RAGGED_CONTEXTS), RAGGED_CONTEXTS, block_size, hq, hkv, d, dtype)
+    _compare(*batch, None, None, dtype)
+
+
+@pytest.mark.parametrize("window,softcap", [(40, None), (1, None), (None, 30.0), (50, 20.0)])
+def test_decode_kernel_window_and_softcap(window, softcap):
+    gen = torch.Generator().manual_seed(7)
+    batch = _paged_batch(gen, [1] * len(RAGGED_CONTEXTS), RAGGED_CONTEXTS, 16, 8, 2, 64, torch.float32)
+    _compare(*batch, window, softcap, torch.float32)
+
+
+@pytest.mark.parametrize("num_reqs", [1, 2, 3, 40])
+def test_decode_kernel_small_and_large_batches(num_reqs):
+    # Below 2 requests per thread the kernel gives each kv head its own task; above, one per request.
+    gen = torch.Generator().manual_seed(num_reqs)
+    contexts = torch.randint(0, 200, (num_reqs,), generator=gen).tolist()
+    batch = _paged_batch(gen, [1] * num_reqs, contexts, 16, 12, 4, 64, torch.float32)
+    _compare(*batch, None, None, torch.float32)
+
+
+@pytest.mark.parametrize("window", [None, 24])
+def test_mixed_prefill_and_decode_step(window):
+    # Prompt chunks (with and without cached context) around decodes: the kernel serves only the decodes.
+    gen = torch.Generator().manual_seed(3)
+    batch = _paged_batch(gen, [1, 37, 1, 1, 16, 1], [90, 0, 5, 0, 48, 250], 16, 8, 2, 64, torch.float32)
+    _compare(*batch, window, None, torch.float32)
+
+
+def test_kernel_rejects_bad_arguments():
+    q = torch.randn(2, 4, 64)
+    cache = torch.randn(3, 16, 2, 64)
+    tables = torch.zeros(2, 1, dtype=torch.int32)
+    lens = torch.ones(2, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="block_tables must be a contiguous int32"):
+        torch.ops.pagellm_cpu.paged_decode_attention(torch.empty_like(q), q, cache, cache, tables.long(), lens,
+                                                     0.1, 0, 0.0)
+    with pytest.raises(RuntimeError, match="caches must have q's dtype"):
+        torch.ops.pagellm_cpu.paged_decode_attention(torch.empty_like(q), q, cache.double(), cache.double(),
+                                                     tables, lens, 0.1, 0, 0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden", [576, 67])  # 67: the loops' scalar tails
+def test_fused_norm_and_activation_match_torch(dtype, hidden):
+    gen = torch.Generator().manual_seed(hidden)
+    x, residual = (torch.randn(9, hidden, generator=gen).to(dtype) for _ in range(2))
+    reference, fused = RMSNorm(hidden, 1e-5).to(dtype), RMSNorm(hidden, 1e-5).to(dtype)
+    weight = torch.randn(hidden, generator=gen).to(dtype)
+    reference.weight.data.copy_(weight)
+    fused.weight.data.copy_(weight)
+    fused.enable_cpu_kernel()
+    torch.testing.assert_close(fused(x), reference(x), **TOLERANCE[dtype])
+    expected, expected_residual = reference(x, residual.clone())
+    got, got_residual = fused(x, residual.clone())
+    torch.testing.assert_close(got, expected, **TOLERANCE[dtype])
+    assert torch.equal(got_residual, expected_residual)  # the sum is rounded to the dtype either way
+    # A non-contiguous input (Qwen3's per-head q/k norm) takes the torch path.
+    wide = torch.randn(9, 2 * hidden, generator=gen).to(dtype)[:, :hidden]
+    torch.testing.assert_close(fused(wide), reference(wide), **TOLERANCE[dtype])
+
+    gate_up = (3 * torch.randn(5, 2 * hidden, generator=gen)).to(dtype)
+    act = SiluAndMul()
+    expected = act(gate_up)
+    act.enable_cpu_kernel()
+    torch.testing.assert_close(act(gate_up), expected, **TOLERANCE[dtype])
+    extreme = torch.tensor([[-200.0, -90.0, 0.0, 90.0, 1.0, 2.0, 3.0, 4.0]], dtype=dtype)  # exp clamping
+    torch.testing.assert_close(act(extreme), F.silu(extreme[:, :4]) * extreme[:, 4:], **TOLERANCE[dtype])
+
+
+@pytest.mark.skipif(not cpu_prepack_available(), reason="this torch build has no oneDNN")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepacked_linear_matches_f_linear(dtype):
+    gen = torch.Generator().manual_seed(0)
+    model = torch.nn.Module()
+    model.plain = Linear(96, 200, bias=True)
+    model.merged = MergedLinear(96, {"a": 64, "b": 32})
+    embed = VocabEmbedding(300, 96)
+    model.embed, model.head = embed, LMHead(300, 96, tied_to=embed)
+    for p in model.parameters():
+        p.data.copy_(torch.randn(p.shape, generator=gen))
+    model = model.to(dtype)
+    x = torch.randn(3, 7, 96, generator=gen).to(dtype)  # 3-D input, 21 rows
+    expected = {name: m(x) for name, m in (("plain", model.plain), ("merged", model.merged), ("head", model.head))}
+    assert prepack_cpu_weights(model) == 3
+    assert model.plain.weight is None and model.merged.weight is None  # no second copy kept
+    assert model.head.weight is model.embed.weight  # a tied head keeps the embedding's weight
+    for name, m in (("plain", model.plain), ("merged", model.merged), ("head", model.head)):
+        torch.testing.assert_close(m(x), expected[name], **TOLERANCE[dtype])
+    with pytest.raises(RuntimeError, match="after prepack_for_cpu"):
+        model.plain.load("weight", torch.zeros(200, 96))
+
+
+def test_auto_backend_falls_back_to_torch_without_kernels(monkeypatch):
+    cpu = torch.device("cpu")
+    assert selector.resolve_backend_name("auto", cpu) == "cpu"
+    monkeypatch.setattr(selector, "load_cpu_ops", lambda: False)
+    assert selector.resolve_backend_name("auto", cpu) == "torch"
+    with pytest.raises(ValueError, match="'cpu' needs the C.. kernels"):
+        selector.resolve_backend_name("cpu", cpu)
+
+
+def test_enable_cpu_kernels_switches_norms_and_activations():
+    model = torch.nn.Sequential(RMSNorm(8), SiluAndMul(), torch.nn.Linear(2, 2))
+    assert enable_cpu_kernels(model) == 2
+    assert model[0].use_cpu_kernel and model[1].use_cpu_kernel
+
+
+FAST_PATHS_OFF = dict(attention_backend="torch", cpu_weight_prepack=False, cpu_fused_ops=False)
+
+
+@pytest.mark.parametrize("switch", ["all", "attention_backend", "cpu_weight_prepack", "cpu_fused_ops"])
+def test_engine_greedy_identical_with_fast_paths_on_and_off(smollm_path, smollm_llm, switch):
+    """Every CPU fast path on (the default engine) vs off: the same greedy tokens on the real model,
+    over a batched prefill and 48 decode steps (the engines differ only in the switch)."""
+    from pagellm import LLM, SamplingParams
+
+    off = FAST_PATHS_OFF if switch == "all" else {switch: FAST_PATHS_OFF[switch]}
+    prompts = ["The capital of France is", "def fibonacci(n):", "Write a haiku about the sea.",
+               "List three prime numbers:" * 8]
+    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+    runner = smollm_llm.llm_engine.core.runner
+    assert runner.backend.name == "cpu"  # the shared engine runs with every fast path on
+    fast = [o.outputs[0].token_ids for o in smollm_llm.generate(prompts, params, use_tqdm=False)]
+    slow_llm = LLM(smollm_path, max_model_len=2048, kv_cache_memory=128 << 20, quiet=True, **off)
+    slow_runner = slow_llm.llm_engine.core.runner
+    assert (slow_runner.backend.name == "torch") == ("attention_backend" in off)
+    layers = slow_runner.model.model.layers
+    assert (layers[0].mlp.down_proj.packed is None) == ("cpu_weight_prepack" in off)
+    assert layers[0].input_layernorm.use_cpu_kernel == ("cpu_fused_ops" not in off)
+    slow = [o.outputs[0].token_ids for o in slow_llm.generate(prompts, params, use_tqdm=False)]
+    assert slow == fast
