@@ -12,7 +12,6 @@ dedicated reader thread, so the caller's event loop never blocks on the core.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import queue
 import signal
 import threading
@@ -176,8 +175,6 @@ def run_core_process(setup: ModelSetup, conn_in, conn_out) -> None:
     """Entry point of the engine core process."""
     # Ctrl-C reaches the whole process group; the front end decides how to shut down.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if setup.config.device == "cpu":
-        _leave_a_cpu_to_the_front_end()
     try:
         # quiet: the front end prints the KV capacity line (once), from CoreReady.
         core = EngineCore.from_config(setup, quiet=True)
@@ -198,22 +195,6 @@ def run_core_process(setup: ModelSetup, conn_in, conn_out) -> None:
         except OSError:
             pass
         raise
-
-
-def _leave_a_cpu_to_the_front_end() -> None:
-    """Sizes torch's CPU thread pool to all CPUs but one (unless OMP_NUM_THREADS says otherwise).
-
-    The front end process tokenizes, detokenizes and serves HTTP while the core steps. If the
-    core's threads fill every CPU, the front end keeps preempting one of them and every parallel
-    op waits at its barrier for the preempted thread: steps get several times slower, not
-    slightly. One CPU less for the model is the cheaper trade.
-    """
-    if "OMP_NUM_THREADS" in os.environ:
-        return
-    import torch
-
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, cpus - 1))
 
 
 def _pump(conn_in, inputs: queue.Queue) -> None:
