@@ -65,6 +65,32 @@ inline __m512 load16(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
+// Stores 16 floats in the storage dtype, rounding to nearest even as torch's casts do.
+inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
+inline void store16(c10::BFloat16* p, __m512 x) {
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC00000));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+}
+inline void store16(c10::Half* p, __m512 x) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+}
+
+// x rounded to scalar_t's precision, as a float: what a torch op in that dtype would hand on.
+template <typename scalar_t>
+inline __m512 round16(__m512 x) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return x;
+  } else {
+    alignas(64) scalar_t tmp[kVec];
+    store16(tmp, x);
+    return load16(tmp);
+  }
+}
+
 inline __m512 exp16(__m512 x) {
   x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
   const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
@@ -295,12 +321,10 @@ void silu_and_mul_kernel(at::Tensor& out, const at::Tensor& x) {
       scalar_t* o = out_ptr + r * d;
       int64_t i = 0;
 #if defined(__AVX512F__)
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        for (; i + kVec <= d; i += kVec) {
-          const __m512 g = _mm512_loadu_ps(gate + i);
-          const __m512 act = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-          _mm512_storeu_ps(o + i, _mm512_mul_ps(act, _mm512_loadu_ps(up + i)));
-        }
+      for (; i + kVec <= d; i += kVec) {
+        const __m512 g = load16(gate + i);
+        const __m512 act = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+        store16(o + i, _mm512_mul_ps(round16<scalar_t>(act), load16(up + i)));
       }
 #endif
       for (; i < d; ++i) {
