@@ -25,9 +25,13 @@ from pagellm.layers.linear import Linear, MergedLinear, cpu_prepack_available, p
 from pagellm.layers.norm import RMSNorm
 from pagellm.ops.cpu import enable_cpu_kernels, load_cpu_ops
 
-# The kernels are built with the machine's compiler; `make test` machines have one, and a build
-# failure must fail these tests rather than quietly test the torch fallback against itself.
-assert load_cpu_ops(), "the C++ CPU kernels failed to build (see the warning above)"
+
+
+@pytest.fixture(autouse=True)
+def cpu_ops_built():
+    # The kernels are built with the machine's compiler; `make test` machines have one, and a build
+    # failure must fail these tests rather than quietly test the torch fallback against itself.
+    assert load_cpu_ops(), "the C++ CPU kernels failed to build (see the warning logged above)"
 
 TOLERANCE = {torch.float32: dict(atol=2e-5, rtol=1e-5), torch.bfloat16: dict(atol=1.5e-2, rtol=1e-2)}
 
@@ -100,6 +104,9 @@ def test_kernel_rejects_bad_arguments():
     with pytest.raises(RuntimeError, match="block_tables must be a contiguous int32"):
         torch.ops.pagellm_cpu.paged_decode_attention(torch.empty_like(q), q, cache, cache, tables.long(), lens,
                                                      0.1, 0, 0.0)
+    with pytest.raises(RuntimeError, match="longer than its block table covers"):
+        torch.ops.pagellm_cpu.paged_decode_attention(torch.empty_like(q), q, cache, cache, tables,
+                                                     torch.full((2,), 17, dtype=torch.int32), 0.1, 0, 0.0)
     with pytest.raises(RuntimeError, match="caches must have q's dtype"):
         torch.ops.pagellm_cpu.paged_decode_attention(torch.empty_like(q), q, cache.double(), cache.double(),
                                                      tables, lens, 0.1, 0, 0.0)
@@ -133,9 +140,30 @@ def test_fused_norm_and_activation_match_torch(dtype, hidden):
     torch.testing.assert_close(act(extreme), F.silu(extreme[:, :4]) * extreme[:, 4:], **TOLERANCE[dtype])
 
 
-@pytest.mark.skipif(not cpu_prepack_available(), reason="this torch build has no oneDNN")
+def test_prepack_availability_depends_on_dtype():
+    assert cpu_prepack_available(torch.float32) == torch.backends.mkldnn.is_available()
+    assert cpu_prepack_available(torch.float16) == bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    assert not cpu_prepack_available(torch.float64)
+
+
+def test_engine_starts_in_float16_whatever_the_cpu_packs(tmp_path):
+    # fp16 prepacking needs AVX512-FP16; without it the engine must fall back, not fail to start.
+    from conftest import make_tiny_llama
+    from pagellm import LLM, SamplingParams
+
+    llm = LLM(make_tiny_llama(str(tmp_path)), skip_tokenizer_init=True, dtype="float16", quiet=True,
+              kv_cache_memory=4 << 20, max_model_len=256)
+    out = llm.generate([{"prompt_token_ids": [5, 6, 7, 8]}], SamplingParams(max_tokens=4, ignore_eos=True),
+                       use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+    packed = llm.llm_engine.core.runner.model.model.layers[0].mlp.down_proj.packed is not None
+    assert packed == cpu_prepack_available(torch.float16)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prepacked_linear_matches_f_linear(dtype):
+    if not cpu_prepack_available(dtype):
+        pytest.skip(f"oneDNN cannot pack {dtype} on this CPU/torch build")
     gen = torch.Generator().manual_seed(0)
     model = torch.nn.Module()
     model.plain = Linear(96, 200, bias=True)

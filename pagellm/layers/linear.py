@@ -22,8 +22,15 @@ from torch import nn
 PACKING_ROWS_HINT = 64
 
 
-def cpu_prepack_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+def cpu_prepack_available(dtype: torch.dtype = torch.float32) -> bool:
+    """oneDNN present, and able to pack this dtype on this CPU (bf16 needs AVX-512, fp16 AVX512-FP16)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return dtype == torch.float32
 
 
 def pack_weight_for_cpu(weight: torch.Tensor) -> torch.Tensor:

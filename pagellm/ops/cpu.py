@@ -9,7 +9,9 @@ the pure-torch code, which stays the reference these kernels are tested against.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import platform
 from pathlib import Path
 
 import torch
@@ -22,6 +24,18 @@ SOURCE = Path(__file__).parent / "csrc" / "cpu_ops.cpp"
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 
+def _cpu_signature() -> str:
+    """A short hash of the CPU's feature flags. torch caches builds by source and flags only, and a
+    -march=native build loaded on a CPU without the same instructions dies with SIGILL."""
+    flags = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags += next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return hashlib.sha256(flags.encode()).hexdigest()[:10]
+
+
 @functools.cache
 def load_cpu_ops() -> bool:
     """Builds (or loads the cached build of) the kernels; True when torch.ops.pagellm_cpu is ready."""
@@ -30,7 +44,7 @@ def load_cpu_ops() -> bool:
     try:
         from torch.utils.cpp_extension import load
 
-        load(name="pagellm_cpu_ops", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+        load(name=f"pagellm_cpu_ops_{_cpu_signature()}", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
              is_python_module=False, verbose=False)
     except Exception as exc:  # no compiler, no ninja, a broken toolchain: run on the torch code instead
         lines = str(exc).strip().splitlines() or [""]

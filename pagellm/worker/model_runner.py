@@ -126,10 +126,11 @@ class ModelRunner:
             model.load_weights(weights)
             model = model.to(torch.device(config.device)).eval()
         if config.device == "cpu" and config.cpu_weight_prepack:
-            if cpu_prepack_available():
+            if cpu_prepack_available(dtype):
                 logger.info("prepacked %d linear layers for oneDNN", prepack_cpu_weights(model))
             else:
-                logger.warning("cpu_weight_prepack: this torch build has no oneDNN; using plain matmuls")
+                logger.warning("cpu_weight_prepack: oneDNN cannot pack %s weights with this torch build and CPU; "
+                               "using plain matmuls", config.dtype)
         if config.device == "cpu" and config.cpu_fused_ops and load_cpu_ops():
             logger.info("C++ CPU kernels for %d norm/activation layers", enable_cpu_kernels(model))
         return cls(config, model_config, model)

@@ -243,6 +243,12 @@ void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tenso
               "block_tables must be a contiguous int32 [batch, max_blocks] tensor");
   TORCH_CHECK(seq_lens.scalar_type() == at::kInt && seq_lens.numel() == q.size(0) && seq_lens.is_contiguous(),
               "seq_lens must be a contiguous int32 [batch] tensor");
+  if (seq_lens.numel() > 0) {
+    // The kernel reads table entries up to each length without further checks.
+    const int64_t longest = seq_lens.max().item<int64_t>();
+    TORCH_CHECK(longest <= block_tables.size(1) * k_cache.size(1),
+                "a seq_len (", longest, ") is longer than its block table covers");
+  }
   DISPATCH_MODEL_DTYPES(q.scalar_type(), "paged_decode_attention", [&] {
     decode_attention_kernel<scalar_t>(out, q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window,
                                       logit_softcap);
