@@ -71,6 +71,21 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_token_id=No
     return tokens, [l[0] for l in out.logits]
 
 
+def greedy_near_ties(pairs, check_near_tie) -> list[tuple]:
+    """Walks (index, our tokens, HF tokens) triples; at each first divergence asserts neither side
+    stopped early and calls `check_near_tie(i, d)`, which asserts the divergence is a numerical
+    near-tie and returns what to record. Returns the recorded near-ties (and prints them)."""
+    near_ties = []
+    for i, mine, theirs in pairs:
+        d = first_divergence(mine, theirs)
+        if d is None:
+            continue
+        assert d < min(len(mine), len(theirs)), f"prompt {i}: one side stopped early at step {d}"
+        near_ties.append(check_near_tie(i, d))
+    print(f"near-tie divergences: {len(near_ties)}: {near_ties}")
+    return near_ties
+
+
 def first_divergence(a: list[int], b: list[int]) -> int | None:
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:

@@ -19,7 +19,7 @@ from pagellm import LLM, SamplingParams
 from pagellm.loader import gemma3_270m_path, iter_weights, resolve_model
 from pagellm.models.gemma3 import Gemma3ForCausalLM, layer_types, text_weight_name
 from pagellm.models.registry import get_model_class
-from tests.conftest import first_divergence, hf_greedy
+from tests.conftest import first_divergence, greedy_near_ties, hf_greedy
 
 S, F = "sliding_attention", "full_attention"
 WINDOW = 16
@@ -262,16 +262,13 @@ def test_gemma3_270m_greedy_matches_hf(gemma_llm, hf_gemma):
     # The long prompt runs alone (no padding inside its window); the short ones share one batch.
     reference = hf_greedy_left_padded(hf_gemma, prompt_ids[:-1], MAX_NEW, eos)
     reference.append(hf_greedy(hf_gemma, prompt_ids[-1], MAX_NEW, eos_token_id=eos))
-    near_ties = []
-    for i, (out, (theirs, logits)) in enumerate(zip(ours, reference)):
-        mine = out.outputs[0].token_ids
-        d = first_divergence(mine, theirs)
-        if d is None:
-            continue
-        assert d < min(len(mine), len(theirs)), f"prompt {i}: one side stopped early at step {d}"
-        top2 = torch.topk(logits[d].float(), 2)
+    mine = [out.outputs[0].token_ids for out in ours]
+
+    def near_tie(i: int, d: int) -> tuple:
+        top2 = torch.topk(reference[i][1][d].float(), 2)
         gap = (top2.values[0] - top2.values[1]).item()
-        assert mine[d] == top2.indices[1].item() and gap <= NEAR_TIE * max(1.0, abs(top2.values[0].item())), \
+        assert mine[i][d] == top2.indices[1].item() and gap <= NEAR_TIE * max(1.0, abs(top2.values[0].item())), \
             f"prompt {i}: real divergence at step {d} (HF top-2 gap {gap:.3g})"
-        near_ties.append((i, d, gap))
-    print(f"near-tie divergences: {len(near_ties)} of {len(ours)}: {near_ties}")
+        return i, d, gap
+
+    greedy_near_ties(((i, mine[i], reference[i][0]) for i in range(len(mine))), near_tie)

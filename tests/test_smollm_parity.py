@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pagellm import SamplingParams
-from tests.conftest import first_divergence, hf_greedy
+from tests.conftest import greedy_near_ties, hf_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -46,18 +46,15 @@ def runs(smollm_llm, hf_smollm):
 
 def test_greedy_tokens_match_hf(runs):
     ours, theirs = runs
-    near_ties = []
-    for i, (out, (hf_tokens, hf_logits)) in enumerate(zip(ours, theirs)):
-        mine = out.outputs[0].token_ids
-        d = first_divergence(mine, hf_tokens)
-        if d is None:
-            continue
-        assert d < min(len(mine), len(hf_tokens)), f"prompt {i}: one side stopped early at {d}"
-        our_top5 = set(out.outputs[0].logprobs[d].keys())
-        hf_top5 = set(torch.topk(hf_logits[d], 5).indices.tolist())
-        assert hf_tokens[d] in our_top5 and mine[d] in hf_top5, f"prompt {i}: real divergence at step {d}"
-        near_ties.append((i, d))
-    print(f"near-tie divergences: {len(near_ties)} of {len(ours)}: {near_ties}")
+    mine = [out.outputs[0].token_ids for out in ours]
+
+    def near_tie(i: int, d: int) -> tuple:
+        our_top5 = set(ours[i].outputs[0].logprobs[d].keys())
+        hf_top5 = set(torch.topk(theirs[i][1][d], 5).indices.tolist())
+        assert theirs[i][0][d] in our_top5 and mine[i][d] in hf_top5, f"prompt {i}: real divergence at step {d}"
+        return i, d
+
+    near_ties = greedy_near_ties(((i, mine[i], theirs[i][0]) for i in range(len(mine))), near_tie)
     assert len(near_ties) <= 1, f"too many divergences: {near_ties}"
 
 

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagellm.layers.utils import call_on_layers
+
 # oneDNN picks its blocking from the expected row count; 64 (a typical decode batch) measured
 # as fast as the exact count at every size from 16 to 8192 rows.
 PACKING_ROWS_HINT = 64
@@ -102,7 +104,4 @@ class MergedLinear(Linear):
 
 def prepack_cpu_weights(model: nn.Module) -> int:
     """Prepacks every layer of `model` that supports it; returns how many were packed."""
-    layers = [m for m in model.modules() if callable(getattr(m, "prepack_for_cpu", None))]
-    for layer in layers:
-        layer.prepack_for_cpu()
-    return len(layers)
+    return call_on_layers(model, "prepack_for_cpu")

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from pagellm.layers.utils import call_on_layers
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_ops.cpp"
@@ -57,7 +59,4 @@ def load_cpu_ops() -> bool:
 
 def enable_cpu_kernels(model: torch.nn.Module) -> int:
     """Switches every layer that has a C++ CPU kernel (RMSNorm, SiLU-and-mul) to it; returns the count."""
-    layers = [m for m in model.modules() if callable(getattr(m, "enable_cpu_kernel", None))]
-    for layer in layers:
-        layer.enable_cpu_kernel()
-    return len(layers)
+    return call_on_layers(model, "enable_cpu_kernel")
