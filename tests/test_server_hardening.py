@@ -441,6 +441,24 @@ def test_half_sent_body_gets_408_and_the_connection_closes():
         assert sock.recv(1) == b""  # closed by the server
 
 
+def test_half_sent_headers_get_408_and_the_connection_closes():
+    args = build_parser().parse_args(["serve", "--port", "0", "--header-read-timeout", "0.5"])
+    config = uvicorn_config(build_app(_FailingEngine(), "tiny"), args)
+    with serve_in_thread(config.app, http=config.http) as port:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: localh")
+            start = time.monotonic()
+            status, headers, body = read_response(sock)
+            assert status == 408 and json.loads(body)["error"]["code"] == "request_timeout"
+            assert headers["connection"] == "close" and 0.3 < time.monotonic() - start < 5
+            assert sock.recv(1) == b""
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:  # whole requests still work
+            for _ in range(2):
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                assert read_response(sock)[0] == 200
+                time.sleep(0.7)  # idle between requests is the keep-alive timeout's business, not this one
+
+
 def test_idle_keep_alive_connection_is_closed_after_the_timeout():
     app = build_app(_FailingEngine(), "tiny")
     with serve_in_thread(app, timeout_keep_alive=1) as port, socket.create_connection(("127.0.0.1", port)) as sock:

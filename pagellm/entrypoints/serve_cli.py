@@ -42,6 +42,9 @@ def register(sub) -> None:
     parser.add_argument("--body-read-timeout", type=float, default=DEFAULT_BODY_READ_TIMEOUT_S, metavar="S",
                         help="a request body not fully received S seconds after its headers gets 408 and the "
                              "connection is closed (default: 30)")
+    parser.add_argument("--header-read-timeout", type=float, default=DEFAULT_BODY_READ_TIMEOUT_S, metavar="S",
+                        help="a request whose headers are not complete S seconds after its first byte (or "
+                             "after the connection opened) gets 408 and the connection is closed (default: 30)")
     parser.add_argument("--timeout-keep-alive", type=int, default=5, metavar="S",
                         help="close idle keep-alive connections after S seconds (default: 5)")
     parser.add_argument("--max-prompt-chars", type=int, default=None,
@@ -74,8 +77,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_request_body_bytes < 1:
         raise ValueError(f"--max-request-body-bytes must be positive, got {args.max_request_body_bytes}")
-    if not args.body_read_timeout > 0 or args.timeout_keep_alive < 1:
-        raise ValueError("--body-read-timeout and --timeout-keep-alive must be positive")
+    if not args.body_read_timeout > 0 or not args.header_read_timeout > 0 or args.timeout_keep_alive < 1:
+        raise ValueError("--header-read-timeout, --body-read-timeout and --timeout-keep-alive must be positive")
     for flag in ("max_prompt_chars", "max_chat_messages", "max_prompts_per_request", "prompt_logprobs_budget"):
         value = getattr(args, flag)
         if value is not None and value < 1:

@@ -30,6 +30,7 @@ from pagellm.entrypoints.openai.errors import (
     install_error_handlers,
     parse_json_body,
 )
+from pagellm.entrypoints.openai.http_protocol import header_timeout_protocol
 from pagellm.entrypoints.openai.limits import ServerLimits
 from pagellm.entrypoints.openai.middleware import (
     LOOPBACK_HOSTS,
@@ -328,7 +329,7 @@ def uvicorn_config(app, args: argparse.Namespace) -> uvicorn.Config:
     return uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                           access_log=not args.disable_uvicorn_access_log, lifespan="on",
                           timeout_keep_alive=args.timeout_keep_alive, proxy_headers=bool(proxies),
-                          forwarded_allow_ips=proxies or [])
+                          forwarded_allow_ips=proxies or [], http=header_timeout_protocol(args.header_read_timeout))
 
 
 def run_server(args: argparse.Namespace) -> int:
