@@ -252,6 +252,23 @@ def test_500_names_the_class_and_a_request_id_never_the_exception_text(caplog):
     assert "secret internal detail" in caplog.text and "abc-123" in caplog.text  # the log has it all
 
 
+class _FailingMidStreamEngine(_FailingEngine):
+    async def generate(self, prompt, sampling_params, request_id, arrival_time=None):
+        from pagellm.outputs import CompletionOutput, RequestOutput
+
+        yield RequestOutput(request_id, None, list(prompt), [CompletionOutput(0, "a", [5], None, [], None)], False)
+        raise RuntimeError("secret internal detail /etc/passwd")
+
+
+def test_stream_failing_after_it_started_reports_in_band_without_the_text():
+    http = TestClient(build_app(_FailingMidStreamEngine(), "tiny"), raise_server_exceptions=False)
+    r = http.post(COMPLETIONS, json={"prompt": [1, 2], "stream": True})
+    assert r.status_code == 200
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    assert events[-1]["error"]["code"] == "internal_error" and "request id cmpl-" in events[-1]["error"]["message"]
+    assert "secret" not in r.text and r.text.rstrip().endswith("data: [DONE]")
+
+
 # -- 5. byte and count limits before tokenizing ---------------------------------------------------------------------
 def test_long_prompt_is_refused_before_tokenizing(http):
     big = "word " * (2 << 20)  # 10 MiB of text
