@@ -91,3 +91,16 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
         if x != y:
             return i
     return None if len(a) == len(b) else min(len(a), len(b))
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory) -> str:
+    """A tiny random Llama with SmolLM2's tokenizer and chat template: a real text and chat
+    front end over a model that generates in milliseconds (server tests that need no real text)."""
+    from transformers import AutoTokenizer
+
+    path = str(tmp_path_factory.mktemp("tiny-chat"))
+    tok = AutoTokenizer.from_pretrained(smollm_dir(), gguf_file=SMOLLM_FILE)
+    make_tiny_llama(path, vocab_size=len(tok))
+    tok.save_pretrained(path)
+    return path

@@ -35,7 +35,7 @@ def fan_out(request: EngineCoreRequest) -> list[EngineCoreRequest]:
         child = params.clone()
         child.n = 1
         if params.seed is not None:
-            child.seed = params.seed + i
+            child.seed = params.sample_seed(i)
         if i > 0:
             child.prompt_logprobs = None
         children.append(dataclasses.replace(request, request_id=f"{i}_{request.request_id}",

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-DEFAULT_MAX_REQUEST_BODY_BYTES = 16 << 20  # same default as the server's build_app
+DEFAULT_MAX_REQUEST_BODY_BYTES = 16 << 20  # same defaults as the server's ServerOptions
+DEFAULT_BODY_READ_TIMEOUT_S = 30.0
+
+
+def _host_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def register(sub) -> None:
@@ -21,8 +26,37 @@ def register(sub) -> None:
                         help="model name clients send and responses report (default: the MODEL argument, or "
                              "the default model's file name)")
     parser.add_argument("--api-key", default=None,
-                        help="require 'Authorization: Bearer KEY' on every route except /health and /metrics "
-                             "(default: $PAGELLM_API_KEY; none: no key needed)")
+                        help="require 'Authorization: Bearer KEY' on every route except /health and /metrics; "
+                             "prefer $PAGELLM_API_KEY, which other users cannot read in `ps` (default: "
+                             "$PAGELLM_API_KEY; none: no key needed)")
+    parser.add_argument("--metrics-require-api-key", action="store_true",
+                        help="also require the API key on /metrics (default: /metrics is open to scrapers)")
+    parser.add_argument("--allowed-hosts", type=_host_list, default=None, metavar="HOST[,HOST...]",
+                        help="Host header names to answer ('*': any). Default: a loopback --host answers "
+                             "only localhost, 127.0.0.1 and [::1] (against DNS rebinding); other binds answer any")
+    parser.add_argument("--allowed-origins", type=_host_list, default=None, metavar="ORIGIN[,ORIGIN...]",
+                        help="CORS: browser origins allowed to call the API ('*': any). Default: no CORS")
+    parser.add_argument("--forwarded-allow-ips", type=_host_list, default=None, metavar="IP[,IP...]",
+                        help="proxies whose X-Forwarded-For / X-Forwarded-Proto headers are believed "
+                             "(default: none, the client address is the socket's)")
+    parser.add_argument("--body-read-timeout", type=float, default=DEFAULT_BODY_READ_TIMEOUT_S, metavar="S",
+                        help="a request body not fully received S seconds after its headers gets 408 and the "
+                             "connection is closed (default: 30)")
+    parser.add_argument("--header-read-timeout", type=float, default=DEFAULT_BODY_READ_TIMEOUT_S, metavar="S",
+                        help="a request whose headers are not complete S seconds after its first byte (or "
+                             "after the connection opened) gets 408 and the connection is closed (default: 30)")
+    parser.add_argument("--timeout-keep-alive", type=int, default=5, metavar="S",
+                        help="close idle keep-alive connections after S seconds (default: 5)")
+    parser.add_argument("--max-prompt-chars", type=int, default=None,
+                        help="longest text prompt (or conversation) in characters, checked before tokenizing "
+                             "(default: 32 x max-model-len)")
+    parser.add_argument("--max-chat-messages", type=int, default=None,
+                        help="most messages in one chat request (default: max-model-len)")
+    parser.add_argument("--max-prompts-per-request", type=int, default=None,
+                        help="most prompts in one /v1/completions request (default: 256)")
+    parser.add_argument("--prompt-logprobs-budget", type=int, default=None,
+                        help="most prompt tokens x (logprobs + 1) one echo / prompt_logprobs request may ask "
+                             "for; over it: 400 (default: 131072)")
     parser.add_argument("--chat-template", default=None, metavar="FILE",
                         help="Jinja2 chat template file (default: the tokenizer's own template)")
     parser.add_argument("--engine-in-process", action="store_true",
@@ -43,6 +77,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_request_body_bytes < 1:
         raise ValueError(f"--max-request-body-bytes must be positive, got {args.max_request_body_bytes}")
+    if not args.body_read_timeout > 0 or not args.header_read_timeout > 0 or args.timeout_keep_alive < 1:
+        raise ValueError("--header-read-timeout, --body-read-timeout and --timeout-keep-alive must be positive")
+    for flag in ("max_prompt_chars", "max_chat_messages", "max_prompts_per_request", "prompt_logprobs_budget"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {value}")
     from pagellm.entrypoints.openai.server import run_server
 
     return run_server(args)

@@ -2,17 +2,24 @@
 
 Handlers route every failure path of the app through `error_response`: our own
 `OpenAIError`, FastAPI's schema errors and malformed JSON (400, not FastAPI's 422
-shape), Starlette's HTTP errors (404 route, 405, 413) and anything unexpected (500).
+shape), Starlette's HTTP errors (404 route, 405, 408, 413). Every 4xx carries a
+specific `code` (the list is in docs/architecture.md, "Serving: limits and errors").
+Anything unexpected becomes a 500 in `middleware.InternalErrorMiddleware`: its body
+names the failure class and a request id, never the exception's text, which goes to
+the log with its traceback.
+
+Request bodies are parsed by `parse_json_body` (pydantic's JSON parser), which refuses
+what Python's `json` module lets through: `NaN`, `Infinity` and lone UTF-16 surrogates.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-from typing import Optional
+from typing import Any, Optional
 
-from fastapi import FastAPI, Request
+import pydantic_core
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -25,21 +32,24 @@ _ERROR_TYPES = {
     401: "authentication_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     409: "conflict_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     500: "internal_server_error",
     503: "service_unavailable_error",
 }
 
 # "SamplingParams.top_p: must be in (0, 1], got 2.0" -> param "top_p".
 _PARAM_IN_MESSAGE = re.compile(r"^SamplingParams\.(\w+):")
+_NON_FINITE = re.compile(rb"\bNaN\b|\bInfinity\b")
 
 
 class OpenAIError(Exception):
     """An error a handler raises on purpose; rendered as the OpenAI error body with `status`."""
 
     def __init__(self, message: str, status: int = 400, param: Optional[str] = None,
-                 code: Optional[str] = None) -> None:
+                 code: str = "invalid_request") -> None:
         super().__init__(message)
         self.message = message
         self.status = status
@@ -47,11 +57,45 @@ class OpenAIError(Exception):
         self.code = code
 
 
-class RequestTooLarge(StarletteHTTPException):
-    """Raised while the body is read, so FastAPI passes it through its body parsing unchanged."""
+class CodedHTTPError(HTTPException):
+    """An HTTP error raised while the body is read (FastAPI's body parsing passes these through
+    unchanged), carrying its OpenAI error code."""
 
+    def __init__(self, status: int, message: str, code: str, headers: Optional[dict[str, str]] = None) -> None:
+        super().__init__(status, message, headers=headers)
+        self.code = code
+
+
+class RequestTooLarge(CodedHTTPError):
     def __init__(self, limit: int) -> None:
-        super().__init__(413, f"the request body is larger than the limit of {limit} bytes")
+        # The rest of the body is not worth reading: close the connection after the answer.
+        super().__init__(413, f"the request body is larger than the limit of {limit} bytes", "request_too_large",
+                         {"Connection": "close"})
+
+
+class BodyReadTimeout(CodedHTTPError):
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(408, f"the request body did not arrive within {timeout_s:g} s", "request_timeout",
+                         {"Connection": "close"})
+
+
+class InvalidJSON(CodedHTTPError):
+    def __init__(self, message: str, code: str = "invalid_json") -> None:
+        super().__init__(400, message, code)
+
+
+def parse_json_body(body: bytes | str) -> Any:
+    """Strict JSON: no NaN/Infinity, no lone surrogates (neither escaped nor raw), no trailing data."""
+    try:
+        return pydantic_core.from_json(body, allow_inf_nan=False)
+    except ValueError as exc:
+        detail = str(exc)
+        if "surrogate" in detail or "unicode" in detail or "hex escape" in detail:
+            raise InvalidJSON(f"the request body is not valid JSON: {detail} (a \\u escape must name a "
+                              "Unicode character; lone UTF-16 surrogates are not allowed)", "invalid_unicode") from None
+        raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body
+        hint = " (NaN and Infinity are not JSON numbers)" if _NON_FINITE.search(raw) else ""
+        raise InvalidJSON(f"the request body is not valid JSON: {detail}{hint}") from None
 
 
 def error_body(message: str, status: int, param: Optional[str] = None, code: Optional[str] = None) -> dict:
@@ -60,8 +104,19 @@ def error_body(message: str, status: int, param: Optional[str] = None, code: Opt
 
 
 def error_response(message: str, status: int, param: Optional[str] = None,
-                   code: Optional[str] = None) -> JSONResponse:
-    return JSONResponse(error_body(message, status, param, code), status_code=status)
+                   code: Optional[str] = None, *, close: bool = False) -> JSONResponse:
+    headers = {"Connection": "close"} if close else None
+    return JSONResponse(error_body(message, status, param, code), status_code=status, headers=headers)
+
+
+def internal_error_message(request_id: str) -> str:
+    return f"internal server error; the server log has the details under request id {request_id}"
+
+
+def internal_error_response(request_id: str, *, close: bool = False) -> JSONResponse:
+    response = error_response(internal_error_message(request_id), 500, None, "internal_error", close=close)
+    response.headers["X-Request-Id"] = request_id
+    return response
 
 
 def from_value_error(exc: ValueError, param_names: Optional[dict[str, str]] = None,
@@ -120,11 +175,14 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]
         raw = first.get("input")
         if isinstance(raw, (bytes, str)):  # sent without a JSON content type, so FastAPI did not parse it
             try:
-                json.loads(raw)
-            except ValueError as exc:
-                return f"the request body is not valid JSON: {exc}", None, "invalid_json"
+                parse_json_body(raw)
+            except InvalidJSON as exc:
+                return exc.detail, None, exc.code
             return "send the JSON body with the header 'Content-Type: application/json'", None, "invalid_request"
         return "the request body must be a JSON object", None, "invalid_request"
+    if first.get("type") == "finite_number":
+        param = ".".join(loc) or None
+        return f"{param or 'body'}: must be a finite number (not NaN or Infinity)", param, "invalid_value"
     param = ".".join(loc) if loc else None
     if tagged:
         # A union field: report it once, by what it accepts, not per branch tried.
@@ -157,11 +215,10 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"no route {request.method} {request.url.path}"
         else:
             message = str(exc.detail)
-        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(status)
+        code = getattr(exc, "code", None) or _HTTP_CODES.get(status, "http_error")
         return JSONResponse(error_body(message, status, None, code), status_code=status, headers=exc.headers)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error while serving a request")
-        return error_response(f"internal server error: {type(exc).__name__}: {exc}", 500, None, "internal_error")
+
+_HTTP_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
+               413: "request_too_large", 415: "unsupported_media_type"}
 

@@ -1,7 +1,10 @@
 """Request and response bodies of the OpenAI-compatible API (pydantic models).
 
 Requests forbid unknown fields, so a misspelt parameter is a 400 naming it rather
-than a silently ignored setting. Responses follow OpenAI's shapes field for field;
+than a silently ignored setting. Input is strict: integers and token ids are JSON integers
+(`true` is not token id 1, `"5"` is not 5), numbers are finite (no NaN/Infinity, which the
+JSON parser refuses too), and ranges are SamplingParams' to check.
+Responses follow OpenAI's shapes field for field;
 vLLM's extras (`stop_reason`, `max_model_len`, ...) are added where vLLM has them.
 """
 
@@ -10,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Any, ClassVar, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, model_serializer
 
 from pagellm.sampling_params import SamplingParams
 
@@ -18,8 +21,14 @@ from pagellm.sampling_params import SamplingParams
 MAX_LOGPROBS = 20
 
 
+# Strict scalars for requests: a bool is neither an integer nor a number here.
+Int = StrictInt
+Float = StrictFloat
+TokenId = StrictInt
+
+
 class RequestModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ResponseModel(BaseModel):
@@ -48,28 +57,28 @@ class StreamOptions(RequestModel):
 class SamplingFields(RequestModel):
     """Sampling fields both endpoints share: OpenAI's, then vLLM's extras (same names as SamplingParams)."""
 
-    n: int = 1
-    temperature: Optional[float] = None  # None: 1.0, OpenAI's default
-    top_p: Optional[float] = None
-    presence_penalty: Optional[float] = None
-    frequency_penalty: Optional[float] = None
-    logit_bias: Optional[dict[str, float]] = None  # token id (as a JSON key) -> bias
-    seed: Optional[int] = None
+    n: Int = 1
+    temperature: Optional[Float] = None  # None: 1.0, OpenAI's default
+    top_p: Optional[Float] = None
+    presence_penalty: Optional[Float] = None
+    frequency_penalty: Optional[Float] = None
+    logit_bias: Optional[dict[str, Float]] = None  # token id (as a JSON key) -> bias
+    seed: Optional[Int] = None
     stop: Optional[Union[str, list[str]]] = None
     user: Optional[str] = None  # accepted for compatibility; unused
     # vLLM's extra sampling parameters
-    top_k: Optional[int] = None
-    min_p: Optional[float] = None
-    repetition_penalty: Optional[float] = None
-    stop_token_ids: Optional[list[int]] = None
+    top_k: Optional[Int] = None
+    min_p: Optional[Float] = None
+    repetition_penalty: Optional[Float] = None
+    stop_token_ids: Optional[list[TokenId]] = None
     bad_words: Optional[list[str]] = None
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
-    min_tokens: int = 0
+    min_tokens: Int = 0
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
-    allowed_token_ids: Optional[list[int]] = None
-    prompt_logprobs: Optional[int] = None
+    allowed_token_ids: Optional[list[TokenId]] = None
+    prompt_logprobs: Optional[Int] = None
     # vLLM's prefix-cache isolation: only requests with the same salt share cached KV blocks.
     # Not a sampling parameter; the handlers pass it along with the prompt.
     cache_salt: Optional[str] = Field(default=None, min_length=1)
@@ -132,12 +141,12 @@ class UsageInfo(ResponseModel):
 class CompletionRequest(SamplingFields):
     model: Optional[str] = None
     # A string, a list of strings, token ids, or a list of token-id lists.
-    prompt: Union[list[int], list[list[int]], str, list[str]]
+    prompt: Union[list[TokenId], list[list[TokenId]], str, list[str]]
     suffix: Optional[str] = None  # rejected: no fill-in-the-middle
-    max_tokens: Optional[int] = None  # None: the rest of the context
+    max_tokens: Optional[Int] = None  # None: the rest of the context
     echo: bool = False
-    logprobs: Optional[int] = None
-    best_of: Optional[int] = None
+    logprobs: Optional[Int] = None
+    best_of: Optional[Int] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     add_special_tokens: bool = True
@@ -195,10 +204,10 @@ class ChatMessageIn(RequestModel):
 class ChatCompletionRequest(SamplingFields):
     model: Optional[str] = None
     messages: list[ChatMessageIn] = Field(min_length=1)
-    max_tokens: Optional[int] = None  # deprecated by OpenAI in favour of max_completion_tokens
-    max_completion_tokens: Optional[int] = None
+    max_tokens: Optional[Int] = None  # deprecated by OpenAI in favour of max_completion_tokens
+    max_completion_tokens: Optional[Int] = None
     logprobs: bool = False
-    top_logprobs: Optional[int] = None
+    top_logprobs: Optional[Int] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     # Accepted so that clients sending the defaults work; anything else is rejected clearly.
@@ -322,7 +331,7 @@ class TokenizeResponse(ResponseModel):
 
 class DetokenizeRequest(RequestModel):
     model: Optional[str] = None
-    tokens: list[int]
+    tokens: list[TokenId]
 
 
 class DetokenizeResponse(ResponseModel):

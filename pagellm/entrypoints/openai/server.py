@@ -11,22 +11,35 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hmac
 import logging
 import os
 import signal
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 
 import pagellm
 from pagellm.entrypoints.openai.errors import (
     OpenAIError,
-    RequestTooLarge,
     error_response,
     install_error_handlers,
+    parse_json_body,
+)
+from pagellm.entrypoints.openai.http_protocol import header_timeout_protocol
+from pagellm.entrypoints.openai.limits import ServerLimits
+from pagellm.entrypoints.openai.middleware import (
+    LOOPBACK_HOSTS,
+    APIKeyMiddleware,
+    BodyReadTimeoutMiddleware,
+    BodySizeLimitMiddleware,
+    InternalErrorMiddleware,
+    MemoryTrimMiddleware,
+    TrustedHostMiddleware,
 )
 from pagellm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -46,74 +59,86 @@ from pagellm.entrypoints.openai.serving_engine import ClientDisconnected, cancel
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BODY_BYTES = 16 << 20
-# Reachable without the API key: load balancers and Prometheus scrapers carry no credentials.
-_OPEN_PATHS = frozenset({"/health", "/metrics"})
+DEFAULT_BODY_READ_TIMEOUT_S = 30.0
+# Bodies at least this large are followed by a malloc_trim (see MemoryTrimMiddleware).
+_TRIM_AFTER_BODY_BYTES = 1 << 20
 
 
-# -- middleware (pure ASGI, so streaming responses and disconnects pass straight through) --------
-class APIKeyMiddleware:
-    def __init__(self, app, api_key: str) -> None:
-        self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+@dataclass(frozen=True)
+class ServerOptions:
+    """How the app guards itself; `pagellm serve` flags map onto these one to one."""
 
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"] not in _OPEN_PATHS:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                message = ("missing API key: send it as 'Authorization: Bearer <key>'" if not given
-                           else "invalid API key")
-                await error_response(message, 401, None, "invalid_api_key")(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+    max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
+    body_read_timeout_s: float = DEFAULT_BODY_READ_TIMEOUT_S
+    # Host names the server answers; None: any. `pagellm serve` on a loopback address defaults
+    # to the loopback names (see allowed_hosts_for).
+    allowed_hosts: Optional[tuple[str, ...]] = None
+    allowed_origins: tuple[str, ...] = ()  # CORS; empty: no CORS headers at all
+    metrics_require_api_key: bool = False
+    limits: Optional[ServerLimits] = None  # None: derived from the engine's max_model_len
 
 
-class BodySizeLimitMiddleware:
-    """413 for bodies over the limit: by Content-Length up front, else while the body streams in."""
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]").lower()
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
 
-    def __init__(self, app, limit: int) -> None:
-        self.app = app
-        self.limit = limit
 
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None:
-            try:
-                too_large = int(declared) > self.limit
-            except ValueError:
-                await error_response("the Content-Length header is not a number", 400)(scope, receive, send)
-                return
-            if too_large:
-                await error_response(f"the request body is larger than the limit of {self.limit} bytes", 413,
-                                     None, "request_too_large")(scope, receive, send)
-                return
-        received = 0
+def allowed_hosts_for(bind_host: str, extra: Optional[list[str]]) -> Optional[tuple[str, ...]]:
+    """Loopback binds answer only loopback names (plus `extra`); other binds any name, or `extra` if given."""
+    if is_loopback(bind_host):
+        return tuple(sorted(LOOPBACK_HOSTS | {bind_host.strip("[]")} | set(extra or ())))
+    return tuple(extra) if extra else None
 
-        async def limited_receive():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise RequestTooLarge(self.limit)
-            return message
 
-        await self.app(scope, limited_receive, send)
+class StrictJSONRequest(Request):
+    async def json(self):
+        if not hasattr(self, "_json"):
+            self._json = parse_json_body(await self.body())
+        return self._json
+
+
+class StrictJSONRoute(APIRoute):
+    """Routes whose JSON bodies go through `parse_json_body` (no NaN/Infinity, no lone surrogates)."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def strict_handler(request: Request):
+            return await handler(StrictJSONRequest(request.scope, request.receive))
+
+        return strict_handler
+
+
+def install_middleware(app: FastAPI, api_key: Optional[str], options: ServerOptions) -> None:
+    """The middleware stack; each add_middleware wraps the ones added before it."""
+    app.add_middleware(MemoryTrimMiddleware, threshold_bytes=_TRIM_AFTER_BODY_BYTES)
+    app.add_middleware(BodySizeLimitMiddleware, limit=options.max_request_body_bytes)
+    app.add_middleware(BodyReadTimeoutMiddleware, timeout_s=options.body_read_timeout_s)
+    if api_key:
+        # Reachable without the key: load balancers (and, unless asked otherwise, Prometheus) carry none.
+        open_paths = frozenset({"/health"} if options.metrics_require_api_key else {"/health", "/metrics"})
+        app.add_middleware(APIKeyMiddleware, api_key=api_key, open_paths=open_paths)
+    if options.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(options.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["X-Request-Id"])
+    if options.allowed_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed=options.allowed_hosts)
+    app.add_middleware(InternalErrorMiddleware)  # outermost: catches whatever the others raise
 
 
 # -- the app ------------------------------------------------------------------------------------------
 def build_app(engine, served_model_name: str, api_key: Optional[str] = None, chat_template: Optional[str] = None,
-              *, max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES) -> FastAPI:
+              *, options: Optional[ServerOptions] = None) -> FastAPI:
     """The FastAPI app serving `engine` (an AsyncLLM) as `served_model_name`.
 
     `chat_template` is template text (overrides the tokenizer's). The engine is shut down when
     the app's lifespan ends.
     """
-    completions = OpenAIServingCompletion(engine, served_model_name)
-    chat = OpenAIServingChat(engine, served_model_name, chat_template)
+    options = options or ServerOptions()
     max_model_len = engine.config.max_model_len
+    limits = options.limits or ServerLimits.for_context(max_model_len)
+    completions = OpenAIServingCompletion(engine, served_model_name, limits)
+    chat = OpenAIServingChat(engine, served_model_name, chat_template, limits)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -123,10 +148,9 @@ def build_app(engine, served_model_name: str, api_key: Optional[str] = None, cha
         app.state.engine_stopped = True
 
     app = FastAPI(title="pagellm", version=pagellm.__version__, lifespan=lifespan)
+    app.router.route_class = StrictJSONRoute
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimitMiddleware, limit=max_request_body_bytes)
-    if api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=api_key)  # added last = runs first
+    install_middleware(app, api_key, options)
 
     async def run_handler(raw: Request, work):
         try:
@@ -184,8 +208,10 @@ def build_app(engine, served_model_name: str, api_key: Optional[str] = None, cha
         if isinstance(body, TokenizeChatRequest):
             text = chat.render_prompt(body.messages, body.add_generation_prompt, body.continue_final_message,
                                       body.chat_template_kwargs)
+            limits.check_text(len(text), "messages")
         else:
             text = body.prompt
+            limits.check_text(len(text), "prompt")
         ids = list(tok.encode(text, add_special_tokens=body.add_special_tokens)) if text else []
         token_strs = tok.convert_ids_to_tokens(ids) if body.return_token_strs else None
         return JSONResponse(TokenizeResponse(count=len(ids), max_model_len=max_model_len, tokens=ids,
@@ -196,6 +222,7 @@ def build_app(engine, served_model_name: str, api_key: Optional[str] = None, cha
         completions.check_model(body.model)
         tok = completions.require_tokenizer("/detokenize")
         vocab_size = engine.model_config.vocab_size
+        limits.check_text(len(body.tokens), "tokens")  # every token is at least one character
         bad = [t for t in body.tokens if not 0 <= t < vocab_size]
         if bad:
             raise OpenAIError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})", 400,
@@ -282,6 +309,29 @@ def _read_chat_template(path: str) -> str:
     return template
 
 
+def server_options(args: argparse.Namespace, max_model_len: int) -> ServerOptions:
+    limits = ServerLimits.for_context(max_model_len, max_prompt_chars=args.max_prompt_chars,
+                                      max_chat_messages=args.max_chat_messages,
+                                      max_prompts=args.max_prompts_per_request,
+                                      prompt_logprobs_budget=args.prompt_logprobs_budget)
+    return ServerOptions(max_request_body_bytes=args.max_request_body_bytes,
+                         body_read_timeout_s=args.body_read_timeout,
+                         allowed_hosts=allowed_hosts_for(args.host, args.allowed_hosts),
+                         allowed_origins=tuple(args.allowed_origins or ()),
+                         metrics_require_api_key=args.metrics_require_api_key, limits=limits)
+
+
+def uvicorn_config(app, args: argparse.Namespace) -> uvicorn.Config:
+    # Forwarded-for headers are believed only from the listed proxies; with none listed,
+    # uvicorn would otherwise trust 127.0.0.1 (its default), so any local process could
+    # choose the client address the logs show.
+    proxies = args.forwarded_allow_ips
+    return uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                          access_log=not args.disable_uvicorn_access_log, lifespan="on",
+                          timeout_keep_alive=args.timeout_keep_alive, proxy_headers=bool(proxies),
+                          forwarded_allow_ips=proxies or [], http=header_timeout_protocol(args.header_read_timeout))
+
+
 def run_server(args: argparse.Namespace) -> int:
     from pagellm.config import EngineConfig
     from pagellm.engine.async_llm import AsyncLLM
@@ -296,11 +346,8 @@ def run_server(args: argparse.Namespace) -> int:
     app = None
     try:
         app = build_app(engine, served_name, api_key, chat_template,
-                        max_request_body_bytes=args.max_request_body_bytes)
-        server = GracefulServer(
-            uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                           access_log=not args.disable_uvicorn_access_log, lifespan="on"),
-            grace_s=args.shutdown_timeout, abort_all=engine.shutdown)
+                        options=server_options(args, engine.config.max_model_len))
+        server = GracefulServer(uvicorn_config(app, args), grace_s=args.shutdown_timeout, abort_all=engine.shutdown)
         print(f"[pagellm] serving {served_name!r} on http://{args.host}:{args.port}"
               f"{' (API key required)' if api_key else ''}", flush=True)
         # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal under

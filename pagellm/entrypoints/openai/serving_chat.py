@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from pagellm.entrypoints.chat_utils import render_chat
 from pagellm.entrypoints.openai.errors import OpenAIError
+from pagellm.entrypoints.openai.limits import ServerLimits
 from pagellm.entrypoints.openai.protocol import (
     ChatCompletionLogProb,
     ChatCompletionLogProbs,
@@ -68,7 +69,8 @@ def message_dicts(messages: list[ChatMessageIn]) -> list[dict[str, Any]]:
             for part in content:
                 if part.type != "text" or part.text is None:
                     raise OpenAIError(f"messages[{i}] has a content part of type {part.type!r}; this server "
-                                      "accepts text parts only", 400, param=f"messages.{i}.content")
+                                      "accepts text parts only", 400, param=f"messages.{i}.content",
+                                      code="unsupported_content_type")
                 texts.append(part.text)
             content = "\n".join(texts)
         entry: dict[str, Any] = {"role": message.role, "content": content if content is not None else ""}
@@ -91,8 +93,9 @@ class _Choice:
 class OpenAIServingChat(OpenAIServing):
     param_names = MappingProxyType({"logprobs": "top_logprobs"})  # chat's top_logprobs is SamplingParams.logprobs
     prompt_param = "messages"
-    def __init__(self, engine, served_model_name: str, chat_template: Optional[str] = None) -> None:
-        super().__init__(engine, served_model_name)
+    def __init__(self, engine, served_model_name: str, chat_template: Optional[str] = None,
+                 limits: Optional[ServerLimits] = None) -> None:
+        super().__init__(engine, served_model_name, limits)
         self.template: Optional[str] = chat_template or tokenizer_chat_template(self.tokenizer)
 
     def render_prompt(self, messages: list[ChatMessageIn], add_generation_prompt: bool,
@@ -103,12 +106,16 @@ class OpenAIServingChat(OpenAIServing):
                               code="no_chat_template")
         if continue_final_message and (add_generation_prompt or messages[-1].role != "assistant"):
             raise OpenAIError("continue_final_message needs add_generation_prompt=false and a final assistant "
-                              "message", 400, param="continue_final_message")
+                              "message", 400, param="continue_final_message", code="invalid_value")
         reserved = sorted(set(extra or {}) & _RESERVED_TEMPLATE_KWARGS)
         if reserved:
-            raise OpenAIError(f"chat_template_kwargs may not set {reserved}", 400, param="chat_template_kwargs")
+            raise OpenAIError(f"chat_template_kwargs may not set {reserved}", 400, param="chat_template_kwargs",
+                              code="invalid_value")
+        dicts = message_dicts(messages)
+        # Before rendering: a huge conversation must not cost template time first.
+        self.limits.check_messages(len(dicts), sum(len(m["content"]) + len(m.get("name", "")) for m in dicts))
         try:
-            return render_chat(self.require_tokenizer("chat"), message_dicts(messages), chat_template=self.template,
+            return render_chat(self.require_tokenizer("chat"), dicts, chat_template=self.template,
                                add_generation_prompt=add_generation_prompt,
                                continue_final_message=continue_final_message, **(extra or {}))
         except ValueError as exc:
@@ -126,6 +133,7 @@ class OpenAIServingChat(OpenAIServing):
         else:
             max_tokens = self.max_tokens_for(len(prompt_ids), request.max_tokens, "max_tokens")
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        self.limits.check_prompt_logprobs([len(prompt_ids)], request.prompt_logprobs, "prompt_logprobs")
         params = self.build_params(request, max_tokens, logprobs, request.prompt_logprobs)
         request_id = random_id("chatcmpl")
         self.validate(request_id, prompt_ids, params)
@@ -142,7 +150,8 @@ class OpenAIServingChat(OpenAIServing):
     @staticmethod
     def _reject_unsupported(request: ChatCompletionRequest) -> None:
         if request.stream_options is not None and not request.stream:
-            raise OpenAIError("stream_options is only allowed with stream=true", 400, param="stream_options")
+            raise OpenAIError("stream_options is only allowed with stream=true", 400, param="stream_options",
+                              code="invalid_value")
         if request.tools:
             raise OpenAIError("tools are not supported by this server", 400, param="tools",
                               code="unsupported_parameter")
@@ -244,5 +253,5 @@ class _Run:
             if include_usage:
                 yield self._chunk([], self._usage())
         except Exception as exc:  # noqa: BLE001 - the status line is sent; report in-band
-            yield sse_error(exc)
+            yield sse_error(exc, self.request_id)
         yield SSE_DONE

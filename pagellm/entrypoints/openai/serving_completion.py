@@ -70,19 +70,22 @@ class OpenAIServingCompletion(OpenAIServing):
             raise OpenAIError("best_of is not supported; use n to get several completions", 400, param="best_of",
                               code="unsupported_parameter")
         if request.stream_options is not None and not request.stream:
-            raise OpenAIError("stream_options is only allowed with stream=true", 400, param="stream_options")
+            raise OpenAIError("stream_options is only allowed with stream=true", 400, param="stream_options",
+                              code="invalid_value")
         # echo with max_tokens=0 scores the prompt without generating (lm-eval style): the
         # engine still samples one token, which is dropped from the response.
         prompt_only = request.echo and request.max_tokens == 0
         want_prompt_logprobs = request.echo and request.logprobs is not None
         prompts = self._prompts(request)
+        prompt_logprobs = request.logprobs if want_prompt_logprobs else request.prompt_logprobs
+        self.limits.check_prompt_logprobs([len(p.token_ids) for p in prompts], prompt_logprobs,
+                                          "logprobs" if want_prompt_logprobs else "prompt_logprobs")
         request_id = random_id("cmpl")
         streams = []
         for i, prompt in enumerate(prompts):
             max_tokens = 1 if prompt_only else self.max_tokens_for(len(prompt.token_ids), request.max_tokens,
                                                                     "max_tokens")
-            params = self.build_params(request, max_tokens, request.logprobs,
-                                       request.logprobs if want_prompt_logprobs else request.prompt_logprobs)
+            params = self.build_params(request, max_tokens, request.logprobs, prompt_logprobs)
             self.validate(f"{request_id}-{i}", prompt.token_ids, params)
             streams.append((prompt.token_ids, params, f"{request_id}-{i}"))
         merged = merge_streams([self.engine.generate(self.engine_prompt(ids, request.cache_salt), params, rid)
@@ -107,6 +110,7 @@ class OpenAIServingCompletion(OpenAIServing):
         if not items:
             raise OpenAIError("prompt is empty; give a string, a list of strings, token ids or lists of token ids",
                               400, param="prompt", code="invalid_value")
+        self.limits.check_prompt_count(len(items))
         prompts = []
         for item in items:
             if isinstance(item, str):
@@ -220,7 +224,7 @@ class _Run:
                 yield sse(CompletionStreamResponse(id=self.request_id, created=self.created,
                                                    model=self.serving.model_name, choices=[], usage=self._usage()))
         except Exception as exc:  # noqa: BLE001 - the status line is sent; report in-band
-            yield sse_error(exc)
+            yield sse_error(exc, self.request_id)
         yield SSE_DONE
 
     def _chunk_choice(self, index: int, delta: CompletionOutput) -> Optional[CompletionResponseChoice]:

@@ -15,7 +15,8 @@ from typing import Any, AsyncIterator, Awaitable, Mapping, Optional, TypeVar
 from fastapi import Request
 from pydantic import BaseModel
 
-from pagellm.entrypoints.openai.errors import OpenAIError, error_body, from_value_error
+from pagellm.entrypoints.openai.errors import OpenAIError, error_body, from_value_error, internal_error_message
+from pagellm.entrypoints.openai.limits import ServerLimits
 from pagellm.outputs import Logprob, PositionLogprobs
 from pagellm.sampling_params import SamplingParams
 
@@ -39,15 +40,18 @@ def sse(payload: BaseModel | dict) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
-def sse_error(exc: BaseException) -> str:
-    """A failure after the stream began (the 200 headers are already sent): an error event in OpenAI's shape."""
+def sse_error(exc: BaseException, request_id: str) -> str:
+    """A failure after the stream began (the 200 headers are already sent): an error event in OpenAI's shape.
+
+    Unexpected failures name only their class and the request id; the traceback goes to the log.
+    """
     if isinstance(exc, OpenAIError):
         return sse(error_body(exc.message, exc.status, exc.param, exc.code))
     if isinstance(exc, ValueError):
         err = from_value_error(exc)
         return sse(error_body(err.message, 400, err.param, err.code))
-    logger.error("a stream failed after it started", exc_info=exc)
-    return sse(error_body(f"internal server error: {type(exc).__name__}: {exc}", 500, None, "internal_error"))
+    logger.error("stream %s failed after it started", request_id, exc_info=exc)
+    return sse(error_body(internal_error_message(request_id), 500, None, "internal_error"))
 
 
 def clamp_logprob(value: float) -> float:
@@ -63,11 +67,12 @@ class OpenAIServing:
     param_names: Mapping[str, str] = MappingProxyType({})
     prompt_param = "prompt"
 
-    def __init__(self, engine, served_model_name: str) -> None:
+    def __init__(self, engine, served_model_name: str, limits: Optional[ServerLimits] = None) -> None:
         self.engine = engine
         self.model_name = served_model_name
         self.tokenizer = engine.tokenizer
         self.max_model_len: int = engine.config.max_model_len
+        self.limits = limits or ServerLimits.for_context(self.max_model_len)
 
     # -- checks ---------------------------------------------------------------------------
     def check_model(self, model: Optional[str]) -> None:
@@ -78,7 +83,7 @@ class OpenAIServing:
     def require_tokenizer(self, what: str) -> Any:
         if self.tokenizer is None:
             raise OpenAIError(f"{what} needs a tokenizer, and this server was started with --skip-tokenizer-init; "
-                              "send token ids instead", 400)
+                              "send token ids instead", 400, code="no_tokenizer")
         return self.tokenizer
 
     def max_tokens_for(self, prompt_len: int, requested: Optional[int], param: str) -> int:
@@ -130,10 +135,13 @@ class OpenAIServing:
         return {"prompt_token_ids": prompt_ids, "cache_salt": cache_salt}
 
     # -- text ------------------------------------------------------------------------------
-    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool, param: Optional[str] = None) -> list[int]:
+        """Token ids of `text`, after the character limit (checked before any tokenizing)."""
+        param = param or self.prompt_param
         tokenizer = self.require_tokenizer("a text prompt")
         if text == "":
-            raise OpenAIError("the prompt is empty", 400, param="prompt", code="invalid_value")
+            raise OpenAIError("the prompt is empty", 400, param=param, code="invalid_value")
+        self.limits.check_text(len(text), param)
         return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, token_ids: list[int]) -> str:
