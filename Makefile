@@ -40,8 +40,9 @@ bench-peers: venv
 	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
 	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" $(PEERS_VENV)/bin/pip install -q "llama-cpp-python[server]==0.3.36"
 
-# On a CUDA machine: GPU kernel/engine tests at full shapes, kernel roofline bench, 8B dummy-weight benches.
-gpu-check: venv
+# On a CUDA machine (<= 7 min): GPU tests at full shapes, kernel, 8B dummy-weight benches, cold start, memory.
+# No venv: it uses the machine's own CUDA torch (a venv here would pin the CPU build); see docs/benchmarks.md.
+gpu-check:
 	bash scripts/gpu_check.sh
 
 clean:
