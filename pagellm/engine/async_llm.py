@@ -17,28 +17,34 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import itertools
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import AsyncIterator, Optional, Union
+from typing import AsyncIterator, Callable, Optional, TypeVar, Union
 
 from pagellm.config import EngineConfig
 from pagellm.core.scheduler import SchedulerStats
-from pagellm.engine.core import EngineCore
 from pagellm.engine.core_process import (AbortRequests, AddRequest, CoreOutputs, FinishOnStop, ProcessCoreClient,
                                          ResetPrefixCache, StatsRequest, ThreadCoreClient)
-from pagellm.engine.llm_engine import fan_out
+from pagellm.engine.intake import PreparedRequest, RequestIntake, load_front_end_tokenizer
 from pagellm.engine.metrics import EngineMetrics
-from pagellm.engine.output_processor import OutputKind, OutputProcessor, RequestState
-from pagellm.engine.processor import InputProcessor, PromptType
+from pagellm.engine.output_processor import OutputKind, RequestState
+from pagellm.engine.processor import PromptType
 from pagellm.engine.setup import ModelSetup, resolve_setup
-from pagellm.loader import load_tokenizer, resolve_model
 from pagellm.outputs import CompletionOutput, RequestOutput
 from pagellm.sampling_params import SamplingParams
 
 CoreClient = Union[ProcessCoreClient, ThreadCoreClient]
+T = TypeVar("T")
+
+# Tokenizing, chat-template rendering and big detokenizations run on this many threads, off the
+# event loop. One: a Hugging Face fast tokenizer raises "Already borrowed" when two threads encode
+# with the same instance at once; more workers would need a tokenizer copy each.
+INTAKE_WORKERS = 1
 
 
 class _Stream:
@@ -77,8 +83,10 @@ class AsyncLLM:
         self.config: EngineConfig = setup.config
         self.model_config = setup.model_config
         self.tokenizer = tokenizer
-        self.processor = InputProcessor(self.config, tokenizer, self.model_config)
-        self.output_processor = OutputProcessor(tokenizer)
+        self.intake = RequestIntake(self.config, tokenizer, self.model_config)
+        self.processor = self.intake.processor
+        self.output_processor = self.intake.output_processor
+        self._intake_pool = ThreadPoolExecutor(max_workers=INTAKE_WORKERS, thread_name_prefix="pagellm-intake")
         self.metrics = EngineMetrics(model_name or default_model_name(setup))
         # Guards the OutputProcessor and the tables below: the event loop and the reader thread both use them.
         self._lock = threading.Lock()
@@ -106,12 +114,14 @@ class AsyncLLM:
         try:
             if engine_process:
                 client = ProcessCoreClient(setup)  # the child loads the weights ...
-                tokenizer = _load_tokenizer(setup)  # ... while this process loads the tokenizer
+                tokenizer = load_front_end_tokenizer(setup)  # ... while this process loads the tokenizer
                 ready = client.wait_ready()
                 if not quiet:
                     print(f"[pagellm] {ready.kv_cache_summary}", flush=True)
             else:
-                tokenizer = _load_tokenizer(setup)
+                from pagellm.engine.core import EngineCore  # the model stack, only for an in-process core
+
+                tokenizer = load_front_end_tokenizer(setup)
                 client = ThreadCoreClient(EngineCore.from_config(setup, quiet=quiet))
         except BaseException:
             if client is not None:
@@ -120,33 +130,41 @@ class AsyncLLM:
         return cls(setup, tokenizer, client, model_name)
 
     # -- requests -----------------------------------------------------------------------
-    async def generate(self, prompt: PromptType, sampling_params: SamplingParams, request_id: str,
-                       arrival_time: Optional[float] = None) -> AsyncIterator[RequestOutput]:
+    async def run_off_loop(self, fn: Callable[..., T], *args, **kwargs) -> T:
+        """Runs CPU-heavy front-end work (tokenizing, chat templates, big decodes) on the bounded intake pool."""
+        return await asyncio.get_running_loop().run_in_executor(self._intake_pool,
+                                                                functools.partial(fn, *args, **kwargs))
+
+    async def prepare(self, prompt: PromptType, sampling_params: SamplingParams, request_id: str,
+                      arrival_time: Optional[float] = None) -> PreparedRequest:
+        """Validates and tokenizes off the event loop; ValueError on bad input. Queues nothing."""
+        self._check_usable()
+        return await self.run_off_loop(self.intake.prepare, request_id, prompt, sampling_params, OutputKind.DELTA,
+                                       arrival_time)
+
+    async def generate(self, prompt: Union[PromptType, PreparedRequest], sampling_params: Optional[SamplingParams],
+                       request_id: Optional[str], arrival_time: Optional[float] = None) -> AsyncIterator[RequestOutput]:
         """Streams DELTA outputs (new text / token ids / logprobs) until the request finishes.
 
         Bad input raises ValueError before the first output. `arrival_time` is on the
-        time.monotonic() clock (default: now).
+        time.monotonic() clock (default: now). `prompt` may be what `prepare` returned (then
+        sampling_params and request_id are ignored), so a caller can validate a batch first.
         """
-        self._check_usable()
-        if not isinstance(request_id, str) or not request_id:
-            raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
-        text, core_req = self.processor.process(request_id, prompt, sampling_params, arrival_time)
-        children = fan_out(core_req)
-        state = RequestState(request_id, text, core_req.prompt_token_ids, core_req.sampling_params, self.tokenizer,
-                             OutputKind.DELTA, core_req.arrival_time)
+        if isinstance(prompt, PreparedRequest):
+            prepared = prompt
+        else:
+            prepared = await self.prepare(prompt, sampling_params, request_id, arrival_time)  # type: ignore[arg-type]
+        request_id = prepared.request_id
         stream = _Stream(asyncio.get_running_loop())
         with self._lock:
             self._check_usable()  # again, under the lock: the core may have died while we tokenized
-            if request_id in self.output_processor.requests:
-                raise ValueError(f"request id {request_id!r} is already in use")
-            self.output_processor.add_request(state, [c.request_id for c in children],
-                                              [c.sampling_params for c in children])
+            self.intake.register(prepared)
             self._streams[request_id] = stream
             self._tracking[request_id] = _Tracking()
         finished = False
         try:
             try:
-                self._client.send(AddRequest(request_id, children))
+                self._client.send(AddRequest(request_id, prepared.children))
             except (OSError, ValueError) as e:
                 raise RuntimeError(f"engine core died: {self._dead or e}") from None
             while not finished:
@@ -235,6 +253,7 @@ class AsyncLLM:
                 finals.append(aborted)
         self._deliver(finals)
         self._client.close()
+        self._intake_pool.shutdown(wait=False, cancel_futures=True)
         self._fail_waiters(RuntimeError("the engine has been shut down"))
 
     def _check_usable(self) -> None:
@@ -261,7 +280,7 @@ class AsyncLLM:
                 entry = self.output_processor.core_to_completion.get(update.req_id)
                 if entry is not None and entry[0].request_id not in touched:
                     touched[entry[0].request_id] = (entry[0], entry[0].metrics.num_generation_tokens)
-            outputs, stops = self.output_processor.process(message.updates)
+            outputs, stops = self.intake.read_updates(message.updates)
             for state, tokens_before in touched.values():
                 self._record_progress(state, tokens_before)
             for out in outputs:
@@ -379,14 +398,6 @@ def merge_deltas(outputs: list[RequestOutput]) -> RequestOutput:
 
 def default_model_name(setup: ModelSetup) -> str:
     return os.path.basename(setup.source.path.rstrip(os.sep)).removesuffix(".gguf")
-
-
-def _load_tokenizer(setup: ModelSetup):
-    config = setup.config
-    if config.skip_tokenizer_init:
-        return None
-    source = setup.source if config.tokenizer is None else resolve_model(config.tokenizer)
-    return load_tokenizer(source, trust_remote_code=config.trust_remote_code)
 
 
 def _put_all(batch: list[tuple[_Stream, object]]) -> None:

@@ -18,26 +18,12 @@ from pagellm.core.kv_cache_manager import KVCacheManager
 from pagellm.core.scheduler import RequestUpdate, Scheduler, SchedulerStats
 from pagellm.request import Request, RequestStatus
 from pagellm.sampling_params import SamplingParams
+from pagellm.engine.core_interface import EngineCoreRequest  # noqa: F401 - re-exported
 from pagellm.engine.setup import ModelSetup
 from pagellm.loader import iter_weights
 from pagellm.worker.model_runner import DTYPES, ModelRunner, kv_bytes_per_token
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineCoreRequest:
-    """What the front end sends the core: a fully tokenized, validated request."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    sampling_params: SamplingParams
-    eos_token_ids: set[int] = field(default_factory=set)
-    arrival_time: float = field(default_factory=time.monotonic)
-    # Parallel-sampling children look up each other's prompt blocks even with prefix caching off.
-    share_prefix: bool = False
-    # Only requests with the same salt share prefix-cache blocks.
-    cache_salt: Optional[str] = None
 
 
 class EngineCore:

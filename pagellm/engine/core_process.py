@@ -17,12 +17,15 @@ import signal
 import threading
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from pagellm.core.scheduler import RequestUpdate, SchedulerStats
-from pagellm.engine.core import EngineCore, EngineCoreRequest
+from pagellm.engine.core_interface import EngineCoreRequest
 from pagellm.engine.setup import ModelSetup
 from pagellm.request import Request
+
+if TYPE_CHECKING:  # the front end imports this module; only the core process loads the model stack
+    from pagellm.engine.core import EngineCore
 
 
 # -- front end -> core --------------------------------------------------------------------
@@ -175,6 +178,8 @@ def run_core_process(setup: ModelSetup, conn_in, conn_out) -> None:
     """Entry point of the engine core process."""
     # Ctrl-C reaches the whole process group; the front end decides how to shut down.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from pagellm.engine.core import EngineCore
+
     try:
         # quiet: the front end prints the KV capacity line (once), from CoreReady.
         core = EngineCore.from_config(setup, quiet=True)

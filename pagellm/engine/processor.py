@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Optional, Union
 
 from pagellm.config import EngineConfig
-from pagellm.engine.core import EngineCoreRequest
+from pagellm.engine.core_interface import EngineCoreRequest
 from pagellm.sampling_params import SamplingParams
 
 # A prompt: text, token ids, or vLLM-style dicts {"prompt": ...} / {"prompt_token_ids": [...]},

@@ -85,13 +85,14 @@ class LLM:
 
     def _run(self, prompts: list[PromptType], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
-        # Validate everything before anything is queued, so a bad prompt leaves no half-added batch.
-        for prompt, p in zip(prompts, params):
-            engine.processor.process("validate", prompt, p)
+        # Prepare (validate + tokenize, once) everything before anything is queued, so a bad
+        # prompt leaves no half-added batch.
         ids = [str(next(self._counter)) for _ in prompts]
+        prepared = [engine.intake.prepare(request_id, prompt, p, OutputKind.FINAL_ONLY)
+                    for request_id, prompt, p in zip(ids, prompts, params)]
         try:
-            for request_id, prompt, p in zip(ids, prompts, params):
-                engine.add_request(request_id, prompt, p, kind=OutputKind.FINAL_ONLY)
+            for request in prepared:
+                engine.add_prepared(request)
             results: dict[str, RequestOutput] = {}
             bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
             with bar:

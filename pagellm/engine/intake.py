@@ -1,0 +1,102 @@
+"""The request intake both engines share: validate once, tokenize once, fan out n > 1.
+
+    prepare(request_id, prompt, params)  -> PreparedRequest (the core requests + the front-end state)
+    admit_all_or_none(children, ...)      (core_interface) adds every child or none
+    read_updates(updates)                 -> RequestOutputs, and the stop-string hits to send the core
+
+LLMEngine calls these inline; AsyncLLM runs `prepare` on a bounded thread pool so a big
+prompt never blocks its event loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+from pagellm.config import EngineConfig
+from pagellm.core.scheduler import RequestUpdate
+from pagellm.engine.core_interface import EngineCoreRequest
+from pagellm.engine.output_processor import OutputKind, OutputProcessor, RequestState
+from pagellm.engine.processor import InputProcessor, PromptType
+from pagellm.outputs import RequestOutput
+from pagellm.sampling_params import SamplingParams
+
+
+def load_front_end_tokenizer(setup):
+    """The tokenizer the front end uses (None with skip_tokenizer_init); `config.tokenizer` overrides the model's."""
+    from pagellm.loader import load_tokenizer, resolve_model
+
+    config = setup.config
+    if config.skip_tokenizer_init:
+        return None
+    source = setup.source if config.tokenizer is None else resolve_model(config.tokenizer)
+    return load_tokenizer(source, trust_remote_code=config.trust_remote_code)
+
+
+def fan_out(request: EngineCoreRequest) -> list[EngineCoreRequest]:
+    """Splits an n > 1 request into n core requests that share the prompt's KV blocks.
+
+    With a seed, child i uses (seed + i) mod 2**64 so the n samples differ but stay reproducible.
+    Only child 0 computes prompt logprobs (the prompt is the same for all).
+    """
+    params = request.sampling_params
+    if params.n == 1:
+        return [request]
+    children = []
+    for i in range(params.n):
+        child = params.clone()
+        child.n = 1
+        if params.seed is not None:
+            child.seed = params.sample_seed(i)
+        if i > 0:
+            child.prompt_logprobs = None
+        children.append(dataclasses.replace(request, request_id=f"{i}_{request.request_id}",
+                                            sampling_params=child, share_prefix=True))
+    return children
+
+
+@dataclass
+class PreparedRequest:
+    """A validated, tokenized user request, ready to be registered and sent to the core."""
+
+    state: RequestState
+    children: list[EngineCoreRequest]
+
+    @property
+    def request_id(self) -> str:
+        return self.state.request_id
+
+    @property
+    def child_ids(self) -> list[str]:
+        return [c.request_id for c in self.children]
+
+
+class RequestIntake:
+    """The front end's input and output bookkeeping, shared by LLMEngine and AsyncLLM."""
+
+    def __init__(self, config: EngineConfig, tokenizer, model_config) -> None:
+        self.tokenizer = tokenizer
+        self.processor = InputProcessor(config, tokenizer, model_config)
+        self.output_processor = OutputProcessor(tokenizer)
+
+    def prepare(self, request_id: str, prompt: PromptType, params: SamplingParams, kind: OutputKind,
+                arrival_time: Optional[float] = None) -> PreparedRequest:
+        """Validates and tokenizes (once), then fans out; raises ValueError on bad input. Touches no shared state."""
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
+        text, core_req = self.processor.process(request_id, prompt, params, arrival_time)
+        state = RequestState(request_id, text, core_req.prompt_token_ids, core_req.sampling_params, self.tokenizer,
+                             kind, core_req.arrival_time)
+        return PreparedRequest(state, fan_out(core_req))
+
+    def register(self, prepared: PreparedRequest) -> None:
+        """Starts tracking the request's outputs; ValueError if its id is in use."""
+        if prepared.request_id in self.output_processor.requests:
+            raise ValueError(f"request id {prepared.request_id!r} is already in use")
+        self.output_processor.add_request(prepared.state, prepared.child_ids,
+                                          [c.sampling_params for c in prepared.children])
+
+    def read_updates(self, updates: list[RequestUpdate]) -> tuple[list[RequestOutput], list[tuple[str, str]]]:
+        """One core step's updates -> RequestOutputs, and the (core id, stop string) hits the core must hear."""
+        return self.output_processor.process(updates)
