@@ -234,6 +234,13 @@ class _FailingEngine:
         self.metrics = SimpleNamespace(render=lambda: b"", CONTENT_TYPE="text/plain")
         self.errored = False
 
+    async def prepare(self, prompt, sampling_params, request_id, arrival_time=None):
+        self.processor.process(request_id, prompt, sampling_params)  # the real engine's checks
+        return prompt
+
+    async def run_off_loop(self, fn, *args, **kwargs):
+        return fn(*args, **kwargs)
+
     async def generate(self, prompt, sampling_params, request_id, arrival_time=None):
         raise RuntimeError("secret internal detail /etc/passwd")
         yield

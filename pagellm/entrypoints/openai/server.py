@@ -206,13 +206,13 @@ def build_app(engine, served_model_name: str, api_key: Optional[str] = None, cha
         completions.check_model(body.model)
         tok = completions.require_tokenizer("/tokenize")
         if isinstance(body, TokenizeChatRequest):
-            text = chat.render_prompt(body.messages, body.add_generation_prompt, body.continue_final_message,
-                                      body.chat_template_kwargs)
+            text = await engine.run_off_loop(chat.render_prompt, body.messages, body.add_generation_prompt,
+                                             body.continue_final_message, body.chat_template_kwargs)
             limits.check_text(len(text), "messages")
         else:
             text = body.prompt
             limits.check_text(len(text), "prompt")
-        ids = list(tok.encode(text, add_special_tokens=body.add_special_tokens)) if text else []
+        ids = list(await engine.run_off_loop(tok.encode, text, add_special_tokens=body.add_special_tokens)) if text else []
         token_strs = tok.convert_ids_to_tokens(ids) if body.return_token_strs else None
         return JSONResponse(TokenizeResponse(count=len(ids), max_model_len=max_model_len, tokens=ids,
                                              token_strs=token_strs).model_dump())
@@ -227,7 +227,7 @@ def build_app(engine, served_model_name: str, api_key: Optional[str] = None, cha
         if bad:
             raise OpenAIError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})", 400,
                               param="tokens", code="invalid_value")
-        return JSONResponse(DetokenizeResponse(prompt=tok.decode(body.tokens)).model_dump())
+        return JSONResponse(DetokenizeResponse(prompt=await engine.run_off_loop(tok.decode, body.tokens)).model_dump())
 
     @app.get("/tokenizer_info")
     async def tokenizer_info():

@@ -125,9 +125,9 @@ class OpenAIServingChat(OpenAIServing):
         self.check_model(request.model)
         self._reject_unsupported(request)
         self.require_tokenizer("chat")
-        text = self.render_prompt(request.messages, request.add_generation_prompt, request.continue_final_message,
-                                  request.chat_template_kwargs)
-        prompt_ids = self.encode(text, request.add_special_tokens)
+        text = await self.engine.run_off_loop(self.render_prompt, request.messages, request.add_generation_prompt,
+                                              request.continue_final_message, request.chat_template_kwargs)
+        prompt_ids = await self.encode(text, request.add_special_tokens)
         if request.max_completion_tokens is not None:
             max_tokens = self.max_tokens_for(len(prompt_ids), request.max_completion_tokens, "max_completion_tokens")
         else:
@@ -136,10 +136,9 @@ class OpenAIServingChat(OpenAIServing):
         self.limits.check_prompt_logprobs([len(prompt_ids)], request.prompt_logprobs, "prompt_logprobs")
         params = self.build_params(request, max_tokens, logprobs, request.prompt_logprobs)
         request_id = random_id("chatcmpl")
-        self.validate(request_id, prompt_ids, params)
+        prepared = await self.prepare(request_id, prompt_ids, request.cache_salt, params)
         try:
-            outputs = await start_stream(self.engine.generate(self.engine_prompt(prompt_ids, request.cache_salt),
-                                                              params, request_id))
+            outputs = await start_stream(self.engine.generate(prepared, params, request_id))
         except ValueError as exc:
             raise self.bad_value(exc) from None
         run = _Run(self, request, request_id, len(prompt_ids))

@@ -76,7 +76,7 @@ class OpenAIServingCompletion(OpenAIServing):
         # engine still samples one token, which is dropped from the response.
         prompt_only = request.echo and request.max_tokens == 0
         want_prompt_logprobs = request.echo and request.logprobs is not None
-        prompts = self._prompts(request)
+        prompts = await self._prompts(request)
         prompt_logprobs = request.logprobs if want_prompt_logprobs else request.prompt_logprobs
         self.limits.check_prompt_logprobs([len(p.token_ids) for p in prompts], prompt_logprobs,
                                           "logprobs" if want_prompt_logprobs else "prompt_logprobs")
@@ -86,10 +86,9 @@ class OpenAIServingCompletion(OpenAIServing):
             max_tokens = 1 if prompt_only else self.max_tokens_for(len(prompt.token_ids), request.max_tokens,
                                                                     "max_tokens")
             params = self.build_params(request, max_tokens, request.logprobs, prompt_logprobs)
-            self.validate(f"{request_id}-{i}", prompt.token_ids, params)
-            streams.append((prompt.token_ids, params, f"{request_id}-{i}"))
-        merged = merge_streams([self.engine.generate(self.engine_prompt(ids, request.cache_salt), params, rid)
-                                for ids, params, rid in streams])
+            rid = f"{request_id}-{i}"
+            streams.append((await self.prepare(rid, prompt.token_ids, request.cache_salt, params), params, rid))
+        merged = merge_streams([self.engine.generate(prepared, params, rid) for prepared, params, rid in streams])
         try:
             merged = await start_stream(merged)
         except ValueError as exc:
@@ -99,7 +98,7 @@ class OpenAIServingCompletion(OpenAIServing):
             return StreamingResponse(run.stream(merged), media_type="text/event-stream")
         return JSONResponse((await run.collect(merged)).model_dump())
 
-    def _prompts(self, request: CompletionRequest) -> list[_Prompt]:
+    async def _prompts(self, request: CompletionRequest) -> list[_Prompt]:
         raw = request.prompt
         if isinstance(raw, str):
             items: list = [raw]
@@ -114,7 +113,7 @@ class OpenAIServingCompletion(OpenAIServing):
         prompts = []
         for item in items:
             if isinstance(item, str):
-                prompts.append(_Prompt(item, self.encode(item, request.add_special_tokens)))
+                prompts.append(_Prompt(item, await self.encode(item, request.add_special_tokens)))
             elif not item:
                 raise OpenAIError("a token-id prompt is empty", 400, param="prompt", code="invalid_value")
             else:

@@ -116,14 +116,15 @@ class OpenAIServing:
         except ValueError as exc:
             raise self.bad_value(exc) from None
 
-    def validate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        """The engine's own input checks (vocabulary, lengths), run before anything is queued.
+    async def prepare(self, request_id: str, prompt_ids: list[int], cache_salt: Optional[str],
+                      params: SamplingParams):
+        """The engine's own input checks (vocabulary, lengths) and tokenization, off the event loop.
 
-        A multi-prompt request is validated whole, so a bad second prompt never leaves
-        the first one generating for nobody.
+        Nothing is queued yet: a multi-prompt request prepares every prompt first, so a bad
+        second prompt never leaves the first one generating for nobody.
         """
         try:
-            self.engine.processor.process(request_id, prompt_ids, params)
+            return await self.engine.prepare(self.engine_prompt(prompt_ids, cache_salt), params, request_id)
         except ValueError as exc:
             raise self.bad_value(exc) from None
 
@@ -135,14 +136,14 @@ class OpenAIServing:
         return {"prompt_token_ids": prompt_ids, "cache_salt": cache_salt}
 
     # -- text ------------------------------------------------------------------------------
-    def encode(self, text: str, add_special_tokens: bool, param: Optional[str] = None) -> list[int]:
-        """Token ids of `text`, after the character limit (checked before any tokenizing)."""
+    async def encode(self, text: str, add_special_tokens: bool, param: Optional[str] = None) -> list[int]:
+        """Token ids of `text`, after the character limit (checked before any tokenizing), off the event loop."""
         param = param or self.prompt_param
         tokenizer = self.require_tokenizer("a text prompt")
         if text == "":
             raise OpenAIError("the prompt is empty", 400, param=param, code="invalid_value")
         self.limits.check_text(len(text), param)
-        return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        return list(await self.engine.run_off_loop(tokenizer.encode, text, add_special_tokens=add_special_tokens))
 
     def decode(self, token_ids: list[int]) -> str:
         if self.tokenizer is None:
