@@ -1,4 +1,4 @@
-"""`pagellm bench throughput | latency | serve`.
+"""`pagellm bench throughput | latency | serve | soak`.
 
 Every run prints its numbers and writes one JSON (config, environment, versions, numbers)
 under `--result-dir`. `throughput` and `latency` take every engine flag of `pagellm generate`.
@@ -308,3 +308,68 @@ def register(sub) -> None:
     _add_dataset_args(srv, default_prompts=64)
     _add_result_args(srv)
     srv.set_defaults(func=cmd_serve_bench)
+    register_soak(bsub)
+
+
+# -- soak -------------------------------------------------------------------------------------------
+def _first_model(base_url: str, api_key: Optional[str]) -> str:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return httpx.get(base_url + "/v1/models", headers=headers, timeout=30.0).json()["data"][0]["id"]
+
+
+def cmd_soak(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from pagellm.benchmarks.results import write_result
+    from pagellm.benchmarks.server_process import ServerProcess
+    from pagellm.benchmarks.soak import SoakConfig, format_report, run_soak
+
+    server = None
+    base_url, pid = args.base_url, args.server_pid
+    if base_url is None:
+        server = ServerProcess(args.server_args.split() if args.server_args else []).start()
+        base_url, pid = server.url, server.proc.pid
+    base_url = base_url.rstrip("/").removesuffix("/v1")
+    model = args.model or _first_model(base_url, args.api_key)
+    cfg = SoakConfig(base_url=base_url, model=model, duration_s=args.duration_min * 60.0,
+                     concurrency=args.concurrency, max_tokens=args.max_tokens, abort_fraction=args.abort_fraction,
+                     sample_interval_s=args.sample_interval, warmup_fraction=args.warmup_fraction, seed=args.seed,
+                     api_key=args.api_key)
+    try:
+        report = asyncio.run(run_soak(cfg, pid))
+    finally:
+        if server is not None:
+            report_exit = server.stop()
+            server.close()
+    if server is not None:
+        report["server_exit_status"] = report_exit
+    print(format_report(report), flush=True)
+    config = {"command": "soak", "base_url": base_url, "model": model, "duration_min": args.duration_min,
+              "concurrency": args.concurrency, "max_tokens": args.max_tokens, "abort_fraction": args.abort_fraction,
+              "server_args": args.server_args, "seed": args.seed}
+    path = write_result(args.result_dir, "soak", config, report, args.result_name)
+    if path:
+        print(f"result: {path}")
+    return 0 if report["errors"] == 0 else 1
+
+
+def register_soak(bsub) -> None:
+    soak = bsub.add_parser("soak", help="steady mixed load for N minutes: RSS slope, errors, latency percentiles")
+    soak.add_argument("--duration-min", type=float, default=30.0, help="minutes of load (default: 30)")
+    soak.add_argument("--base-url", default=None,
+                      help="a running server's root; without it a `pagellm serve` is started on a free port")
+    soak.add_argument("--server-pid", type=int, default=None,
+                      help="with --base-url: the server's process id, for RSS sampling (else no RSS)")
+    soak.add_argument("--server-args", default="", help="extra `pagellm serve` arguments for the started server")
+    soak.add_argument("--model", default=None, help="model name sent in requests (default: the server's first model)")
+    soak.add_argument("--concurrency", type=int, default=8, help="client workers, each one request at a time")
+    soak.add_argument("--max-tokens", type=int, default=32, help="max_tokens per request is drawn from 4..this")
+    soak.add_argument("--abort-fraction", type=float, default=0.15, help="share of streams cut after 1-3 chunks")
+    soak.add_argument("--sample-interval", type=float, default=5.0, help="seconds between RSS samples")
+    soak.add_argument("--warmup-fraction", type=float, default=0.2, help="first share of the run left out of the slope")
+    soak.add_argument("--api-key", default=None)
+    soak.add_argument("--seed", type=int, default=0)
+    _add_result_args(soak)
+    soak.set_defaults(func=cmd_soak)
