@@ -342,7 +342,7 @@ def _nucleus_threshold(sorted_probs: torch.Tensor, top_p: torch.Tensor) -> tuple
     inclusive = sorted_probs.cumsum(dim=-1)
     # Mass strictly before each position; shifting keeps it exactly monotone.
     before = torch.cat([torch.zeros_like(inclusive[:, :1]), inclusive[:, :-1]], dim=-1)
-    num_kept = (before < top_p.unsqueeze(-1)).sum(dim=-1, keepdim=True)  # >= 1: before[0] is 0
+    num_kept = (before < top_p.unsqueeze(-1)).sum(dim=-1, keepdim=True).clamp_(min=1)  # NaN rows (extreme inputs) count 0
     threshold = sorted_probs.gather(-1, num_kept - 1).squeeze(-1)
     return threshold, inclusive[:, -1] >= top_p
 
