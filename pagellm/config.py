@@ -15,6 +15,7 @@ _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEVICES = ("auto", "cpu", "cuda")
 _ATTENTION_BACKENDS = ("auto", "torch", "triton", "cpu")
 _LOAD_FORMATS = ("auto", "dummy")
+_SCHEDULING_POLICIES = ("fcfs", "priority")
 
 DEFAULT_KV_CACHE_MEMORY = 1 << 30  # 1 GiB of KV cache on the CPU unless told otherwise
 DEFAULT_MAX_MODEL_LEN_CAP = 8192  # a model claiming 128k context should not get a 128k default on the CPU
@@ -36,6 +37,7 @@ class EngineConfig:
     max_num_batched_tokens: Optional[int] = None  # None: 2048 with chunked prefill, else max_model_len
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
+    scheduling_policy: str = "fcfs"  # fcfs: arrival order; priority: (request priority, arrival), lower first
     seed: int = 0
     attention_backend: str = "auto"  # auto: triton on CUDA, cpu (C++ decode kernel) on the CPU
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
@@ -53,6 +55,8 @@ class EngineConfig:
             bad("device", f"must be one of {_DEVICES}")
         if self.attention_backend not in _ATTENTION_BACKENDS:
             bad("attention_backend", f"must be one of {_ATTENTION_BACKENDS}")
+        if self.scheduling_policy not in _SCHEDULING_POLICIES:
+            bad("scheduling_policy", f"must be one of {_SCHEDULING_POLICIES}")
         if self.load_format not in _LOAD_FORMATS:
             bad("load_format", f"must be one of {_LOAD_FORMATS}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):

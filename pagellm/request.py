@@ -16,10 +16,13 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
+    # A step failed because of this request (see Scheduler.isolate_failed_step); the others go on.
+    FINISHED_ERROR = "error"
 
     @property
     def finished(self) -> bool:
-        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED,
+                        RequestStatus.FINISHED_ERROR)
 
     @property
     def finish_reason(self) -> Optional[str]:
@@ -41,6 +44,7 @@ class Request:
         eos_token_ids: Optional[set[int]] = None,
         arrival_time: Optional[float] = None,
         cache_salt: Optional[str] = None,
+        priority: int = 0,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -63,6 +67,12 @@ class Request:
         self.block_hashes: list[bytes] = []
         # Parallel-sampling children reuse each other's prompt blocks even with prefix caching off.
         self.share_prefix = False
+        # Lower runs earlier under the "priority" scheduling policy (vLLM's meaning); ignored by "fcfs".
+        self.priority = priority
+        # Steps that failed with this request in the batch; a suspect runs alone until it has sampled.
+        self.num_failed_steps = 0
+        self.suspect = False
+        self.error: Optional[str] = None  # why it finished with FINISHED_ERROR
 
     @property
     def all_token_ids(self) -> list[int]:

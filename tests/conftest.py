@@ -94,6 +94,13 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    """One tiny random Llama checkpoint (no tokenizer) for the whole session: engine tests that
+    only need token ids share it instead of saving their own."""
+    return make_tiny_llama(str(tmp_path_factory.mktemp("tiny-llama-shared")), seed=3)
+
+
+@pytest.fixture(scope="session")
 def tiny_chat_model(tmp_path_factory) -> str:
     """A tiny random Llama with SmolLM2's tokenizer and chat template: a real text and chat
     front end over a model that generates in milliseconds (server tests that need no real text)."""

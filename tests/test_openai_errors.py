@@ -306,14 +306,14 @@ class _BrokenEngine:
         self.errored = False
         self.shut_down = False
 
-    async def prepare(self, prompt, sampling_params, request_id, arrival_time=None):
+    async def prepare(self, prompt, sampling_params, request_id, arrival_time=None, priority=0):
         self.processor.process(request_id, prompt, sampling_params)  # the real engine's checks
         return prompt
 
     async def run_off_loop(self, fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
-    async def generate(self, prompt, sampling_params, request_id, arrival_time=None):
+    async def generate(self, prompt, sampling_params, request_id, arrival_time=None, *, deadline=None, priority=0):
         raise RuntimeError("the engine core is gone")
         yield  # an async generator, like AsyncLLM.generate
 

@@ -234,14 +234,14 @@ class _FailingEngine:
         self.metrics = SimpleNamespace(render=lambda: b"", CONTENT_TYPE="text/plain")
         self.errored = False
 
-    async def prepare(self, prompt, sampling_params, request_id, arrival_time=None):
+    async def prepare(self, prompt, sampling_params, request_id, arrival_time=None, priority=0):
         self.processor.process(request_id, prompt, sampling_params)  # the real engine's checks
         return prompt
 
     async def run_off_loop(self, fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
-    async def generate(self, prompt, sampling_params, request_id, arrival_time=None):
+    async def generate(self, prompt, sampling_params, request_id, arrival_time=None, *, deadline=None, priority=0):
         raise RuntimeError("secret internal detail /etc/passwd")
         yield
 
@@ -260,7 +260,7 @@ def test_500_names_the_class_and_a_request_id_never_the_exception_text(caplog):
 
 
 class _FailingMidStreamEngine(_FailingEngine):
-    async def generate(self, prompt, sampling_params, request_id, arrival_time=None):
+    async def generate(self, prompt, sampling_params, request_id, arrival_time=None, *, deadline=None, priority=0):
         from pagellm.outputs import CompletionOutput, RequestOutput
 
         yield RequestOutput(request_id, None, list(prompt), [CompletionOutput(0, "a", [5], None, [], None)], False)

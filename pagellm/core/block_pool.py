@@ -133,6 +133,10 @@ class BlockPool:
         block.block_hash = block_hash
         self._cached[block_hash] = block_id
 
+    def forget_hash(self, block_id: int) -> None:
+        """Makes one block unfindable (its contents are not to be trusted)."""
+        self._evict(self.blocks[block_id])
+
     def reset_prefix_cache(self) -> bool:
         """Forgets every cached hash, but only when no request holds a block; returns whether it did.
 

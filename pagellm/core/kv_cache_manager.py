@@ -163,6 +163,18 @@ class KVCacheManager:
             self.pool.cache_block(blocks[i], hashes[i])
         self._num_cached_blocks[request.request_id] = num_full
 
+    def forget_uncomputed_blocks(self, request: Request) -> None:
+        """Unregisters the request's cached blocks past its computed tokens: registered when a step
+        that then failed was scheduled, their KV may never have been written."""
+        confirmed = request.num_computed_tokens // self.block_size
+        registered = self._num_cached_blocks.get(request.request_id, 0)
+        if registered <= confirmed:
+            return
+        blocks = self.req_to_blocks[request.request_id]
+        for i in range(confirmed, registered):
+            self.pool.forget_hash(blocks[i])
+        self._num_cached_blocks[request.request_id] = confirmed
+
     def free(self, request: Request) -> None:
         """Drops the request's hold on its blocks, last block first: the free list is the eviction
         order, and a request's tail (its own suffix) is less likely to be shared than its head."""

@@ -6,11 +6,21 @@ within the step's token budget, so a long prompt is chunked over steps while dec
 and prompt chunks share one batch. When the KV pool runs dry, the most recently
 admitted running request is preempted: its blocks are freed and it waits to be
 recomputed from scratch (prompt + the tokens it already generated).
+
+Under the "priority" policy both queues are ordered by (priority, arrival time) instead:
+lower priority values run first, and the preemption victim is the running request with
+the largest key.
+
+A step that fails (`isolate_failed_step`) must not take every request down with it: each
+request of that batch is preempted and marked a suspect, and suspects then run one per step,
+alone, until each has sampled a token. A suspect that fails alone (or, per failed batch, one
+request in its second failed step) is finished with FINISHED_ERROR; the others go on.
 """
 
 from __future__ import annotations
 
 import time
+import bisect
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
@@ -69,6 +79,8 @@ class RequestUpdate:
     new_prompt_logprobs: Optional[object] = None
     # Prompt tokens served from the prefix cache at first admission (usage's cached_tokens).
     num_cached_tokens: int = 0
+    # With finish_reason "error": what failed (for the log and offline callers; servers do not echo it).
+    error: Optional[str] = None
 
 
 @dataclass
@@ -81,6 +93,13 @@ class SchedulerStats:
     prefix_cache_hits: int
 
 
+SCHEDULING_POLICIES = ("fcfs", "priority")
+
+
+def _priority_key(request: Request) -> tuple[int, float]:
+    return request.priority, request.arrival_time
+
+
 class Scheduler:
     def __init__(
         self,
@@ -90,7 +109,11 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_model_len: int,
         enable_chunked_prefill: bool = True,
+        policy: str = "fcfs",
     ) -> None:
+        if policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling policy must be one of {SCHEDULING_POLICIES}, got {policy!r}")
+        self.policy = policy
         self.kv = kv_cache_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -109,6 +132,10 @@ class Scheduler:
         # A request may not outgrow the whole pool: it could then never be scheduled again.
         self._kv_capacity_tokens = kv_cache_manager.num_blocks * kv_cache_manager.block_size
         self.num_preemptions_total = 0
+        # Requests of a failed step still to be run alone (oldest failure first).
+        self._suspects: list[Request] = []
+        # request id -> time.monotonic() of its first scheduling, until the engine takes them (queue-time metrics).
+        self._first_scheduled: dict[str, float] = {}
 
     # -- intake -------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -126,7 +153,10 @@ class Scheduler:
             )
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        if self.policy == "priority":
+            bisect.insort(self.waiting, request, key=_priority_key)
+        else:
+            self.waiting.append(request)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
@@ -141,6 +171,9 @@ class Scheduler:
         new_reqs: list[NewRequestData] = []
         cached_reqs: list[CachedRequestData] = []
         preempted_now = False
+        isolating = self._isolate_next_suspect()
+        if self.policy == "priority":
+            self.running.sort(key=_priority_key)  # the tail is then always the preemption victim
 
         # 1) Running requests, oldest first; preempt from the newest end when blocks run out.
         i = 0
@@ -167,7 +200,9 @@ class Scheduler:
             i += 1
 
         # 2) Waiting requests, first come first served. Not after a preemption: the pool is full.
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted_now:
+        # A suspect being isolated is admitted alone (it was put at the head of the queue).
+        while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted_now
+               and not (isolating and (self.running or not self.waiting[0].suspect))):
             request = self.waiting[0]
             computed_blocks, num_cached_tokens = self.kv.get_computed_blocks(
                 request, use_cache=True if request.share_prefix else None)
@@ -186,6 +221,7 @@ class Scheduler:
                 request.num_cached_tokens = num_cached_tokens
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
+                self._first_scheduled[request.request_id] = request.first_scheduled_time
             self.running.append(request)
             num_scheduled[request.request_id] = num_new
             budget -= num_new
@@ -218,7 +254,10 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions_total += 1
-        self.waiting.appendleft(request)
+        if self.policy == "priority":
+            bisect.insort(self.waiting, request, key=_priority_key)
+        else:
+            self.waiting.appendleft(request)
         if request.request_id in self._known_to_runner:
             self._known_to_runner.discard(request.request_id)
             self._preempted_since_last_step.add(request.request_id)
@@ -246,6 +285,8 @@ class Scheduler:
                 appended.append(token_id)
                 if self._check_stop(request, token_id):
                     break
+            if request.suspect and appended:  # it ran alone through a sampling step: not the cause
+                self._clear_suspect(request)
             update = RequestUpdate(
                 req_id, appended,
                 new_logprobs=logprobs.get(req_id), new_prompt_logprobs=new_prompt_logprobs,
@@ -299,6 +340,8 @@ class Scheduler:
             self._free_finished(request)
 
     def _free_finished(self, request: Request) -> None:
+        if request.suspect:
+            self._clear_suspect(request)
         if request in self.running:
             self.running.remove(request)
         self.kv.free(request)
@@ -307,6 +350,65 @@ class Scheduler:
         if request.request_id in self._known_to_runner:
             self._known_to_runner.discard(request.request_id)
             self._finished_since_last_step.add(request.request_id)
+
+    # -- failed steps -----------------------------------------------------------------
+    def isolate_failed_step(self, sched_out: SchedulerOutput, error: str) -> list[RequestUpdate]:
+        """Handles a step whose execution raised: nothing it computed counts.
+
+        Blocks registered in the prefix cache for that step's tokens are forgotten (their KV
+        may be garbage). A request that failed alone is finished with FINISHED_ERROR (blocks
+        freed; its update carries the error), and so is, in a batch, the first request already
+        in its second failed step; the others are preempted as suspects, to be run one at a
+        time. Returns the error updates.
+        """
+        batch = [self.requests[r] for r in sched_out.num_scheduled_tokens
+                 if r in self.requests and self.requests[r].status == RequestStatus.RUNNING]
+        for request in batch:
+            self.kv.forget_uncomputed_blocks(request)
+        updates: list[RequestUpdate] = []
+        for request in batch:
+            request.num_failed_steps += 1
+        # Alone, it is the cause. In a batch, at most one request is blamed per failure: the first that
+        # failed before (it passed alone, so the failure needs company); the others are isolated again.
+        repeat = next((r for r in batch if r.num_failed_steps >= 2), None)
+        for request in batch:
+            self.running.remove(request)
+            if len(batch) == 1 or request is repeat:
+                request.status = RequestStatus.FINISHED_ERROR
+                request.error = error
+                self._free_finished(request)
+                updates.append(RequestUpdate(request.request_id, [], finish_reason="error", error=error))
+            else:
+                self._preempt(request)
+                if not request.suspect:
+                    request.suspect = True
+                    self._suspects.append(request)
+        return updates
+
+    def _isolate_next_suspect(self) -> bool:
+        """While suspects remain, the step runs only the oldest one: every other running request
+        is preempted and the suspect goes to the head of the queue. Returns whether isolating."""
+        if not self._suspects:
+            return False
+        suspect = self._suspects[0]
+        for other in [r for r in self.running if r is not suspect]:
+            self.running.remove(other)
+            self._preempt(other)
+        if suspect.status != RequestStatus.RUNNING:
+            self.waiting.remove(suspect)
+            self.waiting.appendleft(suspect)
+        return True
+
+    def _clear_suspect(self, request: Request) -> None:
+        request.suspect = False
+        self._suspects.remove(request)
+        if self.policy == "priority" and not self._suspects:
+            self.waiting = deque(sorted(self.waiting, key=_priority_key))  # isolation moved suspects forward
+
+    def take_first_scheduled(self) -> dict[str, float]:
+        """Requests first scheduled since the last call, with when (plain data, for the front end's metrics)."""
+        taken, self._first_scheduled = self._first_scheduled, {}
+        return taken
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(

@@ -16,55 +16,40 @@ early (aclose, cancellation, client disconnect) aborts the request in the core.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import itertools
+import logging
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Optional, TypeVar, Union
 
 from pagellm.config import EngineConfig
-from pagellm.core.scheduler import SchedulerStats
+from pagellm.core.scheduler import RequestUpdate, SchedulerStats
+from pagellm.engine.admission import AdmissionLimits
 from pagellm.engine.core_process import (AbortRequests, AddRequest, CoreOutputs, FinishOnStop, ProcessCoreClient,
                                          ResetPrefixCache, StatsRequest, ThreadCoreClient)
+from pagellm.engine.exceptions import EngineDeadError, EngineOverloadedError, RequestFailedError
+from pagellm.engine.async_streams import OutputStream, call_soon, merge_deltas, put_all, resolve, wait_until
 from pagellm.engine.intake import PreparedRequest, RequestIntake, load_front_end_tokenizer
 from pagellm.engine.metrics import EngineMetrics
 from pagellm.engine.output_processor import OutputKind, RequestState
 from pagellm.engine.processor import PromptType
 from pagellm.engine.setup import ModelSetup, resolve_setup
-from pagellm.outputs import CompletionOutput, RequestOutput
+from pagellm.outputs import RequestOutput
 from pagellm.sampling_params import SamplingParams
 
 CoreClient = Union[ProcessCoreClient, ThreadCoreClient]
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 # Tokenizing, chat-template rendering and big detokenizations run on this many threads, off the
 # event loop. One: a Hugging Face fast tokenizer raises "Already borrowed" when two threads encode
 # with the same instance at once; more workers would need a tokenizer copy each.
 INTAKE_WORKERS = 1
-
-
-class _Stream:
-    """Outputs of one request, filled from the reader thread (via its loop), drained by generate()."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.items: list[object] = []
-        self.ready = asyncio.Event()
-
-    def put(self, item: object) -> None:  # on self.loop
-        self.items.append(item)
-        self.ready.set()
-
-    async def get_all(self) -> list[object]:
-        while not self.items:
-            await self.ready.wait()
-            self.ready.clear()
-        items, self.items = self.items, []
-        return items
 
 
 @dataclass
@@ -77,9 +62,19 @@ class _Tracking:
 
 
 class AsyncLLM:
-    def __init__(self, setup: ModelSetup, tokenizer, client: CoreClient, model_name: Optional[str] = None) -> None:
-        """Use `from_config`; this wires up a front end around an already started core client."""
+    def __init__(self, setup: ModelSetup, tokenizer, client: CoreClient, model_name: Optional[str] = None,
+                 admission: Optional[AdmissionLimits] = None,
+                 restart_core: Optional[Callable[[], CoreClient]] = None) -> None:
+        """Use `from_config`; this wires up a front end around an already started core client.
+
+        restart_core: when given, a core that dies is replaced by what it returns (a started,
+        ready client) instead of leaving the engine dead; requests in flight still fail.
+        """
         self.setup = setup
+        self.admission = admission or AdmissionLimits()
+        self._restart_core = restart_core
+        # Called (on the reader thread) once the engine is dead for good, with the reason.
+        self._on_dead_callbacks: list[Callable[[str], None]] = []
         self.config: EngineConfig = setup.config
         self.model_config = setup.model_config
         self.tokenizer = tokenizer
@@ -90,7 +85,7 @@ class AsyncLLM:
         self.metrics = EngineMetrics(model_name or default_model_name(setup))
         # Guards the OutputProcessor and the tables below: the event loop and the reader thread both use them.
         self._lock = threading.Lock()
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, OutputStream] = {}
         self._tracking: dict[str, _Tracking] = {}
         self._stats: Optional[SchedulerStats] = None
         # Answers the core owes us (stats snapshots, prefix-cache resets), by request token.
@@ -103,11 +98,13 @@ class AsyncLLM:
 
     @classmethod
     def from_config(cls, config: EngineConfig, *, engine_process: bool = True, quiet: bool = False,
-                    model_name: Optional[str] = None) -> "AsyncLLM":
+                    model_name: Optional[str] = None, admission: Optional[AdmissionLimits] = None,
+                    restart_on_failure: bool = False) -> "AsyncLLM":
         """Starts the engine and returns once the model is loaded.
 
         engine_process: run the core in a child process (default) or in a thread of this one.
         model_name: the `model_name` label of the metrics (default: the model file/directory name).
+        admission: the queue limit (default: none). restart_on_failure: reload a core that dies.
         """
         setup = resolve_setup(config)
         client: Optional[CoreClient] = None
@@ -119,15 +116,17 @@ class AsyncLLM:
                 if not quiet:
                     print(f"[pagellm] {ready.kv_cache_summary}", flush=True)
             else:
-                from pagellm.engine.core import EngineCore  # the model stack, only for an in-process core
-
                 tokenizer = load_front_end_tokenizer(setup)
-                client = ThreadCoreClient(EngineCore.from_config(setup, quiet=quiet))
+                client = _start_thread_core(setup, quiet)
         except BaseException:
             if client is not None:
                 client.close()
             raise
-        return cls(setup, tokenizer, client, model_name)
+        restart = None
+        if restart_on_failure:
+            restart = functools.partial(_start_process_core, setup) if engine_process else \
+                functools.partial(_start_thread_core, setup, True)
+        return cls(setup, tokenizer, client, model_name, admission, restart)
 
     # -- requests -----------------------------------------------------------------------
     async def run_off_loop(self, fn: Callable[..., T], *args, **kwargs) -> T:
@@ -136,28 +135,33 @@ class AsyncLLM:
                                                                 functools.partial(fn, *args, **kwargs))
 
     async def prepare(self, prompt: PromptType, sampling_params: SamplingParams, request_id: str,
-                      arrival_time: Optional[float] = None) -> PreparedRequest:
+                      arrival_time: Optional[float] = None, priority: int = 0) -> PreparedRequest:
         """Validates and tokenizes off the event loop; ValueError on bad input. Queues nothing."""
         self._check_usable()
         return await self.run_off_loop(self.intake.prepare, request_id, prompt, sampling_params, OutputKind.DELTA,
-                                       arrival_time)
+                                       arrival_time, priority)
 
     async def generate(self, prompt: Union[PromptType, PreparedRequest], sampling_params: Optional[SamplingParams],
-                       request_id: Optional[str], arrival_time: Optional[float] = None) -> AsyncIterator[RequestOutput]:
+                       request_id: Optional[str], arrival_time: Optional[float] = None, *,
+                       deadline: Optional[float] = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Streams DELTA outputs (new text / token ids / logprobs) until the request finishes.
 
-        Bad input raises ValueError before the first output. `arrival_time` is on the
-        time.monotonic() clock (default: now). `prompt` may be what `prepare` returned (then
-        sampling_params and request_id are ignored), so a caller can validate a batch first.
+        Bad input raises ValueError before the first output; a full queue EngineOverloadedError;
+        a dead core EngineDeadError. `arrival_time` and `deadline` are on the time.monotonic()
+        clock (default arrival: now); past the deadline the request is aborted and
+        RequestTimeoutError raised. `prompt` may be what `prepare` returned (then sampling_params,
+        request_id and priority are ignored), so a caller can validate a batch first.
         """
         if isinstance(prompt, PreparedRequest):
             prepared = prompt
         else:
-            prepared = await self.prepare(prompt, sampling_params, request_id, arrival_time)  # type: ignore[arg-type]
+            prepared = await self.prepare(prompt, sampling_params, request_id, arrival_time,  # type: ignore[arg-type]
+                                          priority)
         request_id = prepared.request_id
-        stream = _Stream(asyncio.get_running_loop())
+        stream = OutputStream(asyncio.get_running_loop())
         with self._lock:
             self._check_usable()  # again, under the lock: the core may have died while we tokenized
+            self._admit(len(prepared.children))
             self.intake.register(prepared)
             self._streams[request_id] = stream
             self._tracking[request_id] = _Tracking()
@@ -166,9 +170,9 @@ class AsyncLLM:
             try:
                 self._client.send(AddRequest(request_id, prepared.children))
             except (OSError, ValueError) as e:
-                raise RuntimeError(f"engine core died: {self._dead or e}") from None
+                raise EngineDeadError(f"engine core died: {self._dead or e}") from None
             while not finished:
-                items = await stream.get_all()
+                items = await wait_until(stream.get_all(), deadline, request_id)
                 for item in items:
                     if isinstance(item, BaseException):
                         raise item
@@ -179,13 +183,22 @@ class AsyncLLM:
             if not finished:
                 self._abort_request(request_id)
 
+    def _admit(self, num_sequences: int) -> None:
+        """Admission control (under self._lock): refuses what would overfill the queue."""
+        try:
+            self.admission.check(len(self.output_processor.core_to_completion), num_sequences,
+                                 self.config.max_num_seqs)
+        except EngineOverloadedError:
+            self.metrics.record_rejected("queue_full")
+            raise
+
     async def abort(self, request_id: str) -> None:
         """Aborts a request; its stream ends with a final output whose finish_reason is "abort"."""
         aborted = self._abort_request(request_id)
         if aborted is not None and aborted[1] is not None:
             self._deliver([aborted])
 
-    def _abort_request(self, request_id: str) -> Optional[tuple[_Stream, Optional[RequestOutput]]]:
+    def _abort_request(self, request_id: str) -> Optional[tuple[OutputStream, Optional[RequestOutput]]]:
         """Forgets the request here and tells the core to free it. Any thread."""
         with self._lock:
             stream = self._streams.pop(request_id, None)
@@ -225,7 +238,7 @@ class AsyncLLM:
             try:
                 self._client.send(message_type(token))
             except (OSError, ValueError) as e:
-                raise RuntimeError(f"engine core died: {self._dead or e}") from None
+                raise EngineDeadError(f"engine core died: {self._dead or e}") from None
             return await future
         finally:
             with self._lock:
@@ -256,9 +269,14 @@ class AsyncLLM:
         self._intake_pool.shutdown(wait=False, cancel_futures=True)
         self._fail_waiters(RuntimeError("the engine has been shut down"))
 
+    def add_dead_callback(self, callback: Callable[[str], None]) -> None:
+        """`callback(reason)` runs (on a background thread) when the core dies and will not be restarted."""
+        self._on_dead_callbacks.append(callback)
+
     def _check_usable(self) -> None:
         if self._dead is not None:
-            raise RuntimeError(f"engine core died: {self._dead}")
+            self.metrics.record_rejected("engine_dead")
+            raise EngineDeadError(f"engine core died: {self._dead}")
         if self._closed:
             raise RuntimeError("the engine has been shut down")
 
@@ -266,7 +284,7 @@ class AsyncLLM:
     def _on_core_message(self, message: object) -> None:
         if not isinstance(message, CoreOutputs):
             return  # CoreFailed: its message arrives again through _on_core_exit
-        deliveries: list[tuple[_Stream, object]] = []
+        deliveries: list[tuple[OutputStream, object]] = []
         with self._lock:
             for request_id, error in message.rejected:
                 stream = self._streams.pop(request_id, None)
@@ -275,6 +293,7 @@ class AsyncLLM:
                 if stream is not None:
                     deliveries.append((stream, ValueError(error)))
             self._note_first_scheduled(message.first_scheduled)
+            failed = self._failed_requests(message.updates)
             touched: dict[str, tuple[RequestState, int]] = {}
             for update in message.updates:
                 entry = self.output_processor.core_to_completion.get(update.req_id)
@@ -284,22 +303,53 @@ class AsyncLLM:
             for state, tokens_before in touched.values():
                 self._record_progress(state, tokens_before)
             for out in outputs:
+                if out.request_id in failed:
+                    continue
                 stream = self._streams.get(out.request_id)
                 if out.finished:
                     self._streams.pop(out.request_id, None)
                     self._record_finished(touched[out.request_id][0])
                 if stream is not None:
                     deliveries.append((stream, out))
+            orphans = self._fail_requests(failed, deliveries)
             answers = [(t, message.stats) for t in message.stats_tokens]
             answers += message.reset_results
             waiters = [(self._waiters.pop(t), value) for t, value in answers if t in self._waiters]
         if stops:
             self._send_quietly(FinishOnStop(stops))  # first: the core keeps generating until it hears this
+        if orphans:
+            self._send_quietly(AbortRequests(orphans))  # siblings of a failed sample
         self._stats = message.stats
         self.metrics.record_scheduler_stats(message.stats)
         self._deliver(deliveries)
         for (loop, future), value in waiters:
-            _call_soon(loop, _resolve, future, value, None)
+            call_soon(loop, resolve, future, value, None)
+
+    def _failed_requests(self, updates: list[RequestUpdate]) -> dict[str, str]:
+        """User request id -> error, for core requests the core finished with an error this step."""
+        failed: dict[str, str] = {}
+        for update in updates:
+            if update.error is None:
+                continue
+            entry = self.output_processor.core_to_completion.get(update.req_id)
+            if entry is not None:
+                failed.setdefault(entry[0].request_id, update.error)
+        return failed
+
+    def _fail_requests(self, failed: dict[str, str], deliveries: list) -> list[str]:
+        """Ends each failed request with RequestFailedError (under self._lock); returns the core ids of
+        its other samples, still running, for the caller to abort."""
+        orphans: list[str] = []
+        for request_id, error in failed.items():
+            logger.error("request %s failed in the engine: %s", request_id, error)
+            orphans += self.output_processor.core_ids_of(request_id)
+            self.output_processor.abort(request_id)
+            self._tracking.pop(request_id, None)
+            self.metrics.record_finished("error", None, None)
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                deliveries.append((stream, RequestFailedError(f"request {request_id} failed in the engine: {error}")))
+        return orphans
 
     def _note_first_scheduled(self, first_scheduled: dict[str, float]) -> None:
         for core_id, when in first_scheduled.items():
@@ -340,15 +390,47 @@ class AsyncLLM:
                 self.output_processor.abort(request_id)
             self._streams.clear()
             self._tracking.clear()
-        self._deliver([(s, RuntimeError(f"engine core died: {reason}")) for s in streams])
-        self._fail_waiters(RuntimeError(f"engine core died: {reason}"))
+        logger.error("the engine core died: %s", reason)
+        self._deliver([(s, EngineDeadError(f"engine core died: {reason}")) for s in streams])
+        self._fail_waiters(EngineDeadError(f"engine core died: {reason}"))
+        if self._restart_core is not None:
+            threading.Thread(target=self._restart, args=(reason,), name="pagellm-core-restart", daemon=True).start()
+        else:
+            self._report_dead(reason)
+
+    def _restart(self, reason: str) -> None:
+        """Replaces the dead core (in-flight requests have failed); the engine is usable again once it is ready."""
+        started = time.monotonic()
+        try:
+            client = self._restart_core()  # type: ignore[misc]
+        except BaseException as exc:  # noqa: BLE001 - a core that cannot restart leaves the engine dead
+            logger.error("restarting the engine core failed: %s", exc, exc_info=exc)
+            self._report_dead(f"{reason}; the restart failed: {type(exc).__name__}: {exc}")
+            return
+        with self._lock:
+            if self._closed:
+                client.close()
+                return
+            old, self._client = self._client, client
+            self._dead = None
+        old.close(timeout=1.0)
+        client.start_reader(self._on_core_message, self._on_core_exit)
+        self.metrics.record_engine_restart()
+        logger.warning("the engine core was restarted in %.1f s after: %s", time.monotonic() - started, reason)
+
+    def _report_dead(self, reason: str) -> None:
+        for callback in list(self._on_dead_callbacks):
+            try:
+                callback(reason)
+            except Exception:  # noqa: BLE001 - one bad callback must not hide the others
+                logger.exception("engine-dead callback failed")
 
     def _fail_waiters(self, error: BaseException) -> None:
         with self._lock:
             waiters = list(self._waiters.values())
             self._waiters.clear()
         for loop, future in waiters:
-            _call_soon(loop, _resolve, future, None, error)
+            call_soon(loop, resolve, future, None, error)
 
     def _send_quietly(self, message: object) -> None:
         """Sends what only matters while the core lives (aborts, stop hits); a dead core has freed everything."""
@@ -357,9 +439,9 @@ class AsyncLLM:
         except (OSError, ValueError):
             pass
 
-    def _deliver(self, items: list[tuple[_Stream, object]]) -> None:
+    def _deliver(self, items: list[tuple[OutputStream, object]]) -> None:
         """Hands items to their streams, one call per event loop."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, object]]] = defaultdict(list)
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[OutputStream, object]]] = defaultdict(list)
         for stream, item in items:
             by_loop[stream.loop].append((stream, item))
         try:
@@ -368,54 +450,26 @@ class AsyncLLM:
             running = None
         for loop, batch in by_loop.items():
             if loop is running:
-                _put_all(batch)
+                put_all(batch)
             else:
-                _call_soon(loop, _put_all, batch)
+                call_soon(loop, put_all, batch)
 
 
-def merge_deltas(outputs: list[RequestOutput]) -> RequestOutput:
-    """Several DELTA outputs of one request (the consumer fell behind) as one."""
-    if len(outputs) == 1:
-        return outputs[0]
-    merged: dict[int, CompletionOutput] = {}
-    for out in outputs:
-        for c in out.outputs:
-            prev = merged.get(c.index)
-            if prev is None:
-                merged[c.index] = dataclasses.replace(
-                    c, token_ids=list(c.token_ids), logprobs=list(c.logprobs) if c.logprobs is not None else None)
-                continue
-            prev.text += c.text
-            prev.token_ids.extend(c.token_ids)
-            if c.logprobs is not None:
-                prev.logprobs = (prev.logprobs or []) + c.logprobs
-            prev.cumulative_logprob = c.cumulative_logprob
-            prev.finish_reason, prev.stop_reason = c.finish_reason, c.stop_reason
-    prompt_logprobs = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None)
-    return dataclasses.replace(outputs[-1], outputs=[merged[i] for i in sorted(merged)],
-                               prompt_logprobs=prompt_logprobs)
+def _start_process_core(setup: ModelSetup) -> ProcessCoreClient:
+    client = ProcessCoreClient(setup)
+    try:
+        client.wait_ready()
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+def _start_thread_core(setup: ModelSetup, quiet: bool) -> ThreadCoreClient:
+    from pagellm.engine.core import EngineCore  # the model stack, only for an in-process core
+
+    return ThreadCoreClient(EngineCore.from_config(setup, quiet=quiet))
 
 
 def default_model_name(setup: ModelSetup) -> str:
     return os.path.basename(setup.source.path.rstrip(os.sep)).removesuffix(".gguf")
-
-
-def _put_all(batch: list[tuple[_Stream, object]]) -> None:
-    for stream, item in batch:
-        stream.put(item)
-
-
-def _resolve(future: asyncio.Future, value, error: Optional[BaseException]) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(value)
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop, callback, *args) -> None:
-    try:
-        loop.call_soon_threadsafe(callback, *args)
-    except RuntimeError:
-        pass  # that event loop is closed: nobody is waiting there any more

@@ -7,23 +7,23 @@ runs in its own process under the async server.
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass, field
-from typing import Iterable, Optional
-
-import torch
+from typing import Iterable
 
 from pagellm.config import EngineConfig
 from pagellm.core.kv_cache_manager import KVCacheManager
 from pagellm.core.scheduler import RequestUpdate, Scheduler, SchedulerStats
 from pagellm.request import Request, RequestStatus
-from pagellm.sampling_params import SamplingParams
 from pagellm.engine.core_interface import EngineCoreRequest  # noqa: F401 - re-exported
 from pagellm.engine.setup import ModelSetup
 from pagellm.loader import iter_weights
 from pagellm.worker.model_runner import DTYPES, ModelRunner, kv_bytes_per_token
 
 logger = logging.getLogger(__name__)
+
+
+# Consecutive failed steps after which the core gives up (each failure isolates requests, and a
+# request fails at most twice, so a request-caused run of failures stays far below this).
+MAX_CONSECUTIVE_FAILED_STEPS = 8
 
 
 class EngineCore:
@@ -40,6 +40,7 @@ class EngineCore:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=config.max_model_len,
             enable_chunked_prefill=config.enable_chunked_prefill,
+            policy=config.scheduling_policy,
         )
         self.capacity_tokens = num_blocks * config.block_size
         if self.capacity_tokens < config.max_model_len:
@@ -62,6 +63,8 @@ class EngineCore:
             print(f"[pagellm] {message}", flush=True)
         self.num_steps = 0
         self.num_generation_tokens_total = 0
+        self.num_failed_steps_total = 0
+        self._consecutive_failed_steps = 0
 
     @classmethod
     def from_config(cls, setup: "ModelSetup", quiet: bool = False) -> "EngineCore":
@@ -73,7 +76,7 @@ class EngineCore:
     def add_request(self, req: EngineCoreRequest) -> Request:
         """Queues the request; returns its scheduler state (read-only to callers, e.g. for queue-time metrics)."""
         request = Request(req.request_id, req.prompt_token_ids, req.sampling_params, req.eos_token_ids,
-                          arrival_time=req.arrival_time, cache_salt=req.cache_salt)
+                          arrival_time=req.arrival_time, cache_salt=req.cache_salt, priority=req.priority)
         request.share_prefix = req.share_prefix
         self.scheduler.add_request(request)
         return request
@@ -93,12 +96,33 @@ class EngineCore:
             # Still let the runner drop state of requests that finished since the last step.
             self.runner.execute(sched_out)
             return []
-        runner_out = self.runner.execute(sched_out)
+        try:
+            runner_out = self.runner.execute(sched_out)
+        except Exception as exc:  # noqa: BLE001 - one request's failure must not end the others
+            return self._on_failed_step(sched_out, exc)
+        self._consecutive_failed_steps = 0
         self.num_steps += 1
         updates = self.scheduler.update_from_output(
             sched_out, runner_out.sampled_token_ids, runner_out.logprobs, runner_out.prompt_logprobs)
         self.num_generation_tokens_total += sum(len(u.new_token_ids) for u in updates)
         return updates
+
+    def _on_failed_step(self, sched_out, exc: Exception) -> list[RequestUpdate]:
+        """The step raised: the scheduler isolates the requests of its batch (see Scheduler.isolate_failed_step).
+
+        Failing steps in a row with no success between them point at the engine, not at a
+        request: after MAX_CONSECUTIVE_FAILED_STEPS the error is raised, and the core dies loudly.
+        """
+        self.num_failed_steps_total += 1
+        self._consecutive_failed_steps += 1
+        logger.error("engine step failed (%d scheduled requests): %s", len(sched_out.num_scheduled_tokens), exc,
+                     exc_info=exc)
+        if self._consecutive_failed_steps >= MAX_CONSECUTIVE_FAILED_STEPS:
+            raise RuntimeError(f"{self._consecutive_failed_steps} engine steps failed in a row") from exc
+        return self.scheduler.isolate_failed_step(sched_out, f"{type(exc).__name__}: {exc}")
+
+    def take_first_scheduled(self) -> dict[str, float]:
+        return self.scheduler.take_first_scheduled()
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()

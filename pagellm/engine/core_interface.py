@@ -29,6 +29,8 @@ class EngineCoreRequest:
     share_prefix: bool = False
     # Only requests with the same salt share prefix-cache blocks.
     cache_salt: Optional[str] = None
+    # Lower is scheduled earlier under the "priority" policy (vLLM's meaning).
+    priority: int = 0
 
 
 def admit_all_or_none(children: list[EngineCoreRequest], add: Callable[[EngineCoreRequest], T],

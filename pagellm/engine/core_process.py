@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional
 
 from pagellm.core.scheduler import RequestUpdate, SchedulerStats
-from pagellm.engine.core_interface import EngineCoreRequest
+from pagellm.engine.core_interface import EngineCoreRequest, admit_all_or_none
 from pagellm.engine.setup import ModelSetup
-from pagellm.request import Request
 
 if TYPE_CHECKING:  # the front end imports this module; only the core process loads the model stack
     from pagellm.engine.core import EngineCore
@@ -109,8 +108,6 @@ class CoreLoop:
         self.core = core
         self.inputs = inputs
         self.send = send
-        # Requests not yet scheduled, watched so their first-scheduled time can be reported.
-        self._unscheduled: dict[str, Request] = {}
 
     def run(self) -> None:
         while True:
@@ -124,7 +121,7 @@ class CoreLoop:
             # Also run when nothing is scheduled: the runner drops state of requests aborted above.
             out.updates = self.core.step()
             out.stats = self.core.stats()
-            out.first_scheduled = self._take_first_scheduled()
+            out.first_scheduled = self.core.take_first_scheduled()
             self.send(out)
 
     def _drain(self, block: bool) -> list:
@@ -137,15 +134,9 @@ class CoreLoop:
 
     def _handle(self, message, out: CoreOutputs) -> None:
         if isinstance(message, AddRequest):
-            added: list[str] = []
             try:
-                for child in message.children:
-                    self._unscheduled[child.request_id] = self.core.add_request(child)
-                    added.append(child.request_id)
+                admit_all_or_none(message.children, self.core.add_request, self.core.abort_requests)
             except ValueError as e:
-                self.core.abort_requests(added)
-                for core_id in added:
-                    self._unscheduled.pop(core_id, None)
                 out.rejected.append((message.request_id, str(e)))
         elif isinstance(message, AbortRequests):
             self.core.abort_requests(message.core_request_ids)
@@ -159,18 +150,6 @@ class CoreLoop:
             out.reset_results.append((message.token, self.core.reset_prefix_cache()))
         else:
             raise TypeError(f"unknown message for the engine core: {type(message).__name__}")
-
-    def _take_first_scheduled(self) -> dict[str, float]:
-        if not self._unscheduled:
-            return {}
-        scheduled: dict[str, float] = {}
-        for core_id, request in list(self._unscheduled.items()):
-            if request.first_scheduled_time is not None:
-                scheduled[core_id] = request.first_scheduled_time
-                del self._unscheduled[core_id]
-            elif request.is_finished:  # aborted while waiting: never scheduled
-                del self._unscheduled[core_id]
-        return scheduled
 
 
 # -- running it in a child process --------------------------------------------------------

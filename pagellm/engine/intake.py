@@ -81,11 +81,11 @@ class RequestIntake:
         self.output_processor = OutputProcessor(tokenizer)
 
     def prepare(self, request_id: str, prompt: PromptType, params: SamplingParams, kind: OutputKind,
-                arrival_time: Optional[float] = None) -> PreparedRequest:
+                arrival_time: Optional[float] = None, priority: int = 0) -> PreparedRequest:
         """Validates and tokenizes (once), then fans out; raises ValueError on bad input. Touches no shared state."""
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
-        text, core_req = self.processor.process(request_id, prompt, params, arrival_time)
+        text, core_req = self.processor.process(request_id, prompt, params, arrival_time, priority)
         state = RequestState(request_id, text, core_req.prompt_token_ids, core_req.sampling_params, self.tokenizer,
                              kind, core_req.arrival_time)
         return PreparedRequest(state, fan_out(core_req))

@@ -36,8 +36,9 @@ class LLMEngine:
 
     # -- requests -----------------------------------------------------------------
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
-                    kind: OutputKind = OutputKind.CUMULATIVE, arrival_time: Optional[float] = None) -> None:
-        self.add_prepared(self.intake.prepare(request_id, prompt, params, kind, arrival_time))
+                    kind: OutputKind = OutputKind.CUMULATIVE, arrival_time: Optional[float] = None,
+                    priority: int = 0) -> None:
+        self.add_prepared(self.intake.prepare(request_id, prompt, params, kind, arrival_time, priority))
 
     def add_prepared(self, prepared: PreparedRequest) -> None:
         """Queues a request `intake.prepare` made (LLM.generate validates a whole batch first this way)."""
@@ -65,6 +66,7 @@ class LLMEngine:
     # -- the loop -------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         outputs, stops = self.intake.read_updates(self.core.step())
+        self.core.take_first_scheduled()  # queue-time reports are for the async front end's metrics
         for core_id, stop in stops:
             self.core.finish_on_stop_string(core_id, stop)
         return outputs

@@ -67,6 +67,12 @@ class EngineMetrics:
                                              "Time from arrival to the end of a request.", _REQUEST_BUCKETS)
         self.request_queue_time = histogram("pagellm:request_queue_time_seconds",
                                             "Time a request waited before it was first scheduled.", _REQUEST_BUCKETS)
+        # Refused before queueing: "queue_full" (admission control), "engine_dead".
+        self.request_rejected = Counter("pagellm:request_rejected_total",
+                                        "Requests refused before they were queued, by reason.",
+                                        _LABELS + ["reason"], registry=r)
+        self.engine_restarts = counter("pagellm:engine_restarts_total",
+                                       "Times the engine core was restarted after it died.")
         # The core reports running totals; counters move forward by the difference.
         self._last_totals = {"preemptions": 0, "queries": 0, "hits": 0}
 
@@ -102,6 +108,12 @@ class EngineMetrics:
             self.e2e_request_latency.observe(max(e2e, 0.0))
         if queue_time is not None:
             self.request_queue_time.observe(max(queue_time, 0.0))
+
+    def record_rejected(self, reason: str) -> None:
+        self.request_rejected.labels(self.model_name, reason).inc()
+
+    def record_engine_restart(self) -> None:
+        self.engine_restarts.inc()
 
     # -- exposition -------------------------------------------------------------------
     def render(self) -> bytes:

@@ -75,9 +75,10 @@ class InputProcessor:
         raise ValueError(f"unsupported prompt type {type(prompt).__name__}; pass a string or a list of token ids")
 
     def process(self, request_id: str, prompt: PromptType, params: SamplingParams,
-                arrival_time: Optional[float] = None) -> tuple[Optional[str], EngineCoreRequest]:
+                arrival_time: Optional[float] = None, priority: int = 0) -> tuple[Optional[str], EngineCoreRequest]:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        self._check_priority(priority)
         text, ids = self.split_prompt(prompt)
         cache_salt = prompt_cache_salt(prompt)
         if not ids:
@@ -95,10 +96,18 @@ class InputProcessor:
         if params.bad_words:
             params = params.clone()
             params._bad_words_token_ids = self._bad_words_ids(params.bad_words)
-        req = EngineCoreRequest(request_id, ids, params, set(self.eos_token_ids), cache_salt=cache_salt)
+        req = EngineCoreRequest(request_id, ids, params, set(self.eos_token_ids), cache_salt=cache_salt,
+                                priority=priority)
         if arrival_time is not None:
             req.arrival_time = arrival_time
         return text, req
+
+    def _check_priority(self, priority: int) -> None:
+        if isinstance(priority, bool) or not isinstance(priority, int) or not -2**63 <= priority < 2**63:
+            raise ValueError(f"priority must be a 64-bit integer, got {priority!r}")
+        if priority != 0 and self.config.scheduling_policy != "priority":
+            raise ValueError(f"priority {priority} needs the priority scheduling policy "
+                             "(--scheduling-policy priority); this engine schedules first come, first served")
 
     def _bad_words_ids(self, words: list[str]) -> list[list[int]]:
         """Each bad word as token ids, both as written and with a leading space (as it would appear mid-text)."""

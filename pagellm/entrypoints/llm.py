@@ -46,14 +46,19 @@ class LLM:
         prompts: Union[PromptType, Sequence[PromptType]],
         sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
         use_tqdm: bool = True,
+        priority: Optional[Sequence[int]] = None,
     ) -> list[RequestOutput]:
         """Generates for one prompt or a list: text, token ids, or dicts {"prompt": text} /
         {"prompt_token_ids": ids}, optionally with "cache_salt": only prompts with the same salt
         share prefix-cache blocks. Each output's `num_cached_tokens` counts the prompt tokens whose
-        KV came from the prefix cache."""
+        KV came from the prefix cache. `priority` (one per prompt, lower first) needs
+        scheduling_policy="priority". A request whose step failed (and was isolated as the cause)
+        comes back with finish_reason "error"; the others are unaffected."""
         prompt_list = _as_prompt_list(prompts)
         params_list = _as_params_list(sampling_params, len(prompt_list))
-        return self._run(prompt_list, params_list, use_tqdm)
+        if priority is not None and len(priority) != len(prompt_list):
+            raise ValueError(f"got {len(priority)} priorities for {len(prompt_list)} prompts; pass one per prompt")
+        return self._run(prompt_list, params_list, use_tqdm, list(priority) if priority is not None else None)
 
     def chat(
         self,
@@ -83,13 +88,15 @@ class LLM:
             prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self._run(prompts, _as_params_list(sampling_params, len(prompts)), use_tqdm)
 
-    def _run(self, prompts: list[PromptType], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, prompts: list[PromptType], params: list[SamplingParams], use_tqdm: bool,
+             priorities: Optional[list[int]] = None) -> list[RequestOutput]:
         engine = self.llm_engine
         # Prepare (validate + tokenize, once) everything before anything is queued, so a bad
         # prompt leaves no half-added batch.
         ids = [str(next(self._counter)) for _ in prompts]
-        prepared = [engine.intake.prepare(request_id, prompt, p, OutputKind.FINAL_ONLY)
-                    for request_id, prompt, p in zip(ids, prompts, params)]
+        priorities = priorities or [0] * len(prompts)
+        prepared = [engine.intake.prepare(request_id, prompt, p, OutputKind.FINAL_ONLY, priority=priority)
+                    for request_id, prompt, p, priority in zip(ids, prompts, params, priorities)]
         try:
             for request in prepared:
                 engine.add_prepared(request)

@@ -57,6 +57,18 @@ def register(sub) -> None:
     parser.add_argument("--prompt-logprobs-budget", type=int, default=None,
                         help="most prompt tokens x (logprobs + 1) one echo / prompt_logprobs request may ask "
                              "for; over it: 400 (default: 131072)")
+    parser.add_argument("--max-waiting-requests", type=int, default=None, metavar="N",
+                        help="sequences (n counts each sample) that may wait beyond a full batch; past it "
+                             "requests get 429 with Retry-After (default: max(256, 2 x max-num-seqs); -1: no limit)")
+    parser.add_argument("--max-n", type=int, default=None,
+                        help="most samples (n) per prompt; larger n gets 400 (default and maximum: 128)")
+    parser.add_argument("--request-timeout", type=float, default=None, metavar="S",
+                        help="abort a request S seconds after it arrived (504; everything it held is freed) "
+                             "(default: no deadline)")
+    parser.add_argument("--restart-engine-on-failure", action="store_true",
+                        help="restart a dead engine core in place (in-flight requests fail, new ones are served "
+                             "once it has reloaded). Default: the server exits with status 1, for a supervisor "
+                             "to restart it")
     parser.add_argument("--chat-template", default=None, metavar="FILE",
                         help="Jinja2 chat template file (default: the tokenizer's own template)")
     parser.add_argument("--engine-in-process", action="store_true",
@@ -79,6 +91,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-request-body-bytes must be positive, got {args.max_request_body_bytes}")
     if not args.body_read_timeout > 0 or not args.header_read_timeout > 0 or args.timeout_keep_alive < 1:
         raise ValueError("--header-read-timeout, --body-read-timeout and --timeout-keep-alive must be positive")
+    if args.request_timeout is not None and not args.request_timeout > 0:
+        raise ValueError(f"--request-timeout must be positive, got {args.request_timeout}")
+    if args.max_n is not None and not 1 <= args.max_n <= 128:
+        raise ValueError(f"--max-n must be in [1, 128], got {args.max_n}")
     for flag in ("max_prompt_chars", "max_chat_messages", "max_prompts_per_request", "prompt_logprobs_budget"):
         value = getattr(args, flag)
         if value is not None and value < 1:

@@ -24,6 +24,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pagellm.engine.exceptions import EngineDeadError, EngineOverloadedError, RequestTimeoutError
+
 logger = logging.getLogger(__name__)
 
 # OpenAI's `type` for each status we return.
@@ -36,8 +38,10 @@ _ERROR_TYPES = {
     409: "conflict_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
+    429: "rate_limit_error",
     500: "internal_server_error",
     503: "service_unavailable_error",
+    504: "timeout_error",
 }
 
 # "SamplingParams.top_p: must be in (0, 1], got 2.0" -> param "top_p".
@@ -117,6 +121,21 @@ def internal_error_response(request_id: str, *, close: bool = False) -> JSONResp
     response = error_response(internal_error_message(request_id), 500, None, "internal_error", close=close)
     response.headers["X-Request-Id"] = request_id
     return response
+
+
+def from_engine_error(exc: BaseException) -> Optional[tuple[OpenAIError, dict[str, str]]]:
+    """The engine's "cannot serve this now" errors as (OpenAI error, response headers); None for others.
+
+    Their messages carry no internals (queue sizes, a deadline), so they are shown as they are;
+    an engine-dead reason (which may quote the core's exception) is not.
+    """
+    if isinstance(exc, EngineOverloadedError):
+        return OpenAIError(str(exc), 429, code="queue_full"), {"Retry-After": str(exc.retry_after_s)}
+    if isinstance(exc, EngineDeadError):
+        return OpenAIError("the engine is not running; retry later", 503, code="engine_dead"), {"Retry-After": "5"}
+    if isinstance(exc, RequestTimeoutError):
+        return OpenAIError(str(exc) + " (--request-timeout)", 504, code="request_deadline_exceeded"), {}
+    return None
 
 
 def from_value_error(exc: ValueError, param_names: Optional[dict[str, str]] = None,
@@ -202,6 +221,15 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OpenAIError)
     async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
         return error_response(exc.message, exc.status, exc.param, exc.code)
+
+    async def _engine_error(_: Request, exc: Exception) -> JSONResponse:
+        err, headers = from_engine_error(exc)  # type: ignore[misc]
+        response = error_response(err.message, err.status, err.param, err.code)
+        response.headers.update(headers)
+        return response
+
+    for engine_error in (EngineOverloadedError, EngineDeadError, RequestTimeoutError):
+        app.add_exception_handler(engine_error, _engine_error)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -20,6 +20,7 @@ CHARS_PER_TOKEN_BOUND = 32
 # the front end and a row in the core's output.
 DEFAULT_PROMPT_LOGPROBS_BUDGET = 1 << 17
 DEFAULT_MAX_PROMPTS = 256  # prompts in one /v1/completions request (each is n sequences)
+DEFAULT_MAX_N = 128  # samples per prompt: OpenAI's own limit
 
 
 @dataclass(frozen=True)
@@ -28,22 +29,33 @@ class ServerLimits:
     max_chat_messages: int
     max_prompts: int = DEFAULT_MAX_PROMPTS
     prompt_logprobs_budget: int = DEFAULT_PROMPT_LOGPROBS_BUDGET
+    max_n: int = DEFAULT_MAX_N
+    # Seconds a request may take from arrival to its last token; None: no deadline.
+    request_timeout_s: Optional[float] = None
 
     @classmethod
     def for_context(cls, max_model_len: int, *, max_prompt_chars: Optional[int] = None,
                     max_chat_messages: Optional[int] = None, max_prompts: Optional[int] = None,
-                    prompt_logprobs_budget: Optional[int] = None) -> "ServerLimits":
+                    prompt_logprobs_budget: Optional[int] = None, max_n: Optional[int] = None,
+                    request_timeout_s: Optional[float] = None) -> "ServerLimits":
         """Limits for a `max_model_len` context; None takes the derived default."""
         limits = cls(
             max_prompt_chars=max_prompt_chars or CHARS_PER_TOKEN_BOUND * max_model_len,
             # Every message costs at least one token of context (its role marker).
             max_chat_messages=max_chat_messages or max_model_len,
             max_prompts=max_prompts or DEFAULT_MAX_PROMPTS,
-            prompt_logprobs_budget=prompt_logprobs_budget or DEFAULT_PROMPT_LOGPROBS_BUDGET)
+            prompt_logprobs_budget=prompt_logprobs_budget or DEFAULT_PROMPT_LOGPROBS_BUDGET,
+            max_n=max_n or DEFAULT_MAX_N, request_timeout_s=request_timeout_s)
         for name, value in vars(limits).items():
-            if value < 1:
+            if value is not None and not value > 0:
                 raise ValueError(f"{name} must be positive, got {value}")
+        if limits.max_n > DEFAULT_MAX_N:
+            raise ValueError(f"max_n may be at most {DEFAULT_MAX_N} (OpenAI's limit), got {limits.max_n}")
         return limits
+
+    def deadline(self, arrival: float) -> Optional[float]:
+        """The time.monotonic() by which a request that arrived at `arrival` must be done."""
+        return None if self.request_timeout_s is None else arrival + self.request_timeout_s
 
     # -- checks ---------------------------------------------------------------------------
     def check_text(self, length: int, param: str) -> None:
@@ -58,6 +70,11 @@ class ServerLimits:
                               f"{self.max_chat_messages} (--max-chat-messages)", 400, param="messages",
                               code="too_many_messages")
         self.check_text(total_chars, "messages")
+
+    def check_n(self, n: int) -> None:
+        if n > self.max_n:
+            raise OpenAIError(f"n is {n}, more than this server's limit of {self.max_n} (--max-n)", 400, param="n",
+                              code="invalid_value")
 
     def check_prompt_count(self, count: int) -> None:
         if count > self.max_prompts:

@@ -4,6 +4,7 @@ From the outside in (see `server.install_middleware`):
 
     InternalErrorMiddleware    an unexpected exception -> 500 naming the class and a request id
     TrustedHostMiddleware      Host headers outside the allowed names -> 400 (DNS rebinding)
+    EngineAliveMiddleware      while the engine core is dead (or restarting): 503 engine_dead on every route
     CORSMiddleware             (Starlette's, only with --allowed-origins)
     APIKeyMiddleware           401 without the key, except on the open paths
     BodyReadTimeoutMiddleware  a body not fully received in time -> 408, connection closed
@@ -50,6 +51,24 @@ def request_id_of(scope) -> str:
         if _REQUEST_ID.match(text):
             return text
     return f"req-{uuid.uuid4().hex}"
+
+
+class EngineAliveMiddleware:
+    """Answers 503 `engine_dead` on every route while `is_dead()`: a load balancer or client then
+    sees one consistent signal, instead of /v1/models and /metrics answering 200 from a server
+    that cannot generate."""
+
+    def __init__(self, app, is_dead: Callable[[], bool]) -> None:
+        self.app = app
+        self.is_dead = is_dead
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and self.is_dead():
+            response = error_response("the engine is not running; retry later", 503, None, "engine_dead")
+            response.headers["Retry-After"] = "5"
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 class InternalErrorMiddleware:

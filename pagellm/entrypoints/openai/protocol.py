@@ -82,6 +82,9 @@ class SamplingFields(RequestModel):
     # vLLM's prefix-cache isolation: only requests with the same salt share cached KV blocks.
     # Not a sampling parameter; the handlers pass it along with the prompt.
     cache_salt: Optional[str] = Field(default=None, min_length=1)
+    # vLLM's request priority (lower is served first; needs --scheduling-policy priority). Not a
+    # sampling parameter either.
+    priority: Int = Field(default=0, ge=-(2**63), lt=2**63)
 
     def to_sampling_params(self, max_tokens: int, logprobs: Optional[int],
                            prompt_logprobs: Optional[int]) -> SamplingParams:

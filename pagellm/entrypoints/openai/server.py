@@ -14,6 +14,8 @@ import contextlib
 import logging
 import os
 import signal
+import sys
+import threading
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -36,6 +38,7 @@ from pagellm.entrypoints.openai.middleware import (
     LOOPBACK_HOSTS,
     APIKeyMiddleware,
     BodyReadTimeoutMiddleware,
+    EngineAliveMiddleware,
     BodySizeLimitMiddleware,
     InternalErrorMiddleware,
     MemoryTrimMiddleware,
@@ -109,7 +112,7 @@ class StrictJSONRoute(APIRoute):
         return strict_handler
 
 
-def install_middleware(app: FastAPI, api_key: Optional[str], options: ServerOptions) -> None:
+def install_middleware(app: FastAPI, engine, api_key: Optional[str], options: ServerOptions) -> None:
     """The middleware stack; each add_middleware wraps the ones added before it."""
     app.add_middleware(MemoryTrimMiddleware, threshold_bytes=_TRIM_AFTER_BODY_BYTES)
     app.add_middleware(BodySizeLimitMiddleware, limit=options.max_request_body_bytes)
@@ -121,6 +124,7 @@ def install_middleware(app: FastAPI, api_key: Optional[str], options: ServerOpti
     if options.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(options.allowed_origins), allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["X-Request-Id"])
+    app.add_middleware(EngineAliveMiddleware, is_dead=lambda: engine.errored)
     if options.allowed_hosts is not None:
         app.add_middleware(TrustedHostMiddleware, allowed=options.allowed_hosts)
     app.add_middleware(InternalErrorMiddleware)  # outermost: catches whatever the others raise
@@ -150,7 +154,7 @@ def build_app(engine, served_model_name: str, api_key: Optional[str] = None, cha
     app = FastAPI(title="pagellm", version=pagellm.__version__, lifespan=lifespan)
     app.router.route_class = StrictJSONRoute
     install_error_handlers(app)
-    install_middleware(app, api_key, options)
+    install_middleware(app, engine, api_key, options)
 
     async def run_handler(raw: Request, work):
         try:
@@ -313,7 +317,8 @@ def server_options(args: argparse.Namespace, max_model_len: int) -> ServerOption
     limits = ServerLimits.for_context(max_model_len, max_prompt_chars=args.max_prompt_chars,
                                       max_chat_messages=args.max_chat_messages,
                                       max_prompts=args.max_prompts_per_request,
-                                      prompt_logprobs_budget=args.prompt_logprobs_budget)
+                                      prompt_logprobs_budget=args.prompt_logprobs_budget,
+                                      max_n=args.max_n, request_timeout_s=args.request_timeout)
     return ServerOptions(max_request_body_bytes=args.max_request_body_bytes,
                          body_read_timeout_s=args.body_read_timeout,
                          allowed_hosts=allowed_hosts_for(args.host, args.allowed_hosts),
@@ -332,6 +337,15 @@ def uvicorn_config(app, args: argparse.Namespace) -> uvicorn.Config:
                           forwarded_allow_ips=proxies or [], http=header_timeout_protocol(args.header_read_timeout))
 
 
+def admission_limits(args: argparse.Namespace, max_num_seqs: int):
+    from pagellm.engine.admission import AdmissionLimits, default_max_waiting_seqs
+
+    waiting = args.max_waiting_requests
+    if waiting is None:
+        waiting = default_max_waiting_seqs(max_num_seqs)
+    return AdmissionLimits(max_waiting_seqs=None if waiting < 0 else waiting)
+
+
 def run_server(args: argparse.Namespace) -> int:
     from pagellm.config import EngineConfig
     from pagellm.engine.async_llm import AsyncLLM
@@ -342,12 +356,25 @@ def run_server(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("PAGELLM_API_KEY") or None
     served_name = args.served_model_name or default_served_name(config.model)
 
-    engine = AsyncLLM.from_config(config, engine_process=not args.engine_in_process, model_name=served_name)
+    engine = AsyncLLM.from_config(config, engine_process=not args.engine_in_process, model_name=served_name,
+                                  admission=admission_limits(args, config.max_num_seqs),
+                                  restart_on_failure=args.restart_engine_on_failure)
     app = None
+    engine_died = threading.Event()
     try:
         app = build_app(engine, served_name, api_key, chat_template,
                         options=server_options(args, engine.config.max_model_len))
         server = GracefulServer(uvicorn_config(app, args), grace_s=args.shutdown_timeout, abort_all=engine.shutdown)
+
+        def exit_on_engine_death(reason: str) -> None:
+            # A supervisor (systemd, Kubernetes) restarts a server that exits; one that lives on
+            # answering 503 would need a human.
+            print(f"[pagellm] the engine core died ({reason}); stopping the server (exit status 1)",
+                  file=sys.stderr, flush=True)
+            engine_died.set()
+            server.should_exit = True
+
+        engine.add_dead_callback(exit_on_engine_death)
         print(f"[pagellm] serving {served_name!r} on http://{args.host}:{args.port}"
               f"{' (API key required)' if api_key else ''}", flush=True)
         # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal under
@@ -359,7 +386,7 @@ def run_server(args: argparse.Namespace) -> int:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        return 0 if server.started else 1
+        return 1 if engine_died.is_set() or not server.started else 0
     finally:
         if app is None or not getattr(app.state, "engine_stopped", False):
             engine.shutdown()

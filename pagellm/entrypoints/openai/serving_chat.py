@@ -7,6 +7,8 @@ path as `LLM.chat`, so the server and the offline API see identical prompts.
 
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, AsyncIterator, Optional
@@ -122,6 +124,7 @@ class OpenAIServingChat(OpenAIServing):
             raise OpenAIError(str(exc), 400, param="messages", code="invalid_value") from None
 
     async def create(self, request: ChatCompletionRequest):
+        arrival = time.monotonic()
         self.check_model(request.model)
         self._reject_unsupported(request)
         self.require_tokenizer("chat")
@@ -136,9 +139,9 @@ class OpenAIServingChat(OpenAIServing):
         self.limits.check_prompt_logprobs([len(prompt_ids)], request.prompt_logprobs, "prompt_logprobs")
         params = self.build_params(request, max_tokens, logprobs, request.prompt_logprobs)
         request_id = random_id("chatcmpl")
-        prepared = await self.prepare(request_id, prompt_ids, request.cache_salt, params)
+        prepared = await self.prepare(request_id, prompt_ids, request.cache_salt, params, request.priority)
         try:
-            outputs = await start_stream(self.engine.generate(prepared, params, request_id))
+            outputs = await start_stream(self.generate(prepared, params, request_id, arrival))
         except ValueError as exc:
             raise self.bad_value(exc) from None
         run = _Run(self, request, request_id, len(prompt_ids))

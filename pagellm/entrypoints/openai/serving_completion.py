@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
 
@@ -62,6 +64,7 @@ class _Choice:
 
 class OpenAIServingCompletion(OpenAIServing):
     async def create(self, request: CompletionRequest):
+        arrival = time.monotonic()
         self.check_model(request.model)
         if request.suffix is not None:
             raise OpenAIError("suffix is not supported (pagellm has no fill-in-the-middle mode); remove it",
@@ -87,8 +90,9 @@ class OpenAIServingCompletion(OpenAIServing):
                                                                     "max_tokens")
             params = self.build_params(request, max_tokens, request.logprobs, prompt_logprobs)
             rid = f"{request_id}-{i}"
-            streams.append((await self.prepare(rid, prompt.token_ids, request.cache_salt, params), params, rid))
-        merged = merge_streams([self.engine.generate(prepared, params, rid) for prepared, params, rid in streams])
+            prepared = await self.prepare(rid, prompt.token_ids, request.cache_salt, params, request.priority)
+            streams.append((prepared, params, rid))
+        merged = merge_streams([self.generate(prepared, params, rid, arrival) for prepared, params, rid in streams])
         try:
             merged = await start_stream(merged)
         except ValueError as exc:

@@ -15,7 +15,8 @@ from typing import Any, AsyncIterator, Awaitable, Mapping, Optional, TypeVar
 from fastapi import Request
 from pydantic import BaseModel
 
-from pagellm.entrypoints.openai.errors import OpenAIError, error_body, from_value_error, internal_error_message
+from pagellm.entrypoints.openai.errors import (OpenAIError, error_body, from_engine_error, from_value_error,
+                                            internal_error_message)
 from pagellm.entrypoints.openai.limits import ServerLimits
 from pagellm.outputs import Logprob, PositionLogprobs
 from pagellm.sampling_params import SamplingParams
@@ -50,6 +51,10 @@ def sse_error(exc: BaseException, request_id: str) -> str:
     if isinstance(exc, ValueError):
         err = from_value_error(exc)
         return sse(error_body(err.message, 400, err.param, err.code))
+    engine_error = from_engine_error(exc)
+    if engine_error is not None:
+        err = engine_error[0]
+        return sse(error_body(err.message, err.status, err.param, err.code))
     logger.error("stream %s failed after it started", request_id, exc_info=exc)
     return sse(error_body(internal_error_message(request_id), 500, None, "internal_error"))
 
@@ -111,22 +116,28 @@ class OpenAIServing:
 
     def build_params(self, fields, max_tokens: int, logprobs: Optional[int],
                      prompt_logprobs: Optional[int]) -> SamplingParams:
+        self.limits.check_n(fields.n)
         try:
             return fields.to_sampling_params(max_tokens, logprobs, prompt_logprobs)
         except ValueError as exc:
             raise self.bad_value(exc) from None
 
     async def prepare(self, request_id: str, prompt_ids: list[int], cache_salt: Optional[str],
-                      params: SamplingParams):
+                      params: SamplingParams, priority: int = 0):
         """The engine's own input checks (vocabulary, lengths) and tokenization, off the event loop.
 
         Nothing is queued yet: a multi-prompt request prepares every prompt first, so a bad
         second prompt never leaves the first one generating for nobody.
         """
         try:
-            return await self.engine.prepare(self.engine_prompt(prompt_ids, cache_salt), params, request_id)
+            return await self.engine.prepare(self.engine_prompt(prompt_ids, cache_salt), params, request_id,
+                                             priority=priority)
         except ValueError as exc:
             raise self.bad_value(exc) from None
+
+    def generate(self, prepared, params: SamplingParams, request_id: str, arrival: float):
+        """The engine's output stream for a prepared request, under the server's deadline (--request-timeout)."""
+        return self.engine.generate(prepared, params, request_id, deadline=self.limits.deadline(arrival))
 
     @staticmethod
     def engine_prompt(prompt_ids: list[int], cache_salt: Optional[str]):
