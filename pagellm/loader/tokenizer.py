@@ -70,8 +70,8 @@ def _gguf_tokenizer_type(source: ModelSource) -> str | None:
         return None
     try:
         config = load_hf_config(source)
-    except (OSError, ValueError, KeyError):
-        return None  # AutoTokenizer reports the problem its own way
+    except Exception:  # noqa: BLE001  only a shortcut: AutoTokenizer then fails (or not) its own way
+        return None
     model_type = getattr(config, "model_type", None)
     name = TOKENIZER_MAPPING_NAMES.get(model_type) if model_type else None
     if name is None or name == "MistralCommonBackend" or getattr(config, "tokenizer_class", None):
