@@ -221,6 +221,22 @@ def test_gemma3_270m_file_and_config(gemma_llm):
 
 
 @pytest.mark.slow
+def test_gemma3_270m_tokenizer_equals_autotokenizer(gemma_llm):
+    """The loader names the tokenizer class from its cached config (so transformers does not parse
+    the file a second time); the result must be what AutoTokenizer picks and builds by itself."""
+    from transformers import AutoTokenizer
+
+    directory, name = os.path.split(gemma3_270m_path())
+    ours = gemma_llm.get_tokenizer()
+    theirs = AutoTokenizer.from_pretrained(directory, gguf_file=name, local_files_only=True)
+    assert type(ours) is type(theirs)
+    assert ours.backend_tokenizer.to_str() == theirs.backend_tokenizer.to_str()
+    assert ours.chat_template == theirs.chat_template and ours.all_special_ids == theirs.all_special_ids
+    for prompt in REAL_PROMPTS:
+        assert ours(prompt).input_ids == theirs(prompt).input_ids
+
+
+@pytest.mark.slow
 def test_gemma3_270m_weights_equal_transformers(hf_gemma):
     reference = hf_gemma.state_dict()
     names = set()

@@ -420,6 +420,29 @@ def test_gguf_unsupported_architecture(tmp_path):
         iter_weights(resolve_model(path), torch.float32)
 
 
+def test_gguf_config_parsed_once_per_file(tmp_path, monkeypatch, synthetic_llama_gguf):
+    import transformers
+
+    path = str(tmp_path / "m.gguf")
+    shutil.copy(synthetic_llama_gguf[0], path)
+    calls = []
+    parse = transformers.AutoConfig.from_pretrained.__func__
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: calls.append(a) or parse(cls, *a, **k)))
+    src = resolve_model(path)
+    first, second = load_hf_config(src), load_hf_config(src)
+    assert len(calls) == 1
+    assert first is not second and first.to_dict() == second.to_dict()
+    first.num_hidden_layers = 99  # a caller's change does not reach the cached config
+    assert load_hf_config(src).num_hidden_layers == second.num_hidden_layers != 99
+    assert len(calls) == 1
+    # A rewritten file (new size and mtime) is parsed again.
+    write_gguf(path, tiny_model_for("qwen2"), "qwen2")
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert load_hf_config(src).model_type == "qwen2"
+    assert len(calls) == 2
+
+
 def test_gguf_without_tokenizer(synthetic_llama_gguf):
     with pytest.raises(ValueError, match="no tokenizer.*skip_tokenizer_init=True"):
         load_tokenizer(resolve_model(synthetic_llama_gguf[0]))

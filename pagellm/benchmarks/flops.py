@@ -15,6 +15,8 @@ from typing import Iterable, Optional
 
 import torch
 
+from pagellm.utils import head_dim as config_head_dim
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -29,10 +31,9 @@ class ModelShape:
     @classmethod
     def from_hf_config(cls, config) -> "ModelShape":
         heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(hidden=config.hidden_size, intermediate=config.intermediate_size,
                    layers=config.num_hidden_layers, heads=heads,
-                   kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
+                   kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=config_head_dim(config),
                    vocab=config.vocab_size)
 
     @property

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagellm.layers.linear import pack_weight_for_cpu, packed_linear
+from pagellm.layers.linear_method import CpuPackedLinearMethod, UnquantizedLinearMethod
 
 
 class VocabEmbedding(nn.Module):
@@ -22,23 +22,24 @@ class VocabEmbedding(nn.Module):
 
 
 class LMHead(nn.Module):
+    """The output projection; like a linear layer it applies its weight through a `LinearMethod`."""
+
     def __init__(self, vocab_size: int, hidden_size: int, tied_to: VocabEmbedding | None = None) -> None:
         super().__init__()
         self.vocab_size = vocab_size
         self.tied = tied_to is not None
         self.weight = tied_to.weight if tied_to is not None else nn.Parameter(
             torch.empty(vocab_size, hidden_size), requires_grad=False)
+        self.bias = None
+        self.method = UnquantizedLinearMethod()
         self.packed: Optional[torch.Tensor] = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits in float32 whatever the model dtype: sampling and logprobs need the precision."""
-        if self.packed is not None:
-            return packed_linear(hidden, self.packed, None).float()
-        return F.linear(hidden, self.weight).float()
+        return self.method.apply(self, hidden).float()
 
     def prepack_for_cpu(self) -> None:
         """The LM head is the largest matmul of a small model, and the slowest through MKL.
         A tied head keeps the embedding's weight (the lookup needs it) next to the packed copy."""
-        self.packed = pack_weight_for_cpu(self.weight)
-        if not self.tied:
-            self.weight = None
+        self.method = CpuPackedLinearMethod(keep_plain=self.tied)
+        self.method.process_after_loading(self)

@@ -3,84 +3,82 @@
 Merging q/k/v (and gate/up) into one matrix turns three matmuls into one; the loader
 fills each shard from the checkpoint's separate tensors.
 
-On the CPU the weights can be packed once into oneDNN's blocked layout (`prepack_for_cpu`):
-torch's `F.linear` goes to MKL, which repacks the weight on every call and is slow at the
-small row counts of decode steps (measured 1.3-2.5x slower at 16-64 rows, the LM head worst).
-The packed matmul is the same fp32/bf16 arithmetic, only summed in another order.
+What the weight is and how the matmul runs is the layer's `LinearMethod` (see `linear_method.py`):
+plain `F.linear` by default, oneDNN-prepacked on the CPU after `prepack_for_cpu()`. How the layer
+is split across devices is its `ParallelStyle`; `checkpoint_shard` is where a tensor-parallel
+layer will cut its part of a checkpoint tensor.
 """
 
 from __future__ import annotations
 
+import enum
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from pagellm.layers.linear_method import (  # noqa: F401  (re-exported: callers import them from here)
+    CpuPackedLinearMethod,
+    LinearMethod,
+    UnquantizedLinearMethod,
+    cpu_prepack_available,
+    pack_weight_for_cpu,
+    packed_linear,
+)
 from pagellm.layers.utils import call_on_layers
 
-# oneDNN picks its blocking from the expected row count; 64 (a typical decode batch) measured
-# as fast as the exact count at every size from 16 to 8192 rows.
-PACKING_ROWS_HINT = 64
 
+class ParallelStyle(enum.Enum):
+    """How a layer's weight is split across tensor-parallel ranks."""
 
-def cpu_prepack_available(dtype: torch.dtype = torch.float32) -> bool:
-    """oneDNN present, and able to pack this dtype on this CPU (bf16 needs AVX-512, fp16 AVX512-FP16)."""
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
-        return False
-    if dtype == torch.bfloat16:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    if dtype == torch.float16:
-        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    return dtype == torch.float32
-
-
-def pack_weight_for_cpu(weight: torch.Tensor) -> torch.Tensor:
-    """An opaque oneDNN copy of an (out, in) weight, for `packed_linear`."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACKING_ROWS_HINT)
-
-
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    REPLICATED = "replicated"  # every rank holds the whole weight
+    COLUMN = "column"  # output features split across ranks
+    ROW = "row"  # input features split across ranks (outputs summed)
 
 
 class Linear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 parallel_style: ParallelStyle = ParallelStyle.REPLICATED,
+                 method: Optional[LinearMethod] = None) -> None:
         super().__init__()
+        if parallel_style is not ParallelStyle.REPLICATED:
+            raise NotImplementedError(f"{parallel_style.name} linear layers are not implemented yet "
+                                      "(only REPLICATED)")
         self.in_features = in_features
         self.out_features = out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
-        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.parallel_style = parallel_style
+        self.method = method if method is not None else UnquantizedLinearMethod()
+        self.method.create_weights(self, in_features, out_features, bias)
         self.packed: Optional[torch.Tensor] = None  # the oneDNN weight once prepacked (CPU)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            return packed_linear(x, self.packed, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return self.method.apply(self, x)
 
-    def prepack_for_cpu(self) -> None:
-        """Packs the loaded weight and drops the plain copy (packing keeps no second copy)."""
-        self.packed = pack_weight_for_cpu(self.weight)
-        self.weight = None
-
-    def _check_loadable(self) -> None:
-        if self.packed is not None:
-            raise RuntimeError("weights cannot be loaded after prepack_for_cpu()")
+    def checkpoint_shard(self, name: str, tensor: torch.Tensor, shard: Optional[str] = None) -> torch.Tensor:
+        """This rank's part of a checkpoint tensor; the whole tensor while layers are replicated.
+        A COLUMN layer will narrow the output dim here, a ROW layer the input dim of the weight."""
+        return tensor
 
     def load(self, name: str, tensor: torch.Tensor) -> None:
-        self._check_loadable()
-        param = self.weight if name == "weight" else self.bias
-        if param is None or param.shape != tensor.shape:
-            raise ValueError(f"weight {name} has shape {tuple(tensor.shape)}, expected "
-                             f"{None if param is None else tuple(param.shape)}")
-        param.data.copy_(tensor)
+        self.method.load(self, name, self.checkpoint_shard(name, tensor))
+
+    def process_after_loading(self) -> None:
+        """The method's post-load step (none for plain weights)."""
+        self.method.process_after_loading(self)
+
+    def prepack_for_cpu(self) -> None:
+        """Switches to the oneDNN-packed method: packs the loaded weight and drops the plain copy."""
+        self.method = CpuPackedLinearMethod()
+        self.method.process_after_loading(self)
 
 
 class MergedLinear(Linear):
     """Several output projections stacked along the output dim, e.g. [q | k | v]."""
 
-    def __init__(self, in_features: int, shard_sizes: dict[str, int], bias: bool = False) -> None:
-        super().__init__(in_features, sum(shard_sizes.values()), bias)
+    def __init__(self, in_features: int, shard_sizes: dict[str, int], bias: bool = False,
+                 parallel_style: ParallelStyle = ParallelStyle.REPLICATED,
+                 method: Optional[LinearMethod] = None) -> None:
+        super().__init__(in_features, sum(shard_sizes.values()), bias, parallel_style, method)
         self.shard_offsets: dict[str, tuple[int, int]] = {}
         offset = 0
         for shard, size in shard_sizes.items():
@@ -88,15 +86,7 @@ class MergedLinear(Linear):
             offset += size
 
     def load_shard(self, shard: str, name: str, tensor: torch.Tensor) -> None:
-        self._check_loadable()
-        offset, size = self.shard_offsets[shard]
-        param = self.weight if name == "weight" else self.bias
-        if param is None:
-            raise ValueError(f"unexpected {name} for shard {shard}")
-        target = param.data.narrow(0, offset, size)
-        if target.shape != tensor.shape:
-            raise ValueError(f"shard {shard}.{name} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
-        target.copy_(tensor)
+        self.method.load(self, name, self.checkpoint_shard(name, tensor, shard), shard)
 
     def split(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return out.split([size for _, size in self.shard_offsets.values()], dim=-1)

@@ -7,6 +7,7 @@ import os
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pagellm.loader.gguf import read_gguf_header
+from pagellm.loader.hf import load_hf_config
 from pagellm.loader.source import ModelSource
 
 # Any of these means the directory ships a tokenizer; without one, transformers fails with an
@@ -31,6 +32,9 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> PreT
             raise ValueError(f"GGUF file {source.gguf_path} has no tokenizer in its metadata; {_HINT}")
         directory, name = os.path.split(source.gguf_path)
         kwargs = {"gguf_file": name}
+        tokenizer_type = _gguf_tokenizer_type(source)
+        if tokenizer_type is not None:
+            kwargs["tokenizer_type"] = tokenizer_type
         where = source.gguf_path
     else:
         directory = source.path
@@ -47,3 +51,31 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> PreT
         )
     except (OSError, ValueError, KeyError) as exc:
         raise ValueError(f"could not load the tokenizer of {where}: {exc}; {_HINT}") from exc
+
+
+def _gguf_tokenizer_type(source: ModelSource) -> str | None:
+    """The `tokenizer_type` that makes AutoTokenizer take, for this GGUF file, the class it would
+    pick anyway, or None to let it choose.
+
+    Left to choose, AutoTokenizer parses the whole file again with gguf-py (as long as the config
+    parse: ~13 s for Gemma 3's vocabulary) only to learn the model type; the loader has that
+    config cached. The class then follows from the model type alone unless a tokenizer_config.json
+    lies next to the file, the config names a tokenizer class, or the type maps to Mistral's
+    backend (chosen by other files): those keep AutoTokenizer's own choice.
+    """
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING, TOKENIZER_MAPPING_NAMES
+
+    assert source.gguf_path is not None
+    if os.path.exists(os.path.join(os.path.dirname(source.gguf_path), "tokenizer_config.json")):
+        return None
+    try:
+        config = load_hf_config(source)
+    except Exception:  # noqa: BLE001  only a shortcut: AutoTokenizer then fails (or not) its own way
+        return None
+    model_type = getattr(config, "model_type", None)
+    name = TOKENIZER_MAPPING_NAMES.get(model_type) if model_type else None
+    if name is None or name == "MistralCommonBackend" or getattr(config, "tokenizer_class", None):
+        return None
+    # AutoTokenizer's model-type branch looks the class up by config class; use the type only when both agree.
+    registered = TOKENIZER_MAPPING.get(type(config), None)
+    return model_type if getattr(registered, "__name__", None) == name else None

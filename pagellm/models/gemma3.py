@@ -27,6 +27,7 @@ from pagellm.layers.linear import Linear, MergedLinear
 from pagellm.layers.norm import GemmaRMSNorm
 from pagellm.layers.rotary import RotaryEmbedding
 from pagellm.models.llama import load_merged_weights
+from pagellm.utils import head_dim as config_head_dim
 
 _SLIDING, _FULL = "sliding_attention", "full_attention"
 _DEFAULT_LOCAL_ROPE_BASE = 10000.0  # Gemma 3's local base; GGUF files do not store it
@@ -81,7 +82,7 @@ class Gemma3Attention(nn.Module):
         hidden = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(config, "head_dim", None) or hidden // self.num_heads
+        self.head_dim = config_head_dim(config)
         bias = bool(getattr(config, "attention_bias", False))
         self.qkv_proj = MergedLinear(hidden, {
             "q": self.num_heads * self.head_dim,
@@ -147,7 +148,7 @@ class Gemma3Model(nn.Module):
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         self.embed_scale = math.sqrt(config.hidden_size)
         types = layer_types(config)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = config_head_dim(config)
         # One cos/sin table per layer kind, shared by the layers of that kind.
         self.rotary = nn.ModuleDict({t: layer_rope(config, t, head_dim, max_position) for t in sorted(set(types))})
         self.layers = nn.ModuleList(Gemma3DecoderLayer(config, t) for t in types)

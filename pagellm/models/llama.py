@@ -22,6 +22,7 @@ from pagellm.layers.embedding import LMHead, VocabEmbedding
 from pagellm.layers.linear import Linear, MergedLinear
 from pagellm.layers.norm import RMSNorm
 from pagellm.layers.rotary import RotaryEmbedding, get_rope
+from pagellm.utils import head_dim as config_head_dim
 
 
 @dataclass(frozen=True)
@@ -34,17 +35,13 @@ class AttentionOptions:
     sliding_window: int | None = None  # attend to the last `sliding_window` positions only
 
 
-def head_dim_of(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
 class LlamaAttention(nn.Module):
     def __init__(self, config, rotary_emb: RotaryEmbedding, options: AttentionOptions = AttentionOptions()) -> None:
         super().__init__()
         hidden = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = head_dim_of(config)
+        self.head_dim = config_head_dim(config)
         self.qkv_proj = MergedLinear(hidden, {
             "q": self.num_heads * self.head_dim,
             "k": self.num_kv_heads * self.head_dim,
@@ -114,7 +111,7 @@ class LlamaModel(nn.Module):
                  make_mlp: Callable[[object, int], nn.Module]) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
-        rope = get_rope(config, head_dim_of(config), max_position)
+        rope = get_rope(config, config_head_dim(config), max_position)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, LlamaAttention(config, rope, attention_options(config, i)), make_mlp(config, i))
             for i in range(config.num_hidden_layers))
@@ -210,7 +207,10 @@ def load_merged_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Ten
         param = params[name]
         if param.shape != tensor.shape:
             raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
-        param.data.copy_(tensor)
+        if isinstance(modules.get(module_path), Linear):
+            modules[module_path].load(leaf, tensor)  # through the layer's weight method
+        else:
+            param.data.copy_(tensor)
         filled.add(name)
     missing: list[str] = []
     self_checked: set[str] = set()  # parameters whose modules check themselves
