@@ -30,8 +30,9 @@ from typing import AsyncIterator, Callable, Optional, TypeVar, Union
 from pagellm.config import EngineConfig
 from pagellm.core.scheduler import RequestUpdate, SchedulerStats
 from pagellm.engine.admission import AdmissionLimits
-from pagellm.engine.core_process import (AbortRequests, AddRequest, CoreOutputs, FinishOnStop, ProcessCoreClient,
-                                         ResetPrefixCache, StatsRequest, ThreadCoreClient)
+from pagellm.engine.core_interface import (AbortRequests, AddRequest, CoreOutputs, FinishOnStop, ResetPrefixCache,
+                                           StatsRequest)
+from pagellm.engine.core_process import ProcessCoreClient, ThreadCoreClient
 from pagellm.engine.exceptions import EngineDeadError, EngineOverloadedError, RequestFailedError
 from pagellm.engine.async_streams import OutputStream, call_soon, merge_deltas, put_all, resolve, wait_until
 from pagellm.engine.intake import PreparedRequest, RequestIntake, load_front_end_tokenizer

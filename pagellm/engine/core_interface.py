@@ -1,4 +1,7 @@
-"""What the front end sends the engine core and gets back, as plain data.
+"""What the front end sends the engine core and gets back, as plain data (picklable dataclasses).
+
+    front end --(AddRequest / AbortRequests / FinishOnStop / StatsRequest / ResetPrefixCache / Shutdown)--> core loop
+    front end <--(CoreReady | CoreStartupFailed, then CoreOutputs per step, CoreFailed)-- core loop
 
 Kept apart from engine/core.py so the front end (processor, intake, AsyncLLM, the server)
 never imports the model runner.
@@ -10,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, TypeVar
 
-from pagellm.core.scheduler import RequestUpdate, SchedulerStats  # noqa: F401 - the core's output types
+from pagellm.core.scheduler import RequestUpdate, SchedulerStats
 from pagellm.sampling_params import SamplingParams
 
 T = TypeVar("T")
@@ -46,3 +49,76 @@ def admit_all_or_none(children: list[EngineCoreRequest], add: Callable[[EngineCo
         abort(added)
         raise
     return results
+
+
+# -- front end -> core --------------------------------------------------------------------
+@dataclass
+class AddRequest:
+    """One user request: its core requests (n > 1 fans out into several), added all or none."""
+
+    request_id: str
+    children: list[EngineCoreRequest]
+
+
+@dataclass
+class AbortRequests:
+    core_request_ids: list[str]
+
+
+@dataclass
+class FinishOnStop:
+    """(core request id, matched stop string) pairs the front end found in the text."""
+
+    stops: list[tuple[str, str]]
+
+
+@dataclass
+class StatsRequest:
+    token: int
+
+
+@dataclass
+class ResetPrefixCache:
+    """Answered in CoreOutputs.reset_results under the same token."""
+
+    token: int
+
+
+@dataclass
+class Shutdown:
+    pass
+
+
+# -- core -> front end --------------------------------------------------------------------
+@dataclass
+class CoreReady:
+    kv_cache_summary: str
+    num_blocks: int
+
+
+@dataclass
+class CoreStartupFailed:
+    error: BaseException
+    traceback: str
+
+
+@dataclass
+class CoreOutputs:
+    """What one loop iteration did: the step's updates and a stats snapshot taken after it."""
+
+    updates: list[RequestUpdate]
+    stats: SchedulerStats
+    # core request id -> time.monotonic() when it was first scheduled (for queue-time metrics)
+    first_scheduled: dict[str, float] = field(default_factory=dict)
+    # (user request id, error message) of AddRequests the core refused
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+    # StatsRequest tokens answered by `stats`
+    stats_tokens: list[int] = field(default_factory=list)
+    # (ResetPrefixCache token, whether the cache was reset)
+    reset_results: list[tuple[int, bool]] = field(default_factory=list)
+
+
+@dataclass
+class CoreFailed:
+    message: str
+    traceback: str

@@ -1,7 +1,6 @@
-"""The engine core off the event loop: its step loop, the messages it speaks, and two ways to run it.
+"""The engine core off the event loop: its step loop and two ways to run it.
 
-    front end --(AddRequest / AbortRequests / FinishOnStop / StatsRequest / ResetPrefixCache / Shutdown)--> core loop
-    front end <--(CoreReady | CoreStartupFailed, then CoreOutputs per step, CoreFailed)-- core loop
+The messages it speaks (plain dataclasses) are in engine/core_interface.py.
 
 `ProcessCoreClient` runs the loop in a child process (multiprocessing "spawn", pickled
 dataclasses over two one-way pipes); `ThreadCoreClient` runs the same loop in a thread of
@@ -16,88 +15,25 @@ import queue
 import signal
 import threading
 import traceback
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional
 
-from pagellm.core.scheduler import RequestUpdate, SchedulerStats
-from pagellm.engine.core_interface import EngineCoreRequest, admit_all_or_none
+from pagellm.engine.core_interface import (  # noqa: F401 - the messages, re-exported for the front end
+    AbortRequests,
+    AddRequest,
+    CoreFailed,
+    CoreOutputs,
+    CoreReady,
+    CoreStartupFailed,
+    FinishOnStop,
+    ResetPrefixCache,
+    Shutdown,
+    StatsRequest,
+    admit_all_or_none,
+)
 from pagellm.engine.setup import ModelSetup
 
 if TYPE_CHECKING:  # the front end imports this module; only the core process loads the model stack
     from pagellm.engine.core import EngineCore
-
-
-# -- front end -> core --------------------------------------------------------------------
-@dataclass
-class AddRequest:
-    """One user request: its core requests (n > 1 fans out into several), added all or none."""
-
-    request_id: str
-    children: list[EngineCoreRequest]
-
-
-@dataclass
-class AbortRequests:
-    core_request_ids: list[str]
-
-
-@dataclass
-class FinishOnStop:
-    """(core request id, matched stop string) pairs the front end found in the text."""
-
-    stops: list[tuple[str, str]]
-
-
-@dataclass
-class StatsRequest:
-    token: int
-
-
-@dataclass
-class ResetPrefixCache:
-    """Answered in CoreOutputs.reset_results under the same token."""
-
-    token: int
-
-
-@dataclass
-class Shutdown:
-    pass
-
-
-# -- core -> front end --------------------------------------------------------------------
-@dataclass
-class CoreReady:
-    kv_cache_summary: str
-    num_blocks: int
-
-
-@dataclass
-class CoreStartupFailed:
-    error: BaseException
-    traceback: str
-
-
-@dataclass
-class CoreOutputs:
-    """What one loop iteration did: the step's updates and a stats snapshot taken after it."""
-
-    updates: list[RequestUpdate]
-    stats: SchedulerStats
-    # core request id -> time.monotonic() when it was first scheduled (for queue-time metrics)
-    first_scheduled: dict[str, float] = field(default_factory=dict)
-    # (user request id, error message) of AddRequests the core refused
-    rejected: list[tuple[str, str]] = field(default_factory=list)
-    # StatsRequest tokens answered by `stats`
-    stats_tokens: list[int] = field(default_factory=list)
-    # (ResetPrefixCache token, whether the cache was reset)
-    reset_results: list[tuple[int, bool]] = field(default_factory=list)
-
-
-@dataclass
-class CoreFailed:
-    message: str
-    traceback: str
 
 
 # -- the loop -------------------------------------------------------------------------------
