@@ -111,3 +111,16 @@ def tiny_chat_model(tmp_path_factory) -> str:
     make_tiny_llama(path, vocab_size=len(tok))
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_engine(tiny_chat_model):
+    """An AsyncLLM (core on a thread) over `tiny_chat_model` with a 256-token context, shared by the
+    server tests that drive the real app; each test must leave it idle."""
+    from pagellm.config import EngineConfig
+    from pagellm.engine.async_llm import AsyncLLM
+
+    engine = AsyncLLM.from_config(EngineConfig(model=tiny_chat_model, max_model_len=256, kv_cache_memory=16 << 20),
+                                  engine_process=False, quiet=True)
+    yield engine
+    engine.shutdown()

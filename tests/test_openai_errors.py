@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import threading
 import time
-from types import SimpleNamespace
 
 import httpx
 import openai
 import pytest
 
 from pagellm.benchmarks.server_process import ServerProcess
+
+from fake_engine import RaisingEngine
 
 pytestmark = pytest.mark.slow
 
@@ -291,34 +292,9 @@ def _tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
-class _BrokenEngine:
-    """Has the AsyncLLM attributes the server reads; its generate fails the way a dead core would."""
-
-    def __init__(self) -> None:
-        from pagellm.config import EngineConfig
-        from pagellm.engine.processor import InputProcessor
-
-        self.config = EngineConfig(max_model_len=64)
-        self.tokenizer = _tiny_tokenizer()
-        self.model_config = SimpleNamespace(vocab_size=7, eos_token_id=2)
-        self.processor = InputProcessor(self.config, self.tokenizer, self.model_config)
-        self.metrics = SimpleNamespace(render=lambda: b"", CONTENT_TYPE="text/plain")
-        self.errored = False
-        self.shut_down = False
-
-    async def prepare(self, prompt, sampling_params, request_id, arrival_time=None, priority=0):
-        self.processor.process(request_id, prompt, sampling_params)  # the real engine's checks
-        return prompt
-
-    async def run_off_loop(self, fn, *args, **kwargs):
-        return fn(*args, **kwargs)
-
-    async def generate(self, prompt, sampling_params, request_id, arrival_time=None, *, deadline=None, priority=0):
-        raise RuntimeError("the engine core is gone")
-        yield  # an async generator, like AsyncLLM.generate
-
-    def shutdown(self) -> None:
-        self.shut_down = True
+def _BrokenEngine() -> RaisingEngine:
+    """Fails the way a dead core would."""
+    return RaisingEngine(RuntimeError("the engine core is gone"), tokenizer=_tiny_tokenizer(), vocab_size=7)
 
 
 def test_engine_failure_is_500_and_missing_chat_template_is_400():

@@ -16,21 +16,15 @@ from hypothesis.errors import Unsatisfiable
 from hypothesis import strategies as st
 from schemathesis.generation import GenerationMode
 
-from pagellm.config import EngineConfig
 from pagellm.entrypoints.openai.server import build_app
 
-MAX_MODEL_LEN = 64
+MAX_MODEL_LEN = 256  # the shared tiny_chat_engine's
 MAX_TOKENS_CAP = 4  # keeps every generated completion short, so hundreds of cases stay quick
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_chat_model):
-    from pagellm.engine.async_llm import AsyncLLM
-
-    eng = AsyncLLM.from_config(EngineConfig(model=tiny_chat_model, max_model_len=MAX_MODEL_LEN,
-                                            kv_cache_memory=16 << 20), engine_process=False, quiet=True)
-    yield eng
-    eng.shutdown()
+def engine(tiny_chat_engine):
+    return tiny_chat_engine
 
 
 def assert_openai_shaped(response) -> None:

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import time
-from types import SimpleNamespace
 
 import httpx
 import psutil
@@ -24,6 +23,8 @@ from pagellm.engine.exceptions import EngineDeadError, EngineOverloadedError, Re
 from pagellm.entrypoints.openai.limits import ServerLimits
 from pagellm.entrypoints.openai.server import ServerOptions, build_app
 
+from fake_engine import RaisingEngine
+
 COMPLETIONS = "/v1/completions"
 
 
@@ -34,52 +35,26 @@ def assert_error(response, status: int, code: str) -> dict:
     return error
 
 
-class _RaisingEngine:
-    """The AsyncLLM surface the app reads; generate raises `error`, before or after a first chunk."""
-
-    def __init__(self, error: BaseException, after_first: bool = False) -> None:
-        self.error = error
-        self.after_first = after_first
-        self.config = EngineConfig(max_model_len=64)
-        self.tokenizer = None
-        self.model_config = SimpleNamespace(vocab_size=100, eos_token_id=2)
-        self.metrics = SimpleNamespace(render=lambda: b"", CONTENT_TYPE="text/plain")
-        self.errored = False
-
-    async def prepare(self, prompt, sampling_params, request_id, arrival_time=None, priority=0):
-        return prompt
-
-    async def generate(self, prompt, sampling_params, request_id, arrival_time=None, *, deadline=None, priority=0):
-        from pagellm.outputs import CompletionOutput, RequestOutput
-
-        if self.after_first:
-            yield RequestOutput(request_id, None, list(prompt), [CompletionOutput(0, "a", [5], None, [], None)], False)
-        raise self.error
-
-    def shutdown(self) -> None:
-        pass
-
-
 @pytest.mark.parametrize("error, status, code", [
     (EngineOverloadedError("the server is at capacity", retry_after_s=3), 429, "queue_full"),
     (EngineDeadError("engine core died: secret detail"), 503, "engine_dead"),
     (RequestTimeoutError("request x ran past its deadline and was aborted"), 504, "request_deadline_exceeded"),
 ])
 def test_engine_errors_map_to_their_status_in_band_too(error, status, code):
-    http = TestClient(build_app(_RaisingEngine(error), "tiny"), raise_server_exceptions=False)
+    http = TestClient(build_app(RaisingEngine(error), "tiny"), raise_server_exceptions=False)
     r = http.post(COMPLETIONS, json={"prompt": [1, 2]})
     err = assert_error(r, status, code)
     assert "secret" not in r.text  # an engine-dead reason may quote internals
     if status == 429:
         assert r.headers["retry-after"] == "3" and "capacity" in err["message"]
-    http = TestClient(build_app(_RaisingEngine(error, after_first=True), "tiny"), raise_server_exceptions=False)
+    http = TestClient(build_app(RaisingEngine(error, after_first=True), "tiny"), raise_server_exceptions=False)
     r = http.post(COMPLETIONS, json={"prompt": [1, 2], "stream": True})
     events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
     assert r.status_code == 200 and events[-1]["error"]["code"] == code and "secret" not in r.text
 
 
 def test_a_dead_engine_is_503_on_every_route():
-    engine = _RaisingEngine(RuntimeError())
+    engine = RaisingEngine(RuntimeError())
     engine.errored = True
     http = TestClient(build_app(engine, "tiny"), raise_server_exceptions=False)
     for method, path in (("GET", "/health"), ("GET", "/v1/models"), ("GET", "/v1/models/tiny"), ("GET", "/metrics"),

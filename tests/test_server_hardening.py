@@ -9,7 +9,6 @@ app under uvicorn in a thread; RSS is measured on a `pagellm serve` subprocess.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -30,6 +29,8 @@ from pagellm.entrypoints.cli import build_parser
 from pagellm.entrypoints.openai.limits import ServerLimits
 from pagellm.entrypoints.openai.server import ServerOptions, allowed_hosts_for, build_app, uvicorn_config
 
+from fake_engine import RaisingEngine
+
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
 HI = [{"role": "user", "content": "Hi"}]
@@ -37,13 +38,8 @@ MAX_MODEL_LEN = 256
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_chat_model):
-    from pagellm.engine.async_llm import AsyncLLM
-
-    eng = AsyncLLM.from_config(EngineConfig(model=tiny_chat_model, max_model_len=MAX_MODEL_LEN,
-                                            kv_cache_memory=16 << 20), engine_process=False, quiet=True)
-    yield eng
-    eng.shutdown()
+def engine(tiny_chat_engine):
+    return tiny_chat_engine
 
 
 def client_for(engine, api_key=None, template=None, **options) -> TestClient:
@@ -221,32 +217,9 @@ def test_other_4xx_have_codes(http):
     assert_error(http.post(COMPLETIONS, content=b"x", headers={"Content-Length": "x1"}), 400)
 
 
-class _FailingEngine:
-    """The AsyncLLM attributes the app reads; generate fails with a message that must not leak."""
-
-    def __init__(self) -> None:
-        from pagellm.engine.processor import InputProcessor
-
-        self.config = EngineConfig(max_model_len=64)
-        self.tokenizer = None
-        self.model_config = SimpleNamespace(vocab_size=100, eos_token_id=2)
-        self.processor = InputProcessor(self.config, None, self.model_config)
-        self.metrics = SimpleNamespace(render=lambda: b"", CONTENT_TYPE="text/plain")
-        self.errored = False
-
-    async def prepare(self, prompt, sampling_params, request_id, arrival_time=None, priority=0):
-        self.processor.process(request_id, prompt, sampling_params)  # the real engine's checks
-        return prompt
-
-    async def run_off_loop(self, fn, *args, **kwargs):
-        return fn(*args, **kwargs)
-
-    async def generate(self, prompt, sampling_params, request_id, arrival_time=None, *, deadline=None, priority=0):
-        raise RuntimeError("secret internal detail /etc/passwd")
-        yield
-
-    def shutdown(self) -> None:
-        pass
+def _FailingEngine(after_first: bool = False) -> RaisingEngine:
+    """generate fails with a message that must not leak."""
+    return RaisingEngine(RuntimeError("secret internal detail /etc/passwd"), after_first=after_first)
 
 
 def test_500_names_the_class_and_a_request_id_never_the_exception_text(caplog):
@@ -259,16 +232,8 @@ def test_500_names_the_class_and_a_request_id_never_the_exception_text(caplog):
     assert "secret internal detail" in caplog.text and "abc-123" in caplog.text  # the log has it all
 
 
-class _FailingMidStreamEngine(_FailingEngine):
-    async def generate(self, prompt, sampling_params, request_id, arrival_time=None, *, deadline=None, priority=0):
-        from pagellm.outputs import CompletionOutput, RequestOutput
-
-        yield RequestOutput(request_id, None, list(prompt), [CompletionOutput(0, "a", [5], None, [], None)], False)
-        raise RuntimeError("secret internal detail /etc/passwd")
-
-
 def test_stream_failing_after_it_started_reports_in_band_without_the_text():
-    http = TestClient(build_app(_FailingMidStreamEngine(), "tiny"), raise_server_exceptions=False)
+    http = TestClient(build_app(_FailingEngine(after_first=True), "tiny"), raise_server_exceptions=False)
     r = http.post(COMPLETIONS, json={"prompt": [1, 2], "stream": True})
     assert r.status_code == 200
     events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
