@@ -41,3 +41,26 @@ class RaisingEngine:
 
     def shutdown(self) -> None:
         self.shut_down = True
+
+
+class ScriptedEngine(RaisingEngine):
+    """Generates a fixed text, cut into the given chunks (one token id per chunk): the endpoint's
+    parsing of model output, without a model. The last prompt it was given is kept in `prompts`."""
+
+    def __init__(self, tokenizer, chunks: list[str], finish_reason: str = "stop") -> None:
+        super().__init__(RuntimeError("unused"), tokenizer=tokenizer, vocab_size=len(tokenizer), max_model_len=4096)
+        self.chunks = chunks
+        self.finish_reason = finish_reason
+        self.prompts: list = []
+
+    async def generate(self, prompt, sampling_params, request_id, arrival_time=None, *,
+                       deadline: Optional[float] = None, priority: int = 0):
+        from pagellm.outputs import CompletionOutput, RequestOutput
+
+        self.prompts.append((prompt, sampling_params))
+        n = sampling_params.n
+        for i, chunk in enumerate(self.chunks):
+            last = i == len(self.chunks) - 1
+            outputs = [CompletionOutput(k, chunk, [5], None, None, self.finish_reason if last else None)
+                       for k in range(n)]
+            yield RequestOutput(request_id, None, list(prompt), outputs, last)

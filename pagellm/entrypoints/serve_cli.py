@@ -69,6 +69,14 @@ def register(sub) -> None:
                         help="restart a dead engine core in place (in-flight requests fail, new ones are served "
                              "once it has reloaded). Default: the server exits with status 1, for a supervisor "
                              "to restart it")
+    parser.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help='let chat requests with tools use tool_choice "auto" (needs --tool-call-parser)')
+    parser.add_argument("--tool-call-parser", default=None, metavar="NAME",
+                        help="how tool calls are found in the model's text: hermes, llama3_json, mistral, pythonic, "
+                             "or module:Class (default: none)")
+    parser.add_argument("--reasoning-parser", default=None, metavar="NAME",
+                        help="split <think> reasoning into reasoning_content: deepseek_r1, qwen3, or module:Class "
+                             "(default: none)")
     parser.add_argument("--chat-template", default=None, metavar="FILE",
                         help="Jinja2 chat template file (default: the tokenizer's own template)")
     parser.add_argument("--engine-in-process", action="store_true",
@@ -99,6 +107,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {value}")
-    from pagellm.entrypoints.openai.server import run_server
+    from pagellm.entrypoints.openai.server import ServerOptions, chat_parsers, run_server
 
+    # Before the model loads: a typo in a parser name should not cost a start-up.
+    chat_parsers(ServerOptions(tool_call_parser=args.tool_call_parser,
+                               enable_auto_tool_choice=args.enable_auto_tool_choice,
+                               reasoning_parser=args.reasoning_parser))
     return run_server(args)

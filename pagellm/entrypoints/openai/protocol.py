@@ -198,10 +198,36 @@ class ContentPart(BaseModel):
     text: Optional[str] = None
 
 
+class FunctionCallIn(RequestModel):
+    name: str
+    arguments: str  # JSON text, as the API returned it
+
+
+class ToolCallIn(RequestModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessageIn(RequestModel):
     role: str
     content: Union[str, list[ContentPart], None] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCallIn]] = None  # an assistant turn that called tools
+    tool_call_id: Optional[str] = None  # a tool result answers this call
+    reasoning_content: Optional[str] = None  # accepted back from our own responses; not rendered
+
+
+class FunctionDefinition(RequestModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    strict: Optional[bool] = None
+
+
+class ChatTool(RequestModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -215,8 +241,8 @@ class ChatCompletionRequest(SamplingFields):
     stream_options: Optional[StreamOptions] = None
     # Accepted so that clients sending the defaults work; anything else is rejected clearly.
     response_format: Optional[dict[str, Any]] = None
-    tools: Optional[list[dict[str, Any]]] = None
-    tool_choice: Optional[Union[str, dict[str, Any]]] = None
+    tools: Optional[list[ChatTool]] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], dict[str, Any]]] = None
     parallel_tool_calls: Optional[bool] = None
     # vLLM's chat extras
     add_generation_prompt: bool = True
@@ -239,9 +265,24 @@ class ChatCompletionLogProbs(ResponseModel):
     content: Optional[list[ChatCompletionLogProbsContent]] = None
 
 
+class FunctionCallOut(ResponseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(ResponseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class ChatMessageOut(ResponseModel):
+    omit_if_none = frozenset({"reasoning_content", "tool_calls"})
+
     role: Literal["assistant"] = "assistant"
     content: Optional[str] = None
+    reasoning_content: Optional[str] = None  # vLLM's field, with --reasoning-parser
+    tool_calls: Optional[list[ToolCallOut]] = None
 
 
 class ChatCompletionResponseChoice(ResponseModel):
@@ -262,11 +303,31 @@ class ChatCompletionResponse(ResponseModel):
     system_fingerprint: Optional[str] = None
 
 
+class DeltaFunctionCallOut(ResponseModel):
+    omit_if_none = frozenset({"name", "arguments"})
+
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+
+class DeltaToolCallOut(ResponseModel):
+    """A tool call's fragment: the first one carries id, type and name, later ones argument text."""
+
+    omit_if_none = frozenset({"id", "type"})
+
+    index: int
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: DeltaFunctionCallOut
+
+
 class DeltaMessage(ResponseModel):
-    omit_if_none = frozenset({"role", "content"})
+    omit_if_none = frozenset({"role", "content", "reasoning_content", "tool_calls"})
 
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    reasoning_content: Optional[str] = None
+    tool_calls: Optional[list[DeltaToolCallOut]] = None
 
 
 class ChatCompletionStreamChoice(ResponseModel):

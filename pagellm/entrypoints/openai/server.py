@@ -79,6 +79,10 @@ class ServerOptions:
     allowed_origins: tuple[str, ...] = ()  # CORS; empty: no CORS headers at all
     metrics_require_api_key: bool = False
     limits: Optional[ServerLimits] = None  # None: derived from the engine's max_model_len
+    # Output parsers of the chat endpoint, by registered name (see tool_parsers/, reasoning/).
+    tool_call_parser: Optional[str] = None
+    enable_auto_tool_choice: bool = False
+    reasoning_parser: Optional[str] = None
 
 
 def is_loopback(host: str) -> bool:
@@ -130,6 +134,20 @@ def install_middleware(app: FastAPI, engine, api_key: Optional[str], options: Se
     app.add_middleware(InternalErrorMiddleware)  # outermost: catches whatever the others raise
 
 
+def chat_parsers(options: ServerOptions) -> dict:
+    """The chat endpoint's parser classes; ValueError (listing the known names) for an unknown one."""
+    from pagellm.entrypoints.openai.reasoning import get_reasoning_parser
+    from pagellm.entrypoints.openai.tool_parsers import get_tool_parser
+
+    if options.enable_auto_tool_choice and options.tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
+    return {
+        "tool_parser": get_tool_parser(options.tool_call_parser) if options.tool_call_parser else None,
+        "enable_auto_tool_choice": options.enable_auto_tool_choice,
+        "reasoning_parser": get_reasoning_parser(options.reasoning_parser) if options.reasoning_parser else None,
+    }
+
+
 # -- the app ------------------------------------------------------------------------------------------
 def build_app(engine, served_model_name: str, api_key: Optional[str] = None, chat_template: Optional[str] = None,
               *, options: Optional[ServerOptions] = None) -> FastAPI:
@@ -142,7 +160,7 @@ def build_app(engine, served_model_name: str, api_key: Optional[str] = None, cha
     max_model_len = engine.config.max_model_len
     limits = options.limits or ServerLimits.for_context(max_model_len)
     completions = OpenAIServingCompletion(engine, served_model_name, limits)
-    chat = OpenAIServingChat(engine, served_model_name, chat_template, limits)
+    chat = OpenAIServingChat(engine, served_model_name, chat_template, limits, **chat_parsers(options))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -323,7 +341,9 @@ def server_options(args: argparse.Namespace, max_model_len: int) -> ServerOption
                          body_read_timeout_s=args.body_read_timeout,
                          allowed_hosts=allowed_hosts_for(args.host, args.allowed_hosts),
                          allowed_origins=tuple(args.allowed_origins or ()),
-                         metrics_require_api_key=args.metrics_require_api_key, limits=limits)
+                         metrics_require_api_key=args.metrics_require_api_key, limits=limits,
+                         tool_call_parser=args.tool_call_parser, enable_auto_tool_choice=args.enable_auto_tool_choice,
+                         reasoning_parser=args.reasoning_parser)
 
 
 def uvicorn_config(app, args: argparse.Namespace) -> uvicorn.Config:

@@ -16,6 +16,8 @@ from typing import Any, AsyncIterator, Optional
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from pagellm.entrypoints.chat_utils import render_chat
+from pagellm.entrypoints.openai.chat_output import ChoiceOutputParser
+from pagellm.entrypoints.openai.chat_tools import ToolSetup, tool_message_fields, tool_setup
 from pagellm.entrypoints.openai.errors import OpenAIError
 from pagellm.entrypoints.openai.limits import ServerLimits
 from pagellm.entrypoints.openai.protocol import (
@@ -29,8 +31,12 @@ from pagellm.entrypoints.openai.protocol import (
     ChatCompletionStreamResponse,
     ChatMessageIn,
     ChatMessageOut,
+    DeltaFunctionCallOut,
     DeltaMessage,
+    DeltaToolCallOut,
+    FunctionCallOut,
     PromptTokenUsageInfo,
+    ToolCallOut,
     UsageInfo,
     now,
 )
@@ -43,6 +49,9 @@ from pagellm.entrypoints.openai.serving_engine import (
     sse_error,
     start_stream,
 )
+from pagellm.entrypoints.openai.parsed_output import DeltaMessage as ParsedDelta
+from pagellm.entrypoints.openai.reasoning import ReasoningParser
+from pagellm.entrypoints.openai.tool_parsers import ToolParser
 from pagellm.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 
 # Arguments of the renderer itself; template variables with these names would change how it
@@ -78,6 +87,7 @@ def message_dicts(messages: list[ChatMessageIn]) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"role": message.role, "content": content if content is not None else ""}
         if message.name is not None:
             entry["name"] = message.name
+        entry.update(tool_message_fields(message))
         out.append(entry)
     return out
 
@@ -90,18 +100,25 @@ class _Choice:
     logprobs: list[ChatCompletionLogProbsContent] = field(default_factory=list)
     finish_reason: Optional[str] = None
     stop_reason: int | str | None = None
+    parser: Optional[ChoiceOutputParser] = None  # reasoning / tool calls, when either is on
 
 
 class OpenAIServingChat(OpenAIServing):
     param_names = MappingProxyType({"logprobs": "top_logprobs"})  # chat's top_logprobs is SamplingParams.logprobs
     prompt_param = "messages"
     def __init__(self, engine, served_model_name: str, chat_template: Optional[str] = None,
-                 limits: Optional[ServerLimits] = None) -> None:
+                 limits: Optional[ServerLimits] = None, *, tool_parser: Optional[type[ToolParser]] = None,
+                 enable_auto_tool_choice: bool = False,
+                 reasoning_parser: Optional[type[ReasoningParser]] = None) -> None:
         super().__init__(engine, served_model_name, limits)
         self.template: Optional[str] = chat_template or tokenizer_chat_template(self.tokenizer)
+        self.tool_parser = tool_parser
+        self.enable_auto_tool_choice = enable_auto_tool_choice
+        self.reasoning_parser = reasoning_parser(self.tokenizer) if reasoning_parser is not None else None
 
     def render_prompt(self, messages: list[ChatMessageIn], add_generation_prompt: bool,
-                      continue_final_message: bool, extra: Optional[dict[str, Any]]) -> str:
+                      continue_final_message: bool, extra: Optional[dict[str, Any]],
+                      tools: Optional[list[dict[str, Any]]] = None) -> str:
         if self.template is None:
             raise OpenAIError(f"the model `{self.model_name}` has no chat template; start the server with "
                               "--chat-template FILE, or use /v1/completions", 400, param="messages",
@@ -117,9 +134,10 @@ class OpenAIServingChat(OpenAIServing):
         # Before rendering: a huge conversation must not cost template time first.
         self.limits.check_messages(len(dicts), sum(len(m["content"]) + len(m.get("name", "")) for m in dicts))
         try:
+            kwargs = dict(extra or {}, **({"tools": tools} if tools else {}))
             return render_chat(self.require_tokenizer("chat"), dicts, chat_template=self.template,
                                add_generation_prompt=add_generation_prompt,
-                               continue_final_message=continue_final_message, **(extra or {}))
+                               continue_final_message=continue_final_message, **kwargs)
         except ValueError as exc:
             raise OpenAIError(str(exc), 400, param="messages", code="invalid_value") from None
 
@@ -127,9 +145,10 @@ class OpenAIServingChat(OpenAIServing):
         arrival = time.monotonic()
         self.check_model(request.model)
         self._reject_unsupported(request)
-        self.require_tokenizer("chat")
+        tools = tool_setup(request, self.tool_parser, self.enable_auto_tool_choice, self.require_tokenizer("chat"))
         text = await self.engine.run_off_loop(self.render_prompt, request.messages, request.add_generation_prompt,
-                                              request.continue_final_message, request.chat_template_kwargs)
+                                              request.continue_final_message, request.chat_template_kwargs,
+                                              tools.template_tools)
         prompt_ids = await self.encode(text, request.add_special_tokens)
         if request.max_completion_tokens is not None:
             max_tokens = self.max_tokens_for(len(prompt_ids), request.max_completion_tokens, "max_completion_tokens")
@@ -138,13 +157,16 @@ class OpenAIServingChat(OpenAIServing):
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         self.limits.check_prompt_logprobs([len(prompt_ids)], request.prompt_logprobs, "prompt_logprobs")
         params = self.build_params(request, max_tokens, logprobs, request.prompt_logprobs)
+        if tools.parser is not None and tools.parser.needs_special_tokens:
+            params = params.clone()
+            params.skip_special_tokens = False  # the parser must see its markers ([TOOL_CALLS], <|python_tag|>)
         request_id = random_id("chatcmpl")
         prepared = await self.prepare(request_id, prompt_ids, request.cache_salt, params, request.priority)
         try:
             outputs = await start_stream(self.generate(prepared, params, request_id, arrival))
         except ValueError as exc:
             raise self.bad_value(exc) from None
-        run = _Run(self, request, request_id, len(prompt_ids))
+        run = _Run(self, request, request_id, len(prompt_ids), tools)
         if request.stream:
             return StreamingResponse(run.stream(outputs), media_type="text/event-stream")
         return JSONResponse((await run.collect(outputs)).model_dump())
@@ -154,12 +176,6 @@ class OpenAIServingChat(OpenAIServing):
         if request.stream_options is not None and not request.stream:
             raise OpenAIError("stream_options is only allowed with stream=true", 400, param="stream_options",
                               code="invalid_value")
-        if request.tools:
-            raise OpenAIError("tools are not supported by this server", 400, param="tools",
-                              code="unsupported_parameter")
-        if request.tool_choice not in (None, "none"):
-            raise OpenAIError("tool_choice is not supported by this server (only \"none\")", 400,
-                              param="tool_choice", code="unsupported_parameter")
         if request.response_format is not None and request.response_format.get("type") != "text":
             raise OpenAIError("only response_format {\"type\": \"text\"} is supported", 400,
                               param="response_format", code="unsupported_parameter")
@@ -171,16 +187,20 @@ class _Run:
     """One chat request in flight: turns the engine's deltas into OpenAI's chat shapes."""
 
     def __init__(self, serving: OpenAIServingChat, request: ChatCompletionRequest, request_id: str,
-                 prompt_tokens: int) -> None:
+                 prompt_tokens: int, tools: ToolSetup) -> None:
         self.serving = serving
         self.request = request
         self.request_id = request_id
         self.prompt_tokens = prompt_tokens
-        self.choices = [_Choice() for _ in range(request.n)]
+        self.tools = tools
+        parsing = serving.reasoning_parser is not None or tools.parser is not None
+        self.choices = [_Choice(parser=ChoiceOutputParser(serving.reasoning_parser, tools.parser) if parsing else None)
+                        for _ in range(request.n)]
         self.created = now()
         self.num_cached_tokens = 0
 
-    def _take(self, delta: CompletionOutput) -> Optional[list[ChatCompletionLogProbsContent]]:
+    def _take(self, delta: CompletionOutput) -> tuple[Optional[ParsedDelta], Optional[list[ChatCompletionLogProbsContent]]]:
+        """Records a delta; returns what of its text to send (parsed when parsing is on) and its logprobs."""
         choice = self.choices[delta.index]
         choice.text += delta.text
         choice.num_tokens += len(delta.token_ids)
@@ -188,9 +208,23 @@ class _Run:
         if self.request.logprobs:
             logprobs = self._logprobs(delta.token_ids, delta.logprobs or [])
             choice.logprobs.extend(logprobs)
+        if choice.parser is None:
+            parsed = ParsedDelta(content=delta.text) if delta.text else None
+        else:
+            parsed = choice.parser.feed(delta.text)
+            if delta.finish_reason is not None:
+                parsed = _joined(parsed, choice.parser.finish())
         if delta.finish_reason is not None:
             choice.finish_reason, choice.stop_reason = delta.finish_reason, delta.stop_reason
-        return logprobs
+            if choice.parser is not None and choice.parser.tools_called and delta.finish_reason == "stop":
+                choice.finish_reason = "tool_calls"
+        return self._one_call_only(parsed), logprobs
+
+    def _one_call_only(self, parsed: Optional[ParsedDelta]) -> Optional[ParsedDelta]:
+        """parallel_tool_calls=false: fragments of any call after the first are dropped."""
+        if parsed is not None and not self.tools.parallel and parsed.tool_calls:
+            parsed.tool_calls = [c for c in parsed.tool_calls if c.index == 0]
+        return parsed
 
     def _logprobs(self, token_ids: list[int], positions: list[PositionLogprobs]) -> list[ChatCompletionLogProbsContent]:
         limit = self.request.top_logprobs or 0
@@ -220,13 +254,22 @@ class _Run:
                 self._take(delta)
         choices = [
             ChatCompletionResponseChoice(
-                index=i, message=ChatMessageOut(content=c.text),
+                index=i, message=self._message(c),
                 logprobs=ChatCompletionLogProbs(content=c.logprobs) if self.request.logprobs else None,
                 finish_reason=c.finish_reason, stop_reason=c.stop_reason)
             for i, c in enumerate(self.choices)
         ]
         return ChatCompletionResponse(id=self.request_id, created=self.created, model=self.serving.model_name,
                                       choices=choices, usage=self._usage())
+
+    def _message(self, choice: _Choice) -> ChatMessageOut:
+        if choice.parser is None:
+            return ChatMessageOut(content=choice.text)
+        parsed = choice.parser.result()
+        calls = parsed.tool_calls if self.tools.parallel else parsed.tool_calls[:1]
+        return ChatMessageOut(content=parsed.content, reasoning_content=parsed.reasoning_content,
+                              tool_calls=[ToolCallOut(id=c.id, function=FunctionCallOut(
+                                  name=c.function.name, arguments=c.function.arguments)) for c in calls] or None)
 
     def _chunk(self, choices: list[ChatCompletionStreamChoice], usage: Optional[UsageInfo] = None) -> str:
         return sse(ChatCompletionStreamResponse(id=self.request_id, created=self.created,
@@ -244,16 +287,36 @@ class _Run:
             async for out in outputs:
                 self.num_cached_tokens = out.num_cached_tokens
                 for delta in out.outputs:
-                    logprobs = self._take(delta)
-                    if not delta.text and delta.finish_reason is None and not logprobs:
+                    parsed, logprobs = self._take(delta)
+                    if parsed is None and delta.finish_reason is None and not logprobs:
                         continue
+                    c = self.choices[delta.index]
                     choice = ChatCompletionStreamChoice(
-                        index=delta.index, delta=DeltaMessage(content=delta.text or None),
+                        index=delta.index, delta=_stream_delta(parsed),
                         logprobs=ChatCompletionLogProbs(content=logprobs) if logprobs is not None else None,
-                        finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
+                        finish_reason=c.finish_reason if delta.finish_reason is not None else None,
+                        stop_reason=delta.stop_reason)
                     yield self._chunk([choice], self._usage() if continuous else None)
             if include_usage:
                 yield self._chunk([], self._usage())
         except Exception as exc:  # noqa: BLE001 - the status line is sent; report in-band
             yield sse_error(exc, self.request_id)
         yield SSE_DONE
+
+
+def _joined(first: Optional[ParsedDelta], second: Optional[ParsedDelta]) -> Optional[ParsedDelta]:
+    if first is None or second is None:
+        return first or second
+    first.content = (first.content or "") + (second.content or "") or None
+    first.reasoning_content = (first.reasoning_content or "") + (second.reasoning_content or "") or None
+    first.tool_calls = first.tool_calls + second.tool_calls
+    return first
+
+
+def _stream_delta(parsed: Optional[ParsedDelta]) -> DeltaMessage:
+    if parsed is None:
+        return DeltaMessage()
+    calls = [DeltaToolCallOut(index=c.index, id=c.id, type=c.type, function=DeltaFunctionCallOut(
+        name=c.function.name, arguments=c.function.arguments)) for c in parsed.tool_calls]
+    return DeltaMessage(content=parsed.content or None, reasoning_content=parsed.reasoning_content or None,
+                        tool_calls=calls or None)

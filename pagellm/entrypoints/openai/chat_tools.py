@@ -1,0 +1,83 @@
+"""The chat endpoint's tool-calling policy: which requests may use tools, and how.
+
+    tools + tool_choice "auto" (the default with tools)  -> the model may call tools; its text is
+                                                             parsed with --tool-call-parser
+    tool_choice "none"                                    -> tools are shown to the template, nothing is parsed
+    tool_choice "required" / a named function             -> need grammar-constrained decoding (400 until
+                                                             structured outputs land)
+
+Tools are handed to the chat template (`tools=`), as transformers' templates expect them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from pagellm.entrypoints.openai.errors import OpenAIError
+from pagellm.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessageIn
+from pagellm.entrypoints.openai.tool_parsers import ToolParser
+
+
+@dataclass
+class ToolSetup:
+    template_tools: Optional[list[dict[str, Any]]]  # what the template gets as `tools`
+    parser: Optional[ToolParser]  # set when the output is to be parsed for tool calls
+    parallel: bool = True  # False: at most one call per choice (parallel_tool_calls=false)
+
+
+def tool_setup(request: ChatCompletionRequest, parser_cls: Optional[type[ToolParser]], auto_enabled: bool,
+               tokenizer: Any) -> ToolSetup:
+    """Checks tools / tool_choice / parallel_tool_calls; OpenAIError (400) on a bad or unservable combination."""
+    choice = request.tool_choice
+    if not request.tools:
+        if choice not in (None, "none"):
+            raise OpenAIError("tool_choice needs tools; send the functions the model may call in `tools`", 400,
+                              param="tool_choice", code="invalid_value")
+        return ToolSetup(None, None)
+    tools = [t.model_dump(exclude_none=True) for t in request.tools]
+    names = [t["function"]["name"] for t in tools]
+    if len(set(names)) != len(names):
+        raise OpenAIError("tools have duplicate function names", 400, param="tools", code="invalid_value")
+    if isinstance(choice, dict):
+        named = choice.get("function", {}).get("name") if choice.get("type") == "function" else None
+        if not isinstance(named, str):
+            raise OpenAIError('a named tool_choice is {"type": "function", "function": {"name": ...}}', 400,
+                              param="tool_choice", code="invalid_value")
+        if named not in names:
+            raise OpenAIError(f"tool_choice names the function {named!r}, which is not in tools ({names})", 400,
+                              param="tool_choice", code="invalid_value")
+    if choice == "none":
+        return ToolSetup(tools, None)
+    if choice == "required" or isinstance(choice, dict):
+        raise OpenAIError("tool_choice \"required\" and a named function need grammar-constrained decoding, which "
+                          "this server does not have yet; use \"auto\"", 400, param="tool_choice",
+                          code="unsupported_parameter")
+    if not auto_enabled or parser_cls is None:
+        # Without a tool_choice, auto is implied by sending tools: name the field the client sent.
+        raise OpenAIError('tools with "auto" tool choice need the server started with --enable-auto-tool-choice '
+                          "and --tool-call-parser", 400, param="tool_choice" if choice else "tools",
+                          code="unsupported_parameter")
+    return ToolSetup(tools, parser_cls(tokenizer, tools), parallel=request.parallel_tool_calls is not False)
+
+
+def tool_message_fields(message: ChatMessageIn) -> dict[str, Any]:
+    """A message's tool fields as templates read them: arguments as an object when they are JSON."""
+    out: dict[str, Any] = {}
+    if message.tool_calls:
+        out["tool_calls"] = [{"id": c.id, "type": c.type,
+                              "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)}}
+                             for c in message.tool_calls]
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    return out
+
+
+def _arguments(text: str) -> Any:
+    # Templates (Hermes, Llama 3, Qwen) iterate or `tojson` the arguments; OpenAI sends JSON text.
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, dict) else text

@@ -1,0 +1,188 @@
+"""Tool calls and reasoning through /v1/chat/completions, on scripted model outputs: what each
+--tool-call-parser / --reasoning-parser makes of a text, whole and streamed (every way of cutting
+the stream gives the same result as the whole response), through the OpenAI SDK in strict mode;
+tools and tool results reach the chat template; bad tool requests are 400s."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fake_engine import ScriptedEngine
+from pagellm.entrypoints.openai.server import ServerOptions, build_app
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                             "parameters": {"type": "object",
+                                                            "properties": {"city": {"type": "string"}},
+                                                            "required": ["city"]}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+HI = [{"role": "user", "content": "What's the weather in Paris and the time?"}]
+
+# Per parser: a model output calling get_weather(city="Paris") and get_time(), with content around it.
+OUTPUTS = {
+    "hermes": ('Let me look.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+               '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>', "Let me look."),
+    "llama3_json": ('{"name": "get_weather", "parameters": {"city": "Paris"}}; {"name": "get_time", '
+                    '"parameters": {}}', None),
+    "mistral": ('[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+                '{"name": "get_time", "arguments": {}}]', None),
+    "pythonic": ('[get_weather(city="Paris"), get_time()]', None),
+}
+EXPECTED_CALLS = [("get_weather", {"city": "Paris"}), ("get_time", {})]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_chat_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_chat_model)
+
+
+def _client(engine, **options) -> openai.OpenAI:
+    app = build_app(engine, "tiny", options=ServerOptions(**options))
+    return openai.OpenAI(base_url="http://testserver/v1", api_key="x", max_retries=0,
+                         http_client=TestClient(app, raise_server_exceptions=False),
+                         _strict_response_validation=True)
+
+
+def _tool_options(parser: str) -> dict:
+    return {"tool_call_parser": parser, "enable_auto_tool_choice": True}
+
+
+def _calls(tool_calls) -> list[tuple[str, dict]]:
+    return [(c.function.name, json.loads(c.function.arguments)) for c in tool_calls or []]
+
+
+def _streamed(client, **kwargs) -> tuple[str, str, list, str]:
+    """(content, reasoning, [(name, arguments)], finish_reason) assembled from a stream's deltas."""
+    content, reasoning, calls, finish = "", "", {}, None
+    for chunk in client.chat.completions.create(model="tiny", messages=HI, stream=True, **kwargs):
+        for choice in chunk.choices:
+            delta = choice.delta
+            content += delta.content or ""
+            reasoning += getattr(delta, "reasoning_content", None) or ""
+            for call in delta.tool_calls or []:
+                entry = calls.setdefault(call.index, {"id": None, "name": "", "arguments": ""})
+                entry["id"] = entry["id"] or call.id
+                entry["name"] += call.function.name or ""
+                entry["arguments"] += call.function.arguments or ""
+            finish = choice.finish_reason or finish
+    assert all(c["id"] and c["id"].startswith("call_") for c in calls.values())
+    return content, reasoning, [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())], finish
+
+
+@pytest.mark.parametrize("parser", sorted(OUTPUTS))
+def test_auto_tool_calls_whole_and_streamed(tokenizer, parser):
+    text, content = OUTPUTS[parser]
+    chunks = [text[i:i + 7] for i in range(0, len(text), 7)]
+    client = _client(ScriptedEngine(tokenizer, chunks), **_tool_options(parser))
+    whole = client.chat.completions.create(model="tiny", messages=HI, tools=[WEATHER, TIME])
+    message = whole.choices[0].message
+    assert _calls(message.tool_calls) == EXPECTED_CALLS and message.content == content
+    assert whole.choices[0].finish_reason == "tool_calls"
+    assert len({c.id for c in message.tool_calls}) == 2
+    streamed = _streamed(client, tools=[WEATHER, TIME])
+    assert streamed == (content or "", "", EXPECTED_CALLS, "tool_calls")  # no markup leaks into content
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parser=st.sampled_from(sorted(OUTPUTS)), cuts=st.lists(st.integers(0, 200), max_size=12),
+       think=st.booleans())
+def test_any_stream_chunking_gives_the_whole_result(tokenizer, parser, cuts, think):
+    text = ("<think>Paris, then the clock.</think>" if think else "") + OUTPUTS[parser][0]
+    points = sorted({c % (len(text) + 1) for c in cuts} | {0, len(text)})
+    chunks = [text[a:b] for a, b in zip(points, points[1:])] or [text]
+    options = dict(_tool_options(parser), reasoning_parser="qwen3")
+    client = _client(ScriptedEngine(tokenizer, [text]), **options)
+    whole = client.chat.completions.create(model="tiny", messages=HI, tools=[WEATHER, TIME]).choices[0]
+    client = _client(ScriptedEngine(tokenizer, chunks), **options)
+    content, reasoning, calls, finish = _streamed(client, tools=[WEATHER, TIME])
+    assert calls == _calls(whole.message.tool_calls) == EXPECTED_CALLS
+    assert content == (whole.message.content or "") and finish == whole.finish_reason == "tool_calls"
+    assert reasoning == (getattr(whole.message, "reasoning_content", None) or "")
+    assert reasoning == ("Paris, then the clock." if think else "")
+
+
+def test_reasoning_is_split_from_content(tokenizer):
+    chunks = ["<thi", "nk>Two plus", " two...</th", "ink>It is 4."]
+    client = _client(ScriptedEngine(tokenizer, chunks), reasoning_parser="qwen3")
+    message = client.chat.completions.create(model="tiny", messages=HI).choices[0].message
+    assert (message.reasoning_content, message.content) == ("Two plus two...", "It is 4.")
+    assert _streamed(client)[:2] == ("It is 4.", "Two plus two...")
+
+
+def test_without_parsers_the_text_is_content_and_tool_choice_none_parses_nothing(tokenizer):
+    text = OUTPUTS["hermes"][0]
+    client = _client(ScriptedEngine(tokenizer, [text]), **_tool_options("hermes"))
+    choice = client.chat.completions.create(model="tiny", messages=HI, tools=[WEATHER], tool_choice="none").choices[0]
+    assert choice.message.content == text and choice.message.tool_calls is None and choice.finish_reason == "stop"
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call(tokenizer):
+    client = _client(ScriptedEngine(tokenizer, [OUTPUTS["hermes"][0]]), **_tool_options("hermes"))
+    message = client.chat.completions.create(model="tiny", messages=HI, tools=[WEATHER, TIME],
+                                             parallel_tool_calls=False).choices[0].message
+    assert _calls(message.tool_calls) == EXPECTED_CALLS[:1]
+    assert _streamed(client, tools=[WEATHER, TIME], parallel_tool_calls=False)[2] == EXPECTED_CALLS[:1]
+
+
+def test_mistral_parser_sees_special_tokens(tokenizer):
+    engine = ScriptedEngine(tokenizer, [OUTPUTS["mistral"][0]])
+    _client(engine, **_tool_options("mistral")).chat.completions.create(model="tiny", messages=HI, tools=[WEATHER])
+    assert engine.prompts[-1][1].skip_special_tokens is False
+
+
+TOOL_TEMPLATE = (
+    "{% for t in tools or [] %}TOOL {{ t.function.name }};{% endfor %}"
+    "{% for m in messages %}<{{ m.role }}>{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}CALL {{ c.function.name }}({{ c.function.arguments.city }}) id={{ c.id }};"
+    "{% endfor %}{% if m.tool_call_id %}RESULT_FOR={{ m.tool_call_id }}{% endif %}{% endfor %}<assistant>")
+
+
+def test_tools_and_tool_results_reach_the_template(tokenizer):
+    engine = ScriptedEngine(tokenizer, ["It is sunny."])
+    app = build_app(engine, "tiny", None, TOOL_TEMPLATE, options=ServerOptions(**_tool_options("hermes")))
+    client = openai.OpenAI(base_url="http://testserver/v1", api_key="x", max_retries=0,
+                           http_client=TestClient(app), _strict_response_validation=True)
+    messages = HI + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21C"},
+    ]
+    reply = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER])
+    assert reply.choices[0].message.content == "It is sunny." and reply.choices[0].finish_reason == "stop"
+    prompt = tokenizer.decode(engine.prompts[-1][0])
+    assert "TOOL get_weather;" in prompt and "CALL get_weather(Paris) id=call_1;" in prompt
+    assert "<tool>sunny, 21C" in prompt and "RESULT_FOR=call_1" in prompt
+
+
+@pytest.mark.parametrize("body, param, code", [
+    ({"tool_choice": "auto"}, "tool_choice", "invalid_value"),  # no tools
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice",
+     "invalid_value"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function"}}, "tool_choice", "invalid_value"),
+    ({"tools": [WEATHER], "tool_choice": "required"}, "tool_choice", "unsupported_parameter"),
+    ({"tools": [WEATHER, WEATHER]}, "tools", "invalid_value"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools.0.function.name", "invalid_value"),
+    ({"tools": [{"type": "retrieval"}]}, "tools.0.type", "invalid_value"),
+])
+def test_bad_tool_requests_are_400(tokenizer, body, param, code):
+    app = build_app(ScriptedEngine(tokenizer, ["x"]), "tiny", options=ServerOptions(**_tool_options("hermes")))
+    r = TestClient(app).post("/v1/chat/completions", json={"messages": HI, **body})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == code and str(error["param"]).startswith(param), error
+
+
+def test_unknown_parser_names_are_refused_with_the_known_ones(tokenizer):
+    with pytest.raises(ValueError, match="available: .*hermes"):
+        build_app(ScriptedEngine(tokenizer, ["x"]), "tiny", options=ServerOptions(tool_call_parser="nope"))
+    with pytest.raises(ValueError, match="available: .*qwen3"):
+        build_app(ScriptedEngine(tokenizer, ["x"]), "tiny", options=ServerOptions(reasoning_parser="nope"))
+    with pytest.raises(ValueError, match="needs --tool-call-parser"):
+        build_app(ScriptedEngine(tokenizer, ["x"]), "tiny", options=ServerOptions(enable_auto_tool_choice=True))
