@@ -1,0 +1,68 @@
+"""xgrammar (the default backend): JSON schema, any JSON, regex, choice, GBNF grammars, structural tags."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import torch
+import xgrammar as xgr
+
+from pagellm.structured_output.params import StructuredOutputsParams
+
+
+# xgrammar's messages start "[16:00:45] /project/cpp/regex_converter.cc:94: ": where, not what.
+_LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
+
+
+class XGrammarMatcher:
+    def __init__(self, compiled: xgr.CompiledGrammar) -> None:
+        self._m = xgr.GrammarMatcher(compiled)
+
+    def accept_token(self, token_id: int) -> bool:
+        return bool(self._m.accept_token(token_id))
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        self._m.fill_next_token_bitmask(bitmask, row)
+
+    def is_terminated(self) -> bool:
+        return bool(self._m.is_terminated())
+
+    def rollback(self, num_tokens: int) -> None:
+        self._m.rollback(num_tokens)
+
+    def reset(self) -> None:
+        self._m.reset()
+
+
+class XGrammarBackend:
+    name = "xgrammar"
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> None:
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
+        # Its own cache is by constraint text too; the manager's cache spares the lookup and the lock.
+        self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+
+    def compile(self, params: StructuredOutputsParams) -> xgr.CompiledGrammar:
+        kind, spec = params.kind, params.spec
+        any_ws = not params.disable_any_whitespace
+        try:
+            if kind in ("json", "json_object"):
+                if kind == "json_object":
+                    return self._compiler.compile_builtin_json_grammar()
+                return self._compiler.compile_json_schema(spec, any_whitespace=any_ws)
+            if kind == "regex":
+                return self._compiler.compile_regex(spec)
+            if kind == "choice":
+                alternatives = " | ".join(json.dumps(c) for c in params.choice or [])
+                return self._compiler.compile_grammar(f"root ::= {alternatives}")
+            if kind == "grammar":
+                return self._compiler.compile_grammar(spec)
+            tag = xgr.StructuralTag.from_json(spec) if hasattr(xgr.StructuralTag, "from_json") else json.loads(spec)
+            return self._compiler.compile_structural_tag(tag)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise ValueError(f"the {kind} constraint does not compile: {_LOG_PREFIX.sub('', str(exc)).strip()}") from None
+
+    def matcher(self, compiled: xgr.CompiledGrammar) -> XGrammarMatcher:
+        return XGrammarMatcher(compiled)

@@ -1,0 +1,145 @@
+"""Grammar backends (xgrammar, llguidance) behind one interface, with a real tokenizer: the mask
+admits every token of a valid answer and nothing that breaks it, masked random walks give
+outputs that validate, bad constraints are ValueErrors naming the problem, compiles are cached."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import jsonschema
+import pytest
+import torch
+
+from pagellm.structured_output import StructuredOutputsParams
+from pagellm.structured_output.backend import bitmask_to_bool
+from pagellm.structured_output.manager import StructuredOutputManager, make_backend
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                                           "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_chat_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_chat_model)
+
+
+@pytest.fixture(scope="module", params=["xgrammar", "guidance"])
+def manager(request, tokenizer):
+    backend = make_backend(request.param, tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+    mgr = StructuredOutputManager(backend, len(tokenizer))
+    yield mgr
+    mgr.shutdown()
+
+
+def _start(manager, rid: str, **constraint) -> None:
+    manager.submit(rid, StructuredOutputsParams(**constraint))
+    while not manager.is_ready(rid):
+        pass
+    assert manager.error(rid) is None, manager.error(rid)
+
+
+def _allowed(manager, rid: str) -> torch.Tensor:
+    return bitmask_to_bool(manager.fill_bitmask({rid: 0}, 1), manager.vocab_size)[0]
+
+
+def _walk(manager, tokenizer, rid: str, seed: int, max_steps: int = 200) -> str:
+    """A masked random "model": any allowed token, preferring EOS and short non-blank tokens so it ends."""
+    rng = random.Random(seed)
+    eos = tokenizer.eos_token_id
+    out: list[int] = []
+    for _ in range(max_steps):
+        allowed = _allowed(manager, rid).nonzero().flatten().tolist()
+        assert allowed, "the mask allows nothing"
+        if eos in allowed and (len(allowed) == 1 or rng.random() < 0.5):
+            return tokenizer.decode(out)
+        # Never control characters: xgrammar lets raw ones (\x05) into JSON strings, which strict JSON
+        # parsers refuse; a real model does not write them, and the walk is not a fuzz of the backend.
+        candidates = [t for t in allowed if t != eos and tokenizer.decode([t]).isprintable()]
+        short = [t for t in candidates if 0 < len(tokenizer.decode([t]).strip()) <= 2] or candidates
+        token = rng.choice(short)
+        out.append(token)
+        if manager.accept(rid, [token]):
+            return tokenizer.decode(out)
+    raise AssertionError(f"no end within {max_steps} tokens: {tokenizer.decode(out)!r}")
+
+
+@pytest.mark.parametrize("constraint, valid, check", [
+    ({"json": PERSON}, '{"name": "Ann", "age": 41, "tags": ["b"]}', lambda t: jsonschema.validate(json.loads(t), PERSON) is None),
+    ({"json_object": True}, '{"k": [1, 2.5, null]}', lambda t: isinstance(json.loads(t), dict)),
+    ({"regex": r"[0-9]{3}-[a-z]+"}, "123-abc", lambda t: re.fullmatch(r"[0-9]{3}-[a-z]+", t)),
+    ({"choice": ["positive", "negative", "neutral"]}, "negative", lambda t: t in ("positive", "negative", "neutral")),
+])
+def test_valid_answers_pass_and_walks_validate(manager, tokenizer, constraint, valid, check):
+    rid = f"valid-{manager.backend.name}-{sorted(constraint)[0]}"
+    _start(manager, rid, **constraint)
+    for token in tokenizer.encode(valid, add_special_tokens=False):
+        assert _allowed(manager, rid)[token], (valid, tokenizer.decode([token]))
+        manager.accept(rid, [token])
+    assert _allowed(manager, rid)[tokenizer.eos_token_id]  # complete: it may stop here
+    manager.remove(rid)
+    if "json_object" in constraint:
+        return  # free-form keys make a random walk endless; the schema cases cover walks through JSON
+    for seed in range(3):
+        walk_id = f"{rid}-walk{seed}"
+        _start(manager, walk_id, **constraint)
+        text = _walk(manager, tokenizer, walk_id, seed)
+        assert check(text), text
+        manager.remove(walk_id)
+
+
+def test_tokens_that_break_the_constraint_are_masked(manager, tokenizer):
+    _start(manager, "mask", regex=r"[0-9]+")
+    allowed = _allowed(manager, "mask")
+    for text in ("a", " ", "x1"):
+        for token in tokenizer.encode(text, add_special_tokens=False)[:1]:
+            assert not allowed[token], text
+    assert allowed[tokenizer.encode("7", add_special_tokens=False)[0]]
+    assert not allowed[tokenizer.eos_token_id]  # nothing yet: cannot stop
+    manager.remove("mask")
+
+
+@pytest.mark.parametrize("constraint, words", [
+    ({"regex": "[ab+c"}, "regex"),
+    ({"json": {"type": "objectx"}}, "json"),
+    ({"grammar": "root ::= nope"}, "grammar"),
+])
+def test_bad_constraints_name_the_problem(manager, constraint, words):
+    with pytest.raises(ValueError, match=f"the {words} constraint does not compile: .+"):
+        manager.compile(StructuredOutputsParams(**constraint))
+    manager.submit("bad", StructuredOutputsParams(**constraint))
+    while not manager.is_ready("bad"):
+        pass
+    assert manager.error("bad") and "compile" in manager.error("bad")
+    manager.remove("bad")
+
+
+def test_compiles_are_cached_by_constraint(manager):
+    before = len(manager.compile_seconds)
+    for _ in range(3):
+        manager.compile(StructuredOutputsParams(json=PERSON))
+        manager.compile(StructuredOutputsParams(json=json.dumps(PERSON)))  # the same text
+    assert len(manager.compile_seconds) - before <= 1
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({}, "exactly one"),
+    ({"json": PERSON, "regex": "a"}, "exactly one"),
+    ({"json": "{not json"}, "not valid JSON"),
+    ({"choice": []}, "non-empty"),
+    ({"choice": ["a", ""]}, "non-empty"),
+    ({"regex": ""}, "non-empty"),
+])
+def test_params_are_validated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        StructuredOutputsParams(**kwargs)
+
+
+def test_unknown_backend_lists_the_known_ones(tokenizer):
+    with pytest.raises(ValueError, match="available: xgrammar, guidance"):
+        make_backend("outlines", tokenizer, len(tokenizer), [])
