@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import time
+from types import SimpleNamespace
 
 import httpx
 import psutil
@@ -166,3 +167,31 @@ def test_serve_exits_non_zero_or_restarts_when_the_engine_core_dies(tiny_llama, 
     finally:
         proc.stop()
         proc.close()
+
+
+def test_a_burst_is_bounded_by_the_default_queue(tiny_llama):
+    """The table's burst (1,000 requests at max-num-seqs 4), scaled to 400 to stay quick: with the
+    default limit (256 waiting) the rest get 429 at once; everything admitted completes and
+    nothing is left queued."""
+    from pagellm.engine.async_llm import AsyncLLM
+    from pagellm.entrypoints.openai.server import admission_limits
+
+    args = SimpleNamespace(max_waiting_requests=None)
+    eng = AsyncLLM.from_config(EngineConfig(model=tiny_llama, skip_tokenizer_init=True, max_model_len=256,
+                                            kv_cache_memory=4 << 20, max_num_seqs=4),
+                               engine_process=False, quiet=True, admission=admission_limits(args, 4))
+
+    async def main():
+        transport = httpx.ASGITransport(app=build_app(eng, "tiny"))
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost", timeout=120) as client:
+            body = {"prompt": [5, 6, 7, 8], "max_tokens": 3, "ignore_eos": True}
+            return await asyncio.gather(*(client.post(COMPLETIONS, json=body) for _ in range(400)))
+
+    try:
+        statuses = [r.status_code for r in asyncio.run(main())]
+        stats = asyncio.run(eng.wait_for_stats())
+    finally:
+        eng.shutdown()
+    assert set(statuses) <= {200, 429} and statuses.count(429) >= 400 - (4 + 256)
+    assert statuses.count(200) >= 4 + 256 - 4  # the queue was used, not refused early
+    assert (stats.num_running, stats.num_waiting, stats.kv_cache_usage) == (0, 0, 0.0)
