@@ -27,9 +27,9 @@ def checkpoints(tiny_llama, tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("tp-models")
     # Untied, biased q/k/v/o (the row-parallel bias), one KV head (replicated), vocab 510 (padded).
     odd = make_tiny_llama(str(root / "llama-odd"), seed=5, tie=False, num_kv_heads=1, vocab_size=510, bias=True)
-    qwen3, _ = make_tiny(str(root / "qwen3"), "qwen3")
+    paths = {name: make_tiny(str(root / name), name)[0] for name in ("qwen3", "phi3_longrope_short", "mixtral")}
     gemma3 = make_tiny_gemma3(str(root / "gemma3"))
-    return {"llama": tiny_llama, "llama_odd": odd, "qwen3": qwen3, "gemma3": gemma3}
+    return {"llama": tiny_llama, "llama_odd": odd, "gemma3": gemma3, **paths}
 
 
 def _assert_model_matches(name: str, reference: dict, ranks: list[dict], kv_heads: int) -> None:
@@ -41,7 +41,8 @@ def _assert_model_matches(name: str, reference: dict, ranks: list[dict], kv_head
 
 
 def test_layers_and_models_at_tp2_equal_one_process(tmp_path, checkpoints):
-    names = ["llama", "llama_odd", "qwen3", "gemma3"]
+    # Phi-3 stores qkv and gate_up fused (cut projection by projection); Mixtral's experts are split.
+    names = ["llama", "llama_odd", "qwen3", "gemma3", "phi3_longrope_short", "mixtral"]
     ranks = run_ranks(tmp_path, 2, [("layers", ())] + [("model", (checkpoints[n],)) for n in names])
     ref_layers = layers_case()
     for rank, (layers, *_) in enumerate(ranks):
@@ -51,9 +52,9 @@ def test_layers_and_models_at_tp2_equal_one_process(tmp_path, checkpoints):
         for mode in ("shards", "fused"):
             for got, want in zip(layers[f"qkv_{mode}"], ref_layers["qkv_shards"]):
                 torch.testing.assert_close(got, want, **TOL)
-    # KV heads per rank at tp 2: llama 2 -> 1, llama_odd 1 (replicated), qwen3 2 -> 1, gemma3 2 -> 1.
-    for i, (name, kv_heads) in enumerate(zip(names, [1, 1, 1, 1])):
-        _assert_model_matches(name, model_case(checkpoints[name]), [r[1 + i] for r in ranks], kv_heads)
+    # KV heads per rank at tp 2: llama_odd has 1 (replicated), the others 2 (split).
+    for i, name in enumerate(names):
+        _assert_model_matches(name, model_case(checkpoints[name]), [r[1 + i] for r in ranks], kv_heads=1)
 
 
 def test_models_at_tp4_replicate_kv_heads(tmp_path, checkpoints):
