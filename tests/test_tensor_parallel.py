@@ -48,6 +48,9 @@ def test_layers_and_models_at_tp2_equal_one_process(tmp_path, checkpoints):
     for rank, (layers, *_) in enumerate(ranks):
         for key in ("column", "row", "embed", "tied_head", "untied_head"):
             torch.testing.assert_close(layers[key], ref_layers[key], **TOL, msg=lambda m: f"rank {rank} {key}: {m}")
+        assert layers.keys() == ref_layers.keys()
+        if "row_packed" in layers:
+            torch.testing.assert_close(layers["row_packed"], ref_layers["row"], **TOL)
         assert torch.equal(layers["embed"], ref_layers["embed"])  # a lookup plus zeros: exact
         for mode in ("shards", "fused"):
             for got, want in zip(layers[f"qkv_{mode}"], ref_layers["qkv_shards"]):

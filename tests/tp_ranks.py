@@ -15,7 +15,7 @@ from pagellm.distributed.communication import tensor_parallel_all_gather
 from pagellm.distributed.parallel_state import destroy_parallel, get_parallel_context, init_parallel, set_parallel_context
 from pagellm.forward_context import set_forward_context
 from pagellm.layers.embedding import LMHead, VocabEmbedding
-from pagellm.layers.linear import Linear, MergedLinear, ParallelStyle
+from pagellm.layers.linear import Linear, MergedLinear, ParallelStyle, cpu_prepack_available
 from pagellm.loader import iter_weights, resolve_model_source
 from pagellm.loader.hf import load_hf_config
 from pagellm.models.registry import get_model_class
@@ -69,6 +69,9 @@ def layers_case() -> dict:
     row.load("bias", _seeded(10, seed=5))
     part = 12 // ctx.tp_size
     out["row"] = row(x[:, ctx.tp_rank * part:(ctx.tp_rank + 1) * part])
+    if cpu_prepack_available(torch.float32):  # the CPU default: the bias still comes after the reduce
+        row.prepack_for_cpu()
+        out["row_packed"] = row(x[:, ctx.tp_rank * part:(ctx.tp_rank + 1) * part])
     # q: 4 heads of 2; k/v: 1 head, replicated on every rank. Loaded per projection and fused.
     sizes = {"q": 8, "k": 2, "v": 2}
     weights = {s: _seeded(n, 12, seed=6 + i) for i, (s, n) in enumerate(sizes.items())}
