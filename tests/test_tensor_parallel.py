@@ -25,8 +25,8 @@ TOL = dict(atol=2e-5, rtol=1e-5)
 @pytest.fixture(scope="module")
 def checkpoints(tiny_llama, tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("tp-models")
-    # Untied, biased q/k/v/o (the row-parallel bias), one KV head (replicated), vocab 510 (padded).
-    odd = make_tiny_llama(str(root / "llama-odd"), seed=5, tie=False, num_kv_heads=1, vocab_size=510, bias=True)
+    # Untied, biased q/k/v/o (the row-parallel bias), one KV head (replicated), vocab 509 (padded to 510).
+    odd = make_tiny_llama(str(root / "llama-odd"), seed=5, tie=False, num_kv_heads=1, vocab_size=509, bias=True)
     paths = {name: make_tiny(str(root / name), name)[0] for name in ("qwen3", "phi3_longrope_short", "mixtral")}
     gemma3 = make_tiny_gemma3(str(root / "gemma3"))
     return {"llama": tiny_llama, "llama_odd": odd, "gemma3": gemma3, **paths}
