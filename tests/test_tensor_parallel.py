@@ -20,8 +20,6 @@ from tests.tp_ranks import layers_case, model_case, run_ranks
 TOL = dict(atol=2e-5, rtol=1e-5)
 
 
-# -- tests ---------------------------------------------------------------------------
-
 @pytest.fixture(scope="module")
 def checkpoints(tiny_llama, tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("tp-models")
@@ -49,6 +47,7 @@ def test_layers_and_models_at_tp2_equal_one_process(tmp_path, checkpoints):
         for key in ("column", "row", "embed", "tied_head", "untied_head"):
             torch.testing.assert_close(layers[key], ref_layers[key], **TOL, msg=lambda m: f"rank {rank} {key}: {m}")
         assert layers.keys() == ref_layers.keys()
+        assert layers["broadcast"] == {"from": 0, "ids": [1, 2]}
         if "row_packed" in layers:
             torch.testing.assert_close(layers["row_packed"], ref_layers["row"], **TOL)
         assert torch.equal(layers["embed"], ref_layers["embed"])  # a lookup plus zeros: exact

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from pagellm.attention.backend import build_metadata
 from pagellm.attention.layer import Attention
 from pagellm.attention.torch_backend import TorchAttentionBackend
-from pagellm.distributed.communication import tensor_parallel_all_gather
+from pagellm.distributed.communication import broadcast_object, tensor_parallel_all_gather
 from pagellm.distributed.parallel_state import destroy_parallel, get_parallel_context, init_parallel, set_parallel_context
 from pagellm.forward_context import set_forward_context
 from pagellm.layers.embedding import LMHead, VocabEmbedding
@@ -94,6 +94,7 @@ def layers_case() -> dict:
     out["embed"] = embed(ids)
     out["tied_head"] = LMHead(51, 6, tied_to=embed)(hidden)
     out["untied_head"] = untied(hidden)
+    out["broadcast"] = broadcast_object({"from": ctx.tp_rank, "ids": [1, 2]})  # rank 0's, everywhere
     return out
 
 

@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from pagellm.attention.layer import Attention
-from pagellm.layers.activation import SiluAndMul
-from pagellm.layers.embedding import LMHead, VocabEmbedding
 from pagellm.distributed.layout import HeadLayout, attention_head_layout
 from pagellm.distributed.parallel_state import get_parallel_context
+from pagellm.layers.activation import SiluAndMul
+from pagellm.layers.embedding import LMHead, VocabEmbedding
 from pagellm.layers.linear import Linear, MergedLinear, ParallelStyle
 from pagellm.layers.norm import RMSNorm
 from pagellm.layers.rotary import RotaryEmbedding, get_rope
