@@ -91,9 +91,10 @@ def test_parallel_style_is_replicated_and_checkpoint_shard_is_identity():
     tensor = torch.randn(3, 4)
     assert layer.checkpoint_shard("weight", tensor) is tensor
     assert merged.checkpoint_shard("weight", tensor[:1], "a").data_ptr() == tensor.data_ptr()
+    # Without a tensor-parallel context (tp_size 1) split layers hold and load the whole tensor.
     for style in (ParallelStyle.COLUMN, ParallelStyle.ROW):
-        with pytest.raises(NotImplementedError, match="only REPLICATED"):
-            Linear(4, 3, parallel_style=style)
+        split = Linear(4, 3, parallel_style=style)
+        assert split.weight.shape == (3, 4) and split.checkpoint_shard("weight", tensor) is tensor
 
 
 def test_plain_method_keeps_parameters_and_post_load_step_is_a_no_op():

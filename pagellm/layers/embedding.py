@@ -1,4 +1,11 @@
-"""Token embedding and the LM head (which may share the embedding's weight)."""
+"""Token embedding and the LM head (which may share the embedding's weight).
+
+Under tensor parallelism both are vocab-parallel: each rank holds `vocab_per_rank` consecutive
+rows of the (padded) vocabulary. The embedding looks up the ids in its rows, zeroes the others
+and sums over the ranks; the LM head computes its rows' logits and gathers them, so every rank
+has the full logits (and samples the same tokens). The vocabulary is padded to a multiple of
+the rank count; padding rows are zero and their logits are sliced off.
+"""
 
 from __future__ import annotations
 
@@ -8,35 +15,84 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagellm.distributed.communication import tensor_parallel_all_gather, tensor_parallel_all_reduce
+from pagellm.distributed.layout import padded_vocab_size
+from pagellm.distributed.parallel_state import ParallelContext, get_parallel_context
 from pagellm.layers.linear_method import CpuPackedLinearMethod, UnquantizedLinearMethod
 
 
+class VocabParallel:
+    """The vocabulary rows [start, start + rows) this rank holds (all of them at tp_size 1)."""
+
+    def __init__(self, vocab_size: int, parallel: Optional[ParallelContext]) -> None:
+        self.parallel = parallel if parallel is not None else get_parallel_context()
+        self.vocab_size = vocab_size
+        self.rows = padded_vocab_size(vocab_size, self.parallel.tp_size) // self.parallel.tp_size
+        self.start = self.parallel.tp_rank * self.rows
+
+    def shard(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a [vocab, hidden] checkpoint tensor, zero-padded past the vocabulary."""
+        if tensor.shape[0] != self.vocab_size:
+            raise ValueError(f"checkpoint {name} has shape {tuple(tensor.shape)}, expected {self.vocab_size} rows")
+        if self.parallel.tp_size == 1:
+            return tensor
+        end = min(self.start + self.rows, self.vocab_size)
+        part = tensor[self.start:end]
+        if part.shape[0] < self.rows:
+            part = torch.cat([part, part.new_zeros(self.rows - part.shape[0], *part.shape[1:])])
+        return part
+
+
 class VocabEmbedding(nn.Module):
-    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+    def __init__(self, vocab_size: int, hidden_size: int, parallel: Optional[ParallelContext] = None) -> None:
         super().__init__()
         self.vocab_size = vocab_size
-        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+        self.vocab = VocabParallel(vocab_size, parallel)
+        self.weight = nn.Parameter(torch.empty(self.vocab.rows, hidden_size), requires_grad=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.weight)
+        if self.vocab.parallel.tp_size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.vocab.start
+        outside = (local < 0) | (local >= self.vocab.rows)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out.masked_fill_(outside.unsqueeze(-1), 0)
+        return tensor_parallel_all_reduce(out, self.vocab.parallel)  # each id is found on exactly one rank
+
+    def load(self, name: str, tensor: torch.Tensor) -> None:
+        if name != "weight":
+            raise ValueError(f"the embedding has no parameter {name!r}")
+        self.weight.data.copy_(self.vocab.shard(name, tensor))
 
 
 class LMHead(nn.Module):
     """The output projection; like a linear layer it applies its weight through a `LinearMethod`."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, tied_to: VocabEmbedding | None = None) -> None:
+    def __init__(self, vocab_size: int, hidden_size: int, tied_to: VocabEmbedding | None = None,
+                 parallel: Optional[ParallelContext] = None) -> None:
         super().__init__()
         self.vocab_size = vocab_size
         self.tied = tied_to is not None
+        # A tied head shares the embedding's rows, so it shares its split too.
+        self.vocab = tied_to.vocab if tied_to is not None else VocabParallel(vocab_size, parallel)
         self.weight = tied_to.weight if tied_to is not None else nn.Parameter(
-            torch.empty(vocab_size, hidden_size), requires_grad=False)
+            torch.empty(self.vocab.rows, hidden_size), requires_grad=False)
         self.bias = None
         self.method = UnquantizedLinearMethod()
         self.packed: Optional[torch.Tensor] = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits in float32 whatever the model dtype: sampling and logprobs need the precision."""
-        return self.method.apply(self, hidden).float()
+        logits = self.method.apply(self, hidden).float()
+        if self.vocab.parallel.tp_size == 1:
+            return logits
+        logits = tensor_parallel_all_gather(logits, -1, self.vocab.parallel)
+        return logits if logits.shape[-1] == self.vocab_size else logits[..., :self.vocab_size].contiguous()
+
+    def load(self, name: str, tensor: torch.Tensor) -> None:
+        if name != "weight":
+            raise ValueError(f"the LM head has no parameter {name!r}")
+        self.weight.data.copy_(self.vocab.shard(name, tensor))
 
     def prepack_for_cpu(self) -> None:
         """The LM head is the largest matmul of a small model, and the slowest through MKL.

@@ -5,8 +5,10 @@ fills each shard from the checkpoint's separate tensors.
 
 What the weight is and how the matmul runs is the layer's `LinearMethod` (see `linear_method.py`):
 plain `F.linear` by default, oneDNN-prepacked on the CPU after `prepack_for_cpu()`. How the layer
-is split across devices is its `ParallelStyle`; `checkpoint_shard` is where a tensor-parallel
-layer will cut its part of a checkpoint tensor.
+is split across tensor-parallel ranks is its `ParallelStyle`, read with the rank and size from the
+parallel context when the layer is built: a COLUMN layer holds a slice of the output features, a
+ROW layer a slice of the input features and sums its partial outputs over the ranks. Each rank
+creates only its part and `checkpoint_shard` cuts that part out of every checkpoint tensor.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from pagellm.distributed.communication import tensor_parallel_all_reduce
+from pagellm.distributed.layout import ShardRange, shard_range
+from pagellm.distributed.parallel_state import ParallelContext, get_parallel_context
 from pagellm.layers.linear_method import (  # noqa: F401  (re-exported: callers import them from here)
     CpuPackedLinearMethod,
     LinearMethod,
@@ -37,27 +42,53 @@ class ParallelStyle(enum.Enum):
 
 
 class Linear(nn.Module):
+    """`in_features` / `out_features` are the full (checkpoint) sizes; the weight holds this rank's part."""
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  parallel_style: ParallelStyle = ParallelStyle.REPLICATED,
-                 method: Optional[LinearMethod] = None) -> None:
+                 method: Optional[LinearMethod] = None, parallel: Optional[ParallelContext] = None,
+                 local_out_features: Optional[int] = None) -> None:
         super().__init__()
-        if parallel_style is not ParallelStyle.REPLICATED:
-            raise NotImplementedError(f"{parallel_style.name} linear layers are not implemented yet "
-                                      "(only REPLICATED)")
         self.in_features = in_features
         self.out_features = out_features
         self.parallel_style = parallel_style
+        self.parallel = parallel if parallel is not None else get_parallel_context()
+        tp_rank, tp_size = self.parallel.tp_rank, self.parallel.tp_size
+        local_in, local_out = in_features, out_features
+        # The slice of the weight's sharded dim this rank holds (None: the whole weight).
+        self.tp_range: Optional[ShardRange] = None
+        if local_out_features is not None:  # a merged layer splits each of its projections itself
+            local_out = local_out_features
+        elif tp_size > 1 and parallel_style is ParallelStyle.COLUMN:
+            self.tp_range = shard_range(out_features, tp_rank, tp_size, what="output features")
+            local_out = self.tp_range.size
+        elif tp_size > 1 and parallel_style is ParallelStyle.ROW:
+            self.tp_range = shard_range(in_features, tp_rank, tp_size, what="input features")
+            local_in = self.tp_range.size
         self.method = method if method is not None else UnquantizedLinearMethod()
-        self.method.create_weights(self, in_features, out_features, bias)
+        self.method.create_weights(self, local_in, local_out, bias)
         self.packed: Optional[torch.Tensor] = None  # the oneDNN weight once prepacked (CPU)
 
+    @property
+    def reduces_output(self) -> bool:
+        return self.parallel_style is ParallelStyle.ROW and self.parallel.tp_size > 1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.method.apply(self, x)
+        if not self.reduces_output:
+            return self.method.apply(self, x)
+        # The bias is added once, after the partial outputs are summed.
+        out = tensor_parallel_all_reduce(self.method.apply(self, x, skip_bias=True), self.parallel)
+        bias = getattr(self, "bias", None)
+        return out if bias is None else out + bias
 
     def checkpoint_shard(self, name: str, tensor: torch.Tensor, shard: Optional[str] = None) -> torch.Tensor:
-        """This rank's part of a checkpoint tensor; the whole tensor while layers are replicated.
-        A COLUMN layer will narrow the output dim here, a ROW layer the input dim of the weight."""
-        return tensor
+        """This rank's part of a checkpoint tensor (the whole tensor when not split): a COLUMN layer
+        narrows the output dim (weight rows, bias), a ROW layer the weight's input dim (its bias is whole)."""
+        if self.tp_range is None:
+            return tensor
+        if self.parallel_style is ParallelStyle.ROW:
+            return tensor if name == "bias" else _narrow(tensor, 1, self.tp_range, name, self.in_features)
+        return _narrow(tensor, 0, self.tp_range, name, self.out_features)
 
     def load(self, name: str, tensor: torch.Tensor) -> None:
         self.method.load(self, name, self.checkpoint_shard(name, tensor))
@@ -72,18 +103,58 @@ class Linear(nn.Module):
         self.method.process_after_loading(self)
 
 
+def _narrow(tensor: torch.Tensor, dim: int, part: ShardRange, name: str, full: int) -> torch.Tensor:
+    if tensor.dim() <= dim or tensor.shape[dim] != full:
+        raise ValueError(f"checkpoint {name} has shape {tuple(tensor.shape)}; expected {full} along dim {dim} "
+                         "before the tensor-parallel split")
+    return tensor.narrow(dim, part.start, part.size)
+
+
 class MergedLinear(Linear):
-    """Several output projections stacked along the output dim, e.g. [q | k | v]."""
+    """Several output projections stacked along the output dim, e.g. [q | k | v].
+
+    Column-parallel, each projection is split on its own, so a rank holds [q_r | k_r | v_r];
+    `shard_replicas[name]` ranks share one part of that projection (KV heads replicated when
+    there are fewer of them than ranks). `shard_offsets` are this rank's offsets and sizes.
+    """
 
     def __init__(self, in_features: int, shard_sizes: dict[str, int], bias: bool = False,
                  parallel_style: ParallelStyle = ParallelStyle.REPLICATED,
-                 method: Optional[LinearMethod] = None) -> None:
-        super().__init__(in_features, sum(shard_sizes.values()), bias, parallel_style, method)
+                 method: Optional[LinearMethod] = None, parallel: Optional[ParallelContext] = None,
+                 shard_replicas: Optional[dict[str, int]] = None) -> None:
+        if parallel_style is ParallelStyle.ROW:
+            raise ValueError("a merged linear layer stacks outputs; it can be REPLICATED or COLUMN, not ROW")
+        ctx = parallel if parallel is not None else get_parallel_context()
+        split = parallel_style is ParallelStyle.COLUMN and ctx.tp_size > 1
+        replicas = shard_replicas or {}
+        # Per projection: (its full size, this rank's part of it).
+        parts: dict[str, tuple[int, ShardRange]] = {
+            name: (size, shard_range(size, ctx.tp_rank, ctx.tp_size, replicas.get(name, 1), what=f"shard {name}")
+                   if split else ShardRange(0, size))
+            for name, size in shard_sizes.items()}
+        super().__init__(in_features, sum(shard_sizes.values()), bias, parallel_style, method, ctx,
+                         local_out_features=sum(part.size for _, part in parts.values()))
+        self.shard_parts = parts
+        self.split_shards = split
         self.shard_offsets: dict[str, tuple[int, int]] = {}
         offset = 0
-        for shard, size in shard_sizes.items():
-            self.shard_offsets[shard] = (offset, size)
-            offset += size
+        for shard, (_, part) in self.shard_parts.items():
+            self.shard_offsets[shard] = (offset, part.size)
+            offset += part.size
+
+    def checkpoint_shard(self, name: str, tensor: torch.Tensor, shard: Optional[str] = None) -> torch.Tensor:
+        """This rank's part of one projection's tensor, or of a fused checkpoint tensor (shard None:
+        Phi-3 stores qkv_proj whole), cut projection by projection."""
+        if not self.split_shards:
+            return tensor
+        if shard is not None:
+            full, part = self.shard_parts[shard]
+            return _narrow(tensor, 0, part, f"{shard}.{name}", full)
+        fulls = [full for full, _ in self.shard_parts.values()]
+        if tensor.shape[0] != sum(fulls):
+            raise ValueError(f"checkpoint {name} has {tensor.shape[0]} rows, expected {sum(fulls)} ({fulls})")
+        pieces = tensor.split(fulls, dim=0)
+        return torch.cat([p.narrow(0, part.start, part.size) for p, (_, part) in zip(pieces, self.shard_parts.values())])
 
     def load_shard(self, shard: str, name: str, tensor: torch.Tensor) -> None:
         self.method.load(self, name, self.checkpoint_shard(name, tensor, shard), shard)

@@ -57,7 +57,8 @@ class LinearMethod:
     def process_after_loading(self, layer: nn.Module) -> None:
         """Runs once after every tensor is loaded (repacking, quantization scales, ...)."""
 
-    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, layer: nn.Module, x: torch.Tensor, skip_bias: bool = False) -> torch.Tensor:
+        """`x @ weight.T (+ bias)`; a row-parallel layer skips the bias and adds it after the all-reduce."""
         raise NotImplementedError
 
 
@@ -84,8 +85,8 @@ class UnquantizedLinearMethod(LinearMethod):
             raise ValueError(f"shard {shard}.{name} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
         target.copy_(tensor)
 
-    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, layer.weight, getattr(layer, "bias", None))
+    def apply(self, layer: nn.Module, x: torch.Tensor, skip_bias: bool = False) -> torch.Tensor:
+        return F.linear(x, layer.weight, None if skip_bias else getattr(layer, "bias", None))
 
 
 class CpuPackedLinearMethod(UnquantizedLinearMethod):
@@ -106,5 +107,5 @@ class CpuPackedLinearMethod(UnquantizedLinearMethod):
         if not self.keep_plain:
             layer.weight = None
 
-    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return packed_linear(x, layer.packed, getattr(layer, "bias", None))
+    def apply(self, layer: nn.Module, x: torch.Tensor, skip_bias: bool = False) -> torch.Tensor:
+        return packed_linear(x, layer.packed, None if skip_bias else getattr(layer, "bias", None))

@@ -3,6 +3,9 @@
 The expert weights live in two stacked tensors, `w13` [E, 2I, H] (gate | up) and `w2` [E, H, I].
 A step's (token, expert) pairs are sorted by expert, so each expert runs one pair of matmuls
 over a contiguous slice of the batch: the Python loop is over experts, never over tokens.
+
+Under tensor parallelism every rank holds every expert's slice of the intermediate dim (gate and
+up rows, down columns) and the router whole; the partial outputs are summed over the ranks.
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagellm.distributed.communication import tensor_parallel_all_reduce
+from pagellm.distributed.layout import shard_range
+from pagellm.distributed.parallel_state import ParallelContext, get_parallel_context
 from pagellm.layers.activation import SiluAndMul
 from pagellm.layers.linear import Linear
 
@@ -55,21 +61,26 @@ class SparseMoE(nn.Module):
     """Router (`gate`) + experts; replaces the MLP of a decoder layer."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
-                 renormalize: bool = True) -> None:
+                 renormalize: bool = True, parallel: ParallelContext | None = None) -> None:
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"num_experts_per_tok must be in [1, {num_experts}], got {top_k}")
         self.top_k = top_k
         self.renormalize = renormalize
-        self.intermediate_size = intermediate_size
-        self.gate = Linear(hidden_size, num_experts)
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size), requires_grad=False)
+        self.parallel = parallel if parallel is not None else get_parallel_context()
+        # This rank's slice of every expert's intermediate dim (all of it at tp_size 1).
+        self.inter_range = shard_range(intermediate_size, self.parallel.tp_rank, self.parallel.tp_size,
+                                       what="intermediate_size")
+        self.full_intermediate_size = intermediate_size
+        self.intermediate_size = self.inter_range.size
+        self.gate = Linear(hidden_size, num_experts, parallel=self.parallel)
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * self.intermediate_size, hidden_size), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, self.intermediate_size), requires_grad=False)
         self._loaded: set[tuple[int, str]] = set()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = select_experts(self.gate(x), self.top_k, self.renormalize)
-        return grouped_expert_mlp(x, self.w13, self.w2, weights, ids)
+        return tensor_parallel_all_reduce(grouped_expert_mlp(x, self.w13, self.w2, weights, ids), self.parallel)
 
     def load_expert(self, expert: int, proj: str, tensor: torch.Tensor) -> None:
         """One expert's checkpoint projection: w1 (gate) / w3 (up) [I, H], w2 (down) [H, I]."""
@@ -78,6 +89,7 @@ class SparseMoE(nn.Module):
         if not 0 <= expert < self.w13.shape[0]:
             raise ValueError(f"expert index {expert} out of range (the model has {self.w13.shape[0]} experts)")
         attr, part = _EXPERT_PROJS[proj]
+        tensor = self._checkpoint_shard(expert, proj, tensor)
         target = getattr(self, attr).data[expert]
         if attr == "w13":
             target = target.narrow(0, part * self.intermediate_size, self.intermediate_size)
@@ -85,6 +97,16 @@ class SparseMoE(nn.Module):
             raise ValueError(f"expert {expert} {proj} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
         target.copy_(tensor)
         self._loaded.add((expert, proj))
+
+    def _checkpoint_shard(self, expert: int, proj: str, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of the intermediate dim: rows of w1/w3, columns of w2."""
+        if self.parallel.tp_size == 1:
+            return tensor
+        dim = 1 if proj == "w2" else 0
+        if tensor.dim() != 2 or tensor.shape[dim] != self.full_intermediate_size:
+            raise ValueError(f"expert {expert} {proj} has shape {tuple(tensor.shape)}; expected "
+                             f"{self.full_intermediate_size} along dim {dim} before the tensor-parallel split")
+        return tensor.narrow(dim, self.inter_range.start, self.inter_range.size)
 
     def missing_weights(self) -> list[str]:
         """Expert projections the checkpoint never filled (the router is checked like any parameter)."""

@@ -23,10 +23,9 @@ from torch import nn
 from pagellm.attention.layer import Attention
 from pagellm.layers.activation import GeluTanhAndMul
 from pagellm.layers.embedding import LMHead, VocabEmbedding
-from pagellm.layers.linear import Linear, MergedLinear
 from pagellm.layers.norm import GemmaRMSNorm
 from pagellm.layers.rotary import RotaryEmbedding
-from pagellm.models.llama import load_merged_weights
+from pagellm.models.llama import gate_up_and_down_proj, load_merged_weights, qkv_and_o_proj
 from pagellm.utils import head_dim as config_head_dim
 
 _SLIDING, _FULL = "sliding_attention", "full_attention"
@@ -79,17 +78,10 @@ def layer_rope(config, layer_type: str, head_dim: int, max_position: int) -> Rot
 class Gemma3Attention(nn.Module):
     def __init__(self, config, layer_type: str) -> None:
         super().__init__()
-        hidden = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = config_head_dim(config)
         bias = bool(getattr(config, "attention_bias", False))
-        self.qkv_proj = MergedLinear(hidden, {
-            "q": self.num_heads * self.head_dim,
-            "k": self.num_kv_heads * self.head_dim,
-            "v": self.num_kv_heads * self.head_dim,
-        }, bias=bias)
-        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        heads, self.qkv_proj, self.o_proj = qkv_and_o_proj(config, self.head_dim, bias, bias)
+        self.num_heads, self.num_kv_heads = heads.num_heads, heads.num_kv_heads  # this rank's
         self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
         window = config.sliding_window if layer_type == _SLIDING else None
@@ -113,9 +105,7 @@ class Gemma3MLP(nn.Module):
         act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "gelu_pytorch_tanh")
         if act not in _GELU_TANH:
             raise ValueError(f"Gemma 3 hidden_activation {act!r} is not supported (only gelu_pytorch_tanh)")
-        inter = config.intermediate_size
-        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": inter, "up": inter})
-        self.down_proj = Linear(inter, config.hidden_size)
+        self.gate_up_proj, self.down_proj = gate_up_and_down_proj(config)
         self.act = GeluTanhAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

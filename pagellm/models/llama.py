@@ -17,9 +17,11 @@ import torch
 from torch import nn
 
 from pagellm.attention.layer import Attention
+from pagellm.distributed.layout import HeadLayout, attention_head_layout
+from pagellm.distributed.parallel_state import get_parallel_context
 from pagellm.layers.activation import SiluAndMul
 from pagellm.layers.embedding import LMHead, VocabEmbedding
-from pagellm.layers.linear import Linear, MergedLinear
+from pagellm.layers.linear import Linear, MergedLinear, ParallelStyle
 from pagellm.layers.norm import RMSNorm
 from pagellm.layers.rotary import RotaryEmbedding, get_rope
 from pagellm.utils import head_dim as config_head_dim
@@ -35,19 +37,27 @@ class AttentionOptions:
     sliding_window: int | None = None  # attend to the last `sliding_window` positions only
 
 
+def qkv_and_o_proj(config, head_dim: int, qkv_bias: bool, o_bias: bool) -> tuple[HeadLayout, MergedLinear, Linear]:
+    """This rank's head counts and the attention projections: qkv column-parallel (q split by
+    heads, k/v by KV heads, replicated when there are fewer than ranks), o row-parallel."""
+    tp_size = get_parallel_context().tp_size
+    num_heads = config.num_attention_heads
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+    heads = attention_head_layout(num_heads, num_kv_heads, tp_size)
+    qkv = MergedLinear(config.hidden_size, {"q": num_heads * head_dim, "k": num_kv_heads * head_dim,
+                                            "v": num_kv_heads * head_dim},
+                       bias=qkv_bias, parallel_style=ParallelStyle.COLUMN,
+                       shard_replicas={"k": heads.kv_replicas, "v": heads.kv_replicas})
+    o = Linear(num_heads * head_dim, config.hidden_size, bias=o_bias, parallel_style=ParallelStyle.ROW)
+    return heads, qkv, o
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, config, rotary_emb: RotaryEmbedding, options: AttentionOptions = AttentionOptions()) -> None:
         super().__init__()
-        hidden = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = config_head_dim(config)
-        self.qkv_proj = MergedLinear(hidden, {
-            "q": self.num_heads * self.head_dim,
-            "k": self.num_kv_heads * self.head_dim,
-            "v": self.num_kv_heads * self.head_dim,
-        }, bias=options.qkv_bias)
-        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=options.o_bias)
+        heads, self.qkv_proj, self.o_proj = qkv_and_o_proj(config, self.head_dim, options.qkv_bias, options.o_bias)
+        self.num_heads, self.num_kv_heads = heads.num_heads, heads.num_kv_heads  # this rank's
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if options.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if options.qk_norm else None
         self.rotary_emb = rotary_emb  # one table shared by every layer
@@ -71,13 +81,23 @@ def require_silu(config) -> None:
         raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only silu)")
 
 
+def gate_up_and_down_proj(config, bias: bool = False) -> tuple[MergedLinear, Linear]:
+    """gate/up column-parallel (each split on its own, so the activation pairs them up on every
+    rank), down row-parallel."""
+    inter = config.intermediate_size
+    tp_size = get_parallel_context().tp_size
+    if inter % tp_size:
+        raise ValueError(f"intermediate_size ({inter}) is not divisible by tensor_parallel_size ({tp_size})")
+    gate_up = MergedLinear(config.hidden_size, {"gate": inter, "up": inter}, bias=bias,
+                           parallel_style=ParallelStyle.COLUMN)
+    return gate_up, Linear(inter, config.hidden_size, bias=bias, parallel_style=ParallelStyle.ROW)
+
+
 class LlamaMLP(nn.Module):
     def __init__(self, config, bias: bool = False) -> None:
         super().__init__()
-        inter = config.intermediate_size
         require_silu(config)
-        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": inter, "up": inter}, bias=bias)
-        self.down_proj = Linear(inter, config.hidden_size, bias=bias)
+        self.gate_up_proj, self.down_proj = gate_up_and_down_proj(config, bias)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -204,12 +224,17 @@ def load_merged_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Ten
             continue
         if name not in params:
             raise ValueError(f"checkpoint tensor {name} does not match any model parameter")
-        param = params[name]
-        if param.shape != tensor.shape:
-            raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
-        if isinstance(modules.get(module_path), Linear):
-            modules[module_path].load(leaf, tensor)  # through the layer's weight method
+        module = modules.get(module_path)
+        if callable(getattr(module, "load", None)):
+            # Linears, the embedding and the LM head cut their tensor-parallel part and check shapes.
+            try:
+                module.load(leaf, tensor)
+            except ValueError as exc:
+                raise ValueError(f"checkpoint tensor {name}: {exc}") from exc
         else:
+            param = params[name]
+            if param.shape != tensor.shape:
+                raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
             param.data.copy_(tensor)
         filled.add(name)
     missing: list[str] = []
