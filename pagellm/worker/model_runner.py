@@ -23,7 +23,7 @@ from pagellm.config import EngineConfig
 from pagellm.core.scheduler import SchedulerOutput
 from pagellm.forward_context import set_forward_context
 from pagellm.layers.linear import cpu_prepack_available, prepack_cpu_weights
-from pagellm.layers.sampler import LogprobsTensors, Sampler, SamplingMetadata, SamplingRow, compute_logprobs_tensors
+from pagellm.sample import LogprobsTensors, Sampler, SamplingMetadata, SamplingRow, compute_logprobs_tensors
 from pagellm.loader.dummy import initialize_dummy_weights
 from pagellm.models.registry import get_model_class
 from pagellm.ops.cpu import enable_cpu_kernels, load_cpu_ops
