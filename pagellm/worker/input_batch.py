@@ -138,6 +138,7 @@ class InputBatch:
             last = len(self.row_req) - 1  # live (trailing holes are gone), and after the hole
             req_id = self.row_req.pop()
             self.block_table[hole] = self.block_table[last]
+            self.block_table[last].zero_()
             self.num_blocks[hole], self.num_blocks[last] = self.num_blocks[last], 0
             self.row_req[hole], self.row_of[req_id] = req_id, hole
 
