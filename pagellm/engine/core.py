@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
 import torch
 
@@ -21,7 +21,9 @@ from pagellm.sampling_params import SamplingParams
 from pagellm.engine.core_interface import EngineCoreRequest  # noqa: F401 - re-exported
 from pagellm.engine.setup import ModelSetup
 from pagellm.executor import Executor
-from pagellm.worker.model_runner import ModelRunner
+
+if TYPE_CHECKING:
+    from pagellm.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 

@@ -6,8 +6,6 @@ from dataclasses import dataclass
 
 import torch
 
-from pagellm.worker.outputs import LogprobsLists
-
 
 @dataclass
 class LogprobsTensors:
@@ -38,8 +36,8 @@ def compute_logprobs_tensors(logits: torch.Tensor, target_ids: torch.Tensor, k: 
     return LogprobsTensors(token_ids=token_ids, logprobs=token_lps, ranks=ranks)
 
 
-def rows_to_lists(t: LogprobsTensors, rows: list[int], k: int) -> LogprobsLists:
-    """Rows of `t` (their first k + 1 columns) as host lists: one device-to-host copy per field."""
+def rows_to_lists(t: LogprobsTensors, rows: list[int], k: int) -> list[tuple[list[int], list[float], int]]:
+    """Rows of `t` (their first k + 1 columns) as host lists, `worker.outputs.LogprobsLists`: one copy per field."""
     ids = t.token_ids[rows, : k + 1].tolist()
     lps = t.logprobs[rows, : k + 1].tolist()
     ranks = t.ranks[rows].tolist()

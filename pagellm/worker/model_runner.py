@@ -24,15 +24,14 @@ from pagellm.attention.selector import select_attention_backend
 from pagellm.config import EngineConfig
 from pagellm.core.scheduler import SchedulerOutput
 from pagellm.forward_context import set_forward_context
-from pagellm.sample import LogprobsLists, Sampler, SamplingMetadata, SamplingRow, compute_logprobs_tensors
-from pagellm.sample import rows_to_lists
+from pagellm.sample import Sampler, SamplingMetadata, SamplingRow, compute_logprobs_tensors, rows_to_lists
 from pagellm.sampling_params import SamplingParams
 from pagellm.worker import kv_cache
 from pagellm.worker.cuda_graphs import DecodeGraphs, capture_batch_sizes
 from pagellm.worker.gpu_memory import MemoryProfile
 from pagellm.worker.input_batch import CachedRequestState, InputBatch, StepInputs
 from pagellm.worker.model_loader import DTYPES, load_model
-from pagellm.worker.outputs import ModelRunnerOutput
+from pagellm.worker.outputs import LogprobsLists, ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
 
