@@ -67,8 +67,10 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     logit_bias: Optional[dict[int, float]] = None
     allowed_token_ids: Optional[list[int]] = None
-    # Filled by the engine: token-id sequences for `bad_words` (tokenizer needed).
-    _bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
+    # Filled by the engine's input processor from `bad_words` (it needs the tokenizer): each bad word
+    # as token ids, as written and with a leading space. Read by the sampler; not validated here,
+    # since the processor derives it from the already validated `bad_words`.
+    bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if self.stop is None:

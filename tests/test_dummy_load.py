@@ -72,7 +72,7 @@ def test_dummy_weights_generate_deterministically(config_dir):
 
 def test_llama_8b_benchmark_config():
     """configs/llama-3.1-8b: the shape the GPU benchmarks run with dummy weights."""
-    from pagellm.worker.model_runner import kv_bytes_per_token
+    from pagellm.worker.kv_cache import kv_bytes_per_token
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     source = resolve_model_source(os.path.join(root, "configs", "llama-3.1-8b"), "dummy")

@@ -7,18 +7,9 @@ import math
 import pytest
 import torch
 
-from pagellm.layers.sampler import (
-    _TOP_P_WINDOWS,
-    Sampler,
-    SamplingMetadata,
-    SamplingRow,
-    apply_logits_processors,
-    apply_min_p,
-    apply_top_k,
-    apply_top_p,
-    bench_sampler,
-    compute_logprobs_tensors,
-)
+from pagellm.benchmarks.sampler_cost import bench_sampler
+from pagellm.sample import Sampler, SamplingMetadata, SamplingRow, compute_logprobs_tensors
+from pagellm.sample.ops import _TOP_P_WINDOWS, apply_logits_processors, apply_min_p, apply_top_k, apply_top_p
 from pagellm.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
@@ -299,7 +290,7 @@ def test_allowed_token_ids_masks_everything_else():
 
 def test_bad_words():
     p = SamplingParams()
-    p._bad_words_token_ids = [[3], [5, 6], [1, 5, 7]]
+    p.bad_words_token_ids = [[3], [5, 6], [1, 5, 7]]
     assert processed(p, output=[1, 5]) == with_changes({3: -INF, 6: -INF, 7: -INF})
     assert processed(p, output=[2, 5]) == with_changes({3: -INF, 6: -INF})
     assert processed(p, output=[]) == with_changes({3: -INF})

@@ -8,13 +8,43 @@ captured in CUDA graphs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from pagellm.attention.backend import AttentionBackend, AttentionMetadata
+from pagellm.attention.backend import AttentionBackend, AttentionMetadata, AttentionMetadataBuilder
 from pagellm.attention.triton_reshape_and_cache import reshape_and_cache
 from pagellm.attention.triton_unified_attention import unified_attention
+
+
+@dataclass
+class TritonAttentionMetadata:
+    """What the Triton kernels read: device tensors and two host bounds (CUDA-graph safe)."""
+
+    slot_mapping: torch.Tensor
+    query_start_loc_tensor: torch.Tensor
+    seq_lens_tensor: torch.Tensor
+    block_tables: torch.Tensor
+    max_query_len: int
+    # The bound the split-KV heuristic reads: the step's longest sequence, or max_model_len for a
+    # decode-only step on CUDA (see TritonMetadataBuilder).
+    max_seq_len: int
+
+
+class TritonMetadataBuilder(AttentionMetadataBuilder):
+    def __init__(self, max_model_len: int, device: torch.device) -> None:
+        self.max_model_len = max_model_len
+        self.device = torch.device(device)
+
+    def build(self, common: AttentionMetadata) -> TritonAttentionMetadata:
+        bound = common.max_seq_len
+        if common.max_query_len == 1 and self.device.type == "cuda":
+            # Decode-only: split-KV is chosen from the batch shape alone, as in the captured CUDA
+            # graphs, so eager and graph decode run the same kernels.
+            bound = self.max_model_len
+        return TritonAttentionMetadata(common.slot_mapping, common.query_start_loc_tensor, common.seq_lens_tensor,
+                                       common.block_tables, common.max_query_len, bound)
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -27,6 +57,9 @@ class TritonAttentionBackend(AttentionBackend):
         if device is not None and device.type == "cuda":
             self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
 
+    def metadata_builder(self, max_model_len: int, device: torch.device) -> TritonMetadataBuilder:
+        return TritonMetadataBuilder(max_model_len, device)
+
     @staticmethod
     def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
         if block_size < 16:
@@ -35,7 +68,7 @@ class TritonAttentionBackend(AttentionBackend):
                              f"got {block_size}; use a larger block size or attention_backend='torch'")
         return (2, num_blocks, block_size, num_kv_heads, head_dim)
 
-    def forward(self, q, k, v, kv_cache, metadata: AttentionMetadata, scale: float,
+    def forward(self, q, k, v, kv_cache, metadata: AttentionMetadata | TritonAttentionMetadata, scale: float,
                 sliding_window: int | None = None, logit_softcap: float | None = None) -> torch.Tensor:
         if metadata.query_start_loc_tensor is None:
             raise ValueError("the Triton backend needs AttentionMetadata.query_start_loc_tensor (use build_metadata)")

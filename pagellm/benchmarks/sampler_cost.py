@@ -6,6 +6,9 @@ A decode step of `batch` requests (each with `context` tokens in the KV cache) i
 the model forward + logits, then the sampler is timed on those logits (vocab = the model's,
 49,152 for SmolLM2) for an all-greedy batch, a mixed top-p/top-k/temperature batch with half
 the rows seeded, and a batch with repetition/frequency/presence penalties. Medians in ms.
+
+`bench_sampler` times the same three batches on random logits alone (no model), metadata build
+included.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 
 from pagellm.attention.backend import build_metadata
 from pagellm.forward_context import set_forward_context
-from pagellm.layers.sampler import Sampler, SamplingMetadata, SamplingRow
+from pagellm.sample import Sampler, SamplingMetadata, SamplingRow
 from pagellm.sampling_params import SamplingParams
 
 
@@ -97,6 +100,54 @@ def main(argv: Optional[list[str]] = None) -> dict:
         result[f"sampler_{kind}_ms"] = _median_ms(sample, args.steps)
     print(json.dumps(result, indent=2))
     return result
+
+
+def bench_sampler(batch: int = 64, vocab: int = 49152, steps: int = 50, device: str = "cpu") -> dict:
+    """Median milliseconds per step (metadata build + sampling) for three typical batches."""
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(batch, vocab, generator=gen).mul_(4.0).to(dev)
+    prompt = [torch.randint(0, vocab, (512,), generator=gen).tolist() for _ in range(batch)]
+    output = [torch.randint(0, vocab, (128,), generator=gen).tolist() for _ in range(batch)]
+    eos = {0}
+
+    def rows_for(kind: str) -> list[SamplingRow]:
+        rows = []
+        for i in range(batch):
+            generator = None
+            if kind == "greedy":
+                p = SamplingParams(temperature=0.0)
+            elif kind == "mixed":
+                seed = i if i % 2 == 0 else None
+                p = SamplingParams(temperature=0.7 + 0.01 * i, top_p=0.9 if i % 3 else 1.0,
+                                   top_k=50 if i % 4 == 0 else 0, seed=seed)
+                if seed is not None:
+                    generator = torch.Generator(device=dev).manual_seed(seed)
+            else:
+                p = SamplingParams(temperature=0.8, repetition_penalty=1.1,
+                                   frequency_penalty=0.3, presence_penalty=0.2)
+            rows.append(SamplingRow(p, prompt[i], output[i], eos, generator))
+        return rows
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    sampler = Sampler()
+    results: dict[str, float] = {}
+    for kind in ("greedy", "mixed", "penalties"):
+        rows = rows_for(kind)
+        times = []
+        for _ in range(steps + 2):  # the first two are warm-up
+            sync()
+            start = time.perf_counter()
+            meta = SamplingMetadata.build(rows, vocab, dev)
+            sampler(logits, meta)
+            sync()
+            times.append((time.perf_counter() - start) * 1e3)
+        results[f"{kind}_ms"] = statistics.median(times[2:])
+    results.update(batch=batch, vocab=vocab, steps=steps, device=str(dev))
+    return results
 
 
 if __name__ == "__main__":

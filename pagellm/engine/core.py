@@ -1,4 +1,4 @@
-"""EngineCore: the scheduler and the model runner, stepping together.
+"""EngineCore: the scheduler and the executor (its workers' model runners), stepping together.
 
 Everything here works on token ids; text lives one level up. This is the part that
 runs in its own process under the async server.
@@ -7,7 +7,7 @@ runs in its own process under the async server.
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from pagellm.config import EngineConfig
 from pagellm.core.kv_cache_manager import KVCacheManager
@@ -15,8 +15,10 @@ from pagellm.core.scheduler import RequestUpdate, Scheduler, SchedulerStats
 from pagellm.request import Request, RequestStatus
 from pagellm.engine.core_interface import EngineCoreRequest  # noqa: F401 - re-exported
 from pagellm.engine.setup import ModelSetup
-from pagellm.loader import iter_weights
-from pagellm.worker.model_runner import DTYPES, ModelRunner, kv_bytes_per_token
+from pagellm.executor import Executor
+
+if TYPE_CHECKING:
+    from pagellm.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -27,12 +29,12 @@ MAX_CONSECUTIVE_FAILED_STEPS = 8
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, model_config, runner: ModelRunner, quiet: bool = False) -> None:
+    def __init__(self, config: EngineConfig, model_config, executor: Executor, quiet: bool = False) -> None:
         self.config = config
         self.model_config = model_config
-        self.runner = runner
-        num_blocks = runner.determine_num_blocks()
-        runner.initialize_kv_cache(num_blocks)
+        self.executor = executor
+        # Sizes, checks (one max_model_len request must fit) and allocates the KV cache on the workers.
+        num_blocks = executor.initialize()
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.kv,
@@ -43,24 +45,10 @@ class EngineCore:
             policy=config.scheduling_policy,
         )
         self.capacity_tokens = num_blocks * config.block_size
-        if self.capacity_tokens < config.max_model_len:
-            raise ValueError(
-                f"the KV cache holds {self.capacity_tokens} tokens, less than max_model_len ({config.max_model_len}), "
-                "so one long request could never finish; raise kv_cache_memory / gpu_memory_utilization "
-                "or lower max_model_len")
-        per_token = kv_bytes_per_token(model_config, runner.dtype)
-        message = (f"KV cache: {num_blocks} blocks x {config.block_size} tokens = {self.capacity_tokens} tokens "
-                   f"({per_token} bytes/token, {num_blocks * config.block_size * per_token / 2**20:.1f} MiB); "
-                   f"max concurrency at {config.max_model_len} tokens/request: "
-                   f"{self.capacity_tokens / config.max_model_len:.2f}x")
-        runner.capture_cuda_graphs()  # CUDA only, unless enforce_eager
-        if runner.graph_summary:
-            message += "\n" + runner.graph_summary
-        logger.info(message)
         # Kept so a core running in its own process can hand the line to the front end to print.
-        self.kv_cache_summary = message
+        self.kv_cache_summary = executor.kv_cache_summary
         if not quiet:
-            print(f"[pagellm] {message}", flush=True)
+            print(f"[pagellm] {self.kv_cache_summary}", flush=True)
         self.num_steps = 0
         self.num_generation_tokens_total = 0
         self.num_failed_steps_total = 0
@@ -68,10 +56,12 @@ class EngineCore:
 
     @classmethod
     def from_config(cls, setup: "ModelSetup", quiet: bool = False) -> "EngineCore":
-        # Dummy weights are random: no checkpoint is read.
-        weights = None if setup.config.load_format == "dummy" else iter_weights(setup.source, DTYPES[setup.config.dtype])
-        runner = ModelRunner.load(setup.config, setup.model_config, weights)
-        return cls(setup.config, setup.model_config, runner, quiet=quiet)
+        return cls(setup.config, setup.model_config, Executor.create(setup), quiet=quiet)
+
+    @property
+    def runner(self) -> ModelRunner:
+        """The driver worker's model runner (in this process)."""
+        return self.executor.driver_worker.model_runner
 
     def add_request(self, req: EngineCoreRequest) -> Request:
         """Queues the request; returns its scheduler state (read-only to callers, e.g. for queue-time metrics)."""
@@ -94,10 +84,10 @@ class EngineCore:
         sched_out = self.scheduler.schedule()
         if sched_out.is_empty:
             # Still let the runner drop state of requests that finished since the last step.
-            self.runner.execute(sched_out)
+            self.executor.execute(sched_out)
             return []
         try:
-            runner_out = self.runner.execute(sched_out)
+            runner_out = self.executor.execute(sched_out)
         except Exception as exc:  # noqa: BLE001 - one request's failure must not end the others
             return self._on_failed_step(sched_out, exc)
         self._consecutive_failed_steps = 0

@@ -95,7 +95,7 @@ class InputProcessor:
             raise ValueError(f"logprobs may not exceed the vocabulary size ({self.vocab_size})")
         if params.bad_words:
             params = params.clone()
-            params._bad_words_token_ids = self._bad_words_ids(params.bad_words)
+            params.bad_words_token_ids = self._bad_words_ids(params.bad_words)
         req = EngineCoreRequest(request_id, ids, params, set(self.eos_token_ids), cache_salt=cache_salt,
                                 priority=priority)
         if arrival_time is not None:

@@ -16,7 +16,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from pagellm.attention.backend import AttentionMetadata
+from pagellm.attention.backend import AttentionMetadata, AttentionMetadataBuilder
 from pagellm.forward_context import set_forward_context
 
 logger = logging.getLogger(__name__)
@@ -41,8 +41,10 @@ def padded_batch_size(sizes: list[int], num_reqs: int) -> int | None:
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, max_num_seqs: int, max_model_len: int, block_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, builder: AttentionMetadataBuilder | None = None) -> None:
         self.model = model
+        # The backend's metadata builder: captures see the metadata eager steps of that shape would.
+        self.builder = builder or AttentionMetadataBuilder()
         self.sizes = capture_batch_sizes(max_num_seqs)
         self.max_model_len = max_model_len
         n = self.sizes[-1]
@@ -63,15 +65,16 @@ class DecodeGraphs:
     def max_batch_size(self) -> int:
         return self.sizes[-1]
 
-    def _metadata(self, batch: int) -> AttentionMetadata:
+    def _metadata(self, batch: int):
         # Host lists describe the padded shape only; the Triton backend reads the static tensors.
-        return AttentionMetadata(
+        common = AttentionMetadata(
             slot_mapping=self.slot_mapping[:batch], query_start_loc=list(range(batch + 1)),
             seq_lens=[0] * batch, context_lens=[0] * batch, block_tables=self.block_tables[:batch],
             seq_lens_tensor=self.seq_lens[:batch], decode_indices=list(range(batch)), prefill_indices=[],
             query_start_loc_tensor=self.query_start_loc[:batch + 1], max_query_len=1,
-            # An upper bound, so the split-KV choice depends on the batch size alone (eager decode uses the same).
+            # Any replay's sequences are at most max_model_len long.
             max_seq_len=self.max_model_len)
+        return self.builder.build(common)
 
     @torch.inference_mode()
     def capture(self) -> None:

@@ -1,6 +1,6 @@
 """GPU measurements of the Triton backend against the hardware's limits (H100 SXM by default).
 
-    python -m pagellm.attention.triton_bench [--out results.json] [--model configs/llama-3.1-8b]
+    python -m pagellm.benchmarks.triton_bench [--out results.json] [--model configs/llama-3.1-8b]
 
 1. Decode attention (one query token per request, Llama-3.1-8B heads: 32 q / 8 kv, head size 128,
    bf16) at several batch sizes and context lengths: KV bytes read per second as a fraction of
@@ -120,7 +120,7 @@ def bench_decode_step(model_dir: str, batch: int, context: int, peak_tbps: float
     torch.cuda.synchronize()
     ms = time_ms(lambda: core.step(), warmup=3, iters=steps)  # every step is decode-only now
     weights = sum(p.numel() * p.element_size() for p in core.runner.model.parameters())
-    from pagellm.worker.model_runner import kv_bytes_per_token
+    from pagellm.worker.kv_cache import kv_bytes_per_token
 
     kv = batch * (context + steps) * kv_bytes_per_token(model_config, core.runner.dtype)
     floor_ms = (weights + kv) / (peak_tbps * 1e12) * 1e3

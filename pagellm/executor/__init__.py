@@ -1,0 +1,6 @@
+"""Executors: how the engine core reaches its workers. SchedulerOutput goes in, ModelRunnerOutput comes out."""
+
+from pagellm.executor.base import Executor
+from pagellm.executor.uniproc import UniprocExecutor
+
+__all__ = ["Executor", "UniprocExecutor"]

@@ -1,0 +1,62 @@
+"""Builds a worker's model: the architecture for the config, its weights (checkpoint or dummy),
+then the CPU-only switches (oneDNN weight prepacking, the C++ norm/activation kernels)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterable, Optional
+
+import torch
+
+from pagellm.config import EngineConfig
+from pagellm.layers.linear import cpu_prepack_available, prepack_cpu_weights
+from pagellm.loader.dummy import initialize_dummy_weights
+from pagellm.models.registry import get_model_class
+from pagellm.ops.cpu import enable_cpu_kernels, load_cpu_ops
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load_model(config: EngineConfig, model_config, weights: Optional[Iterable]) -> torch.nn.Module:
+    """The model for `model_config`, filled from `weights` (HF-named tensors), on `config.device`, in eval mode.
+
+    With `load_format="dummy"` the weights are random (seeded by `config.seed`) and `weights`
+    is not read (it may be None): benchmarks of large shapes without checkpoint files.
+    """
+    model_cls = get_model_class(model_config)
+    dtype = DTYPES[config.dtype]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    dummy = config.load_format == "dummy"
+    try:
+        # Dummy weights are built and filled on the device: an 8B model's random init takes
+        # seconds there, minutes on the CPU, and never needs a CPU copy.
+        with torch.device(config.device) if dummy else contextlib.nullcontext():
+            model = model_cls(model_config, config.max_model_len)
+    finally:
+        torch.set_default_dtype(previous)
+    if dummy:
+        model = model.eval()
+        initialize_dummy_weights(model, config.seed)
+    else:
+        model.load_weights(weights)
+        model = model.to(torch.device(config.device)).eval()
+    if config.device == "cpu":
+        apply_cpu_switches(model, config)
+    return model
+
+
+def apply_cpu_switches(model: torch.nn.Module, config: EngineConfig) -> None:
+    """oneDNN-prepacked linear weights and the C++ kernels, each when the config asks and the build allows."""
+    dtype = DTYPES[config.dtype]
+    if config.cpu_weight_prepack:
+        if cpu_prepack_available(dtype):
+            logger.info("prepacked %d linear layers for oneDNN", prepack_cpu_weights(model))
+        else:
+            logger.warning("cpu_weight_prepack: oneDNN cannot pack %s weights with this torch build and CPU; "
+                           "using plain matmuls", config.dtype)
+    if config.cpu_fused_ops and load_cpu_ops():
+        logger.info("C++ CPU kernels for %d norm/activation layers", enable_cpu_kernels(model))

@@ -1,0 +1,69 @@
+"""A worker: one device, the model runner on it, and its shard of the KV cache.
+
+Every method an executor calls on its workers (through `collective_rpc`) is a plain method
+here taking and returning picklable values, so a worker can live in this process, another
+process, or a Ray actor without changing its interface. With tensor or pipeline parallelism a
+worker would hold its shard of the layers or heads; today the one worker holds the whole model.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from pagellm.config import EngineConfig
+from pagellm.core.scheduler import SchedulerOutput
+from pagellm.loader import ModelSource, iter_weights
+from pagellm.worker import kv_cache
+from pagellm.worker.model_loader import DTYPES
+from pagellm.worker.model_runner import ModelRunner
+from pagellm.worker.outputs import ModelRunnerOutput
+
+logger = logging.getLogger(__name__)
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, model_config, rank: int = 0) -> None:
+        self.config = config
+        self.model_config = model_config
+        self.rank = rank
+        self.device = torch.device(config.device)
+        self.dtype = DTYPES[config.dtype]
+        self.model_runner: Optional[ModelRunner] = None
+        self.kv_caches: list[torch.Tensor] = []
+
+    def load_model(self, source: Optional[ModelSource]) -> None:
+        # Dummy weights are random: no checkpoint is read.
+        weights = None if self.config.load_format == "dummy" else iter_weights(source, self.dtype)
+        self.model_runner = ModelRunner.load(self.config, self.model_config, weights)
+
+    def kv_bytes_per_token(self) -> int:
+        return kv_cache.kv_bytes_per_token(self.model_config, self.dtype)
+
+    def determine_num_blocks(self) -> int:
+        """KV blocks this worker's device can hold: from the CUDA profile, or the CPU budget."""
+        per_block = self.kv_bytes_per_token() * self.config.block_size
+        if self.device.type == "cuda":
+            runner = self.model_runner
+            runner.memory_profile = runner.profile_cuda_memory()
+            return kv_cache.blocks_from_profile(runner.memory_profile, self.config, per_block)
+        return kv_cache.blocks_from_budget(self.config.kv_cache_memory, per_block)
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        runner = self.model_runner
+        self.kv_caches = kv_cache.allocate_kv_cache(runner.model, runner.backend, num_blocks, self.config.block_size,
+                                                    self.dtype, self.device)
+        runner.num_blocks = num_blocks
+
+    def compile_or_warm_up_model(self) -> str:
+        """Captures the decode CUDA graphs (CUDA only, unless enforce_eager); their start-up line, or ''."""
+        self.model_runner.capture_cuda_graphs()
+        return self.model_runner.graph_summary
+
+    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        return self.model_runner.execute(sched)
+
+    def shutdown(self) -> None:
+        self.kv_caches = []
