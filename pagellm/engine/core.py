@@ -69,7 +69,7 @@ class EngineCore:
     @classmethod
     def from_config(cls, setup: "ModelSetup", quiet: bool = False) -> "EngineCore":
         # Dummy weights are random: no checkpoint is read.
-        weights = None if setup.config.load_format == "dummy" else iter_weights(setup.source, DTYPES[setup.config.dtype])
+        weights = None if setup.config.load_format == "dummy" else iter_weights(setup.source, DTYPES[setup.config.dtype], setup.config.quantization)
         runner = ModelRunner.load(setup.config, setup.model_config, weights)
         return cls(setup.config, setup.model_config, runner, quiet=quiet)
 
