@@ -132,7 +132,8 @@ def write_gguf(path: str, model, arch: str, extra_tensors: dict[str, np.ndarray]
             data = data.swapaxes(1, 2).reshape(tensor.shape)
         if arch.startswith("gemma") and name.endswith("norm.weight"):
             data = data + 1
-        qtype = next((t for part, t in (ggml_types or {}).items() if f".{part}.weight" in name), None)
+        qtype = next((t for part, t in (ggml_types or {}).items()
+                      if name == f"{part}.weight" or name.endswith(f".{part}.weight")), None)
         if qtype is not None:
             writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
             continue

@@ -13,6 +13,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
 from pagellm import LLM, SamplingParams
+from pagellm.layers.embedding import LMHead
 from pagellm.layers.linear import Linear, MergedLinear
 from pagellm.layers.quantization import GGUF_KERNEL_TYPES, GGUFLinearMethod, GGUFQuantizedTensor
 from pagellm.loader import iter_weights, resolve_model
@@ -165,7 +166,7 @@ def test_dense_shard_loaded_before_the_switch_is_kept():
 # ---------------------------------------------------------------------------------------------
 
 _TINY_TYPES = {"attn_q": Q.Q4_0, "attn_k": Q.Q5_1, "attn_v": Q.Q8_0, "attn_output": Q.Q5_0,
-               "ffn_gate": Q.Q4_1, "ffn_up": Q.Q4_1, "ffn_down": Q.Q8_0}
+               "ffn_gate": Q.Q4_1, "ffn_up": Q.Q4_1, "ffn_down": Q.Q8_0, "token_embd": Q.Q8_0, "output": Q.Q4_0}
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +182,7 @@ def test_loader_keeps_linear_weights_quantized(tiny_quantized_gguf):
     kept = dict(iter_weights(source, torch.float32, quantization="auto"))
     assert kept.keys() == dense.keys()
     for name, tensor in kept.items():
-        is_linear = any(p in name for p in ("_proj.weight",))
+        is_linear = name.endswith(("_proj.weight", "embed_tokens.weight", "lm_head.weight"))
         assert isinstance(tensor, GGUFQuantizedTensor) == is_linear, name
         if is_linear:  # same values, same (un-permuted q/k) row order
             torch.testing.assert_close(tensor.dequantize(), dense[name], rtol=2e-7, atol=1e-7)
@@ -198,8 +199,9 @@ def test_tiny_engine_quantized_matches_dequantized(tiny_quantized_gguf):
     for mode in ("auto", "none"):
         llm = LLM(tiny_quantized_gguf, skip_tokenizer_init=True, quantization=mode, quiet=True)
         model = llm.llm_engine.core.runner.model
-        methods = {type(m.method).__name__ for m in model.modules() if isinstance(m, Linear)}
+        methods = {type(m.method).__name__ for m in model.modules() if isinstance(m, (Linear, LMHead))}
         assert methods == ({"GGUFLinearMethod"} if mode == "auto" else {"CpuPackedLinearMethod"}), methods
+        assert (model.model.embed_tokens.qweight is not None) == (mode == "auto")
         runs[mode] = llm.generate(prompts, params, use_tqdm=False)
     for q_out, d_out in zip(runs["auto"], runs["none"]):
         mine, theirs = q_out.outputs[0], d_out.outputs[0]
@@ -253,13 +255,17 @@ def test_smollm2_greedy_quantized_matches_hf_dequantized(smollm_llm, hf_smollm):
 @pytest.mark.slow
 def test_smollm2_resident_weight_bytes(smollm_llm, smollm_path):
     header = read_gguf_header(smollm_path)
-    on_disk = sum(t.nbytes for t in header.tensors if t.name.startswith("blk.") and t.ggml_type in GGUF_KERNEL_TYPES)
+    kept = [t for t in header.tensors if t.ggml_type in GGUF_KERNEL_TYPES]  # linears, and the Q8_0 embedding
+    assert {t.ggml_type.name for t in kept} == {"Q4_1", "Q8_0"} and any(t.name == "token_embd.weight" for t in kept)
+    on_disk = sum(t.nbytes for t in kept)
     layers = _quantized_layers(smollm_llm)
-    resident = sum(m.method.weight_bytes(m) for m in layers)
-    assert all(m.weight is None for m in layers)  # no dense copy left behind
-    assert resident <= 1.15 * on_disk, (resident, on_disk)
     model = smollm_llm.llm_engine.core.runner.model
+    embedding, head = model.model.embed_tokens, model.lm_head
+    assert head.qweight is embedding.qweight  # the tied head multiplies with the embedding's blocks
+    resident = sum(m.method.weight_bytes(m) for m in layers) + embedding.qweight.numel()
+    assert all(m.weight is None for m in [*layers, embedding, head])  # no dense copy left behind
+    assert resident <= 1.15 * on_disk, (resident, on_disk)
     total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"quantized linear weights: {resident / 2**20:.1f} MiB resident vs {on_disk / 2**20:.1f} MiB on disk; "
+    print(f"quantized weights: {resident / 2**20:.1f} MiB resident vs {on_disk / 2**20:.1f} MiB on disk; "
           f"all model tensors {total / 2**20:.1f} MiB; peak RSS of this test process {rss:.0f} MiB (pid {os.getpid()})")

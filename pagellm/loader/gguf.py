@@ -291,8 +291,12 @@ def _raw_tensor(blob: np.ndarray, info: GGUFTensorInfo) -> np.ndarray:
     return blob[info.offset : info.offset + info.nbytes].reshape(*info.shape[:-1], row_bytes)
 
 
-# The linear layers' weights (llama.cpp names); embeddings, the LM head and norms are dequantized.
+# The linear layers' weights (llama.cpp names); norms and biases are always dequantized.
 _LINEAR_WEIGHT = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|attn_qkv|attn_output|ffn_gate|ffn_up|ffn_down)\.weight")
+# Embeddings and the LM head stay quantized where the model uses the embedding only for lookups
+# (Gemma scales by the weight's dtype, so its architectures dequantize them).
+_EMBEDDING_WEIGHT = re.compile(r"(token_embd|output)\.weight")
+_QUANTIZED_EMBEDDING_ARCHS = {"llama", "qwen2", "qwen3", "phi3"}
 _FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
 QUANTIZATION_MODES = ("auto", "none")
 
@@ -322,13 +326,17 @@ def iter_gguf_weights(path: str, dtype: torch.dtype, quantization: str = "none")
     named = [(info, hf_name) for info in header.tensors if (hf_name := gguf_to_hf_name(info.name, arch))]
     if quantization not in QUANTIZATION_MODES:
         raise ValueError(f"quantization must be one of {QUANTIZATION_MODES} for a GGUF file, got {quantization!r}")
-    keep = _kept_tensors(named, path) if quantization == "auto" else set()
+    keep = _kept_tensors(named, path, arch) if quantization == "auto" else set()
     return _dequantized_tensors(path, named, arch, n_head, n_head_kv, dtype, keep)
 
 
-def _kept_tensors(named: list[tuple[GGUFTensorInfo, str]], path: str) -> set[str]:
-    """The GGUF names of the linear weights that stay quantized; warns once per type that cannot."""
-    linear = [info for info, _ in named if _LINEAR_WEIGHT.fullmatch(info.name) and info.ggml_type not in _FLOAT_TYPES]
+def _kept_tensors(named: list[tuple[GGUFTensorInfo, str]], path: str, arch: str) -> set[str]:
+    """The GGUF names of the weights that stay quantized; warns once per type that cannot."""
+    def matrix(name: str) -> bool:
+        return bool(_LINEAR_WEIGHT.fullmatch(name)
+                    or (arch in _QUANTIZED_EMBEDDING_ARCHS and _EMBEDDING_WEIGHT.fullmatch(name)))
+
+    linear = [info for info, _ in named if matrix(info.name) and info.ggml_type not in _FLOAT_TYPES]
     if linear and not load_gguf_ops():
         logger.warning("%s: no GGUF CPU kernel could be built; dequantizing every weight to full precision", path)
         return set()
