@@ -16,6 +16,7 @@ _DEVICES = ("auto", "cpu", "cuda")
 _ATTENTION_BACKENDS = ("auto", "torch", "triton", "cpu")
 _LOAD_FORMATS = ("auto", "dummy")
 _SCHEDULING_POLICIES = ("fcfs", "priority")
+_QUANTIZATION = ("auto", "none")
 
 DEFAULT_KV_CACHE_MEMORY = 1 << 30  # 1 GiB of KV cache on the CPU unless told otherwise
 DEFAULT_MAX_MODEL_LEN_CAP = 8192  # a model claiming 128k context should not get a 128k default on the CPU
@@ -44,6 +45,7 @@ class EngineConfig:
     load_format: str = "auto"  # dummy: random weights from config.json alone (benchmarks)
     cpu_weight_prepack: bool = True  # CPU: linear weights in oneDNN's packed layout (faster matmuls)
     cpu_fused_ops: bool = True  # CPU: C++ RMSNorm(+residual) and SiLU-and-mul instead of torch expressions
+    quantization: str = "auto"  # auto: GGUF linear weights stay quantized (CPU); none: dequantize at load
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> None:
@@ -57,6 +59,8 @@ class EngineConfig:
             bad("attention_backend", f"must be one of {_ATTENTION_BACKENDS}")
         if self.scheduling_policy not in _SCHEDULING_POLICIES:
             bad("scheduling_policy", f"must be one of {_SCHEDULING_POLICIES}")
+        if self.quantization not in _QUANTIZATION:
+            bad("quantization", f"must be one of {_QUANTIZATION}")
         if self.load_format not in _LOAD_FORMATS:
             bad("load_format", f"must be one of {_LOAD_FORMATS}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
@@ -108,6 +112,8 @@ class EngineConfig:
             raise ValueError(
                 f"EngineConfig.max_model_len: {max_model_len} is more than the model's limit of {model_max_len} tokens"
             )
+        # The quantized GGUF kernels are CPU kernels; elsewhere "auto" loads full precision.
+        quantization = self.quantization if device == "cpu" else "none"
         batched = self.max_num_batched_tokens
         if batched is None:
             batched = 2048 if self.enable_chunked_prefill else max_model_len
@@ -117,5 +123,6 @@ class EngineConfig:
             dtype=dtype,
             max_model_len=max_model_len,
             max_num_batched_tokens=batched,
+            quantization=quantization,
             kv_cache_memory=self.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY,
         )

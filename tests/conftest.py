@@ -34,10 +34,19 @@ def hf_smollm():
 
 @pytest.fixture(scope="session")
 def smollm_llm(smollm_path):
-    """One engine on the real model, shared by tests that only generate (they must leave it idle)."""
+    """One engine on the real model (its GGUF weights kept quantized, the default), shared by tests
+    that only generate (they must leave it idle)."""
     from pagellm import LLM
 
     return LLM(smollm_path, max_model_len=2048, kv_cache_memory=256 << 20, quiet=True)
+
+
+@pytest.fixture(scope="session")
+def smollm_llm_fp32(smollm_path):
+    """The same engine with every weight dequantized to fp32 at load: exact parity with HF's load."""
+    from pagellm import LLM
+
+    return LLM(smollm_path, max_model_len=2048, kv_cache_memory=256 << 20, quiet=True, quantization="none")
 
 
 def make_tiny_llama(path: str, *, seed: int = 0, tie: bool = True, num_kv_heads: int = 2, rope_scaling=None,

@@ -193,7 +193,8 @@ NEAR_TIE = 1e-4
 
 @pytest.fixture(scope="module")
 def gemma_llm():
-    return LLM(gemma3_270m_path(), max_model_len=1024, kv_cache_memory=64 << 20, quiet=True)
+    # Exact fp32 parity with transformers' dequantized load, so the weights are dequantized too.
+    return LLM(gemma3_270m_path(), max_model_len=1024, kv_cache_memory=64 << 20, quiet=True, quantization="none")
 
 
 @pytest.fixture(scope="module")

@@ -94,9 +94,10 @@ def tiny_model_for(arch: str):
 
 
 def write_gguf(path: str, model, arch: str, extra_tensors: dict[str, np.ndarray] | None = None,
-               extra_uint32: dict[str, int] | None = None) -> None:
+               extra_uint32: dict[str, int] | None = None, ggml_types: dict[str, gguf.GGMLQuantizationType] | None = None) -> None:
     """Write `model` as llama.cpp's converter would, in F32: its tensor names, its Q/K row order for
-    llama, its +1 on gemma norm weights. Names come from gguf-py's own table, not from the loader."""
+    llama, its +1 on gemma norm weights. Names come from gguf-py's own table, not from the loader.
+    `ggml_types` maps a tensor-name part ("attn_q", ...) to the type its .weight is quantized to."""
     config = model.config
     writer = gguf.GGUFWriter(path, arch)
     ints = {
@@ -131,6 +132,11 @@ def write_gguf(path: str, model, arch: str, extra_tensors: dict[str, np.ndarray]
             data = data.swapaxes(1, 2).reshape(tensor.shape)
         if arch.startswith("gemma") and name.endswith("norm.weight"):
             data = data + 1
+        qtype = next((t for part, t in (ggml_types or {}).items()
+                      if name == f"{part}.weight" or name.endswith(f".{part}.weight")), None)
+        if qtype is not None:
+            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+            continue
         writer.add_tensor(name, data)
     for name, data in (extra_tensors or {}).items():
         writer.add_tensor(name, data)

@@ -41,7 +41,8 @@ def test_seed_reproducible_alone_and_in_a_mixed_batch(smollm_llm):
     assert other != alone
 
 
-def test_logprobs_match_hf(smollm_llm, hf_smollm):
+def test_logprobs_match_hf(smollm_llm_fp32, hf_smollm):
+    smollm_llm = smollm_llm_fp32  # fp32 weights: HF's load dequantizes the GGUF too
     hf_model, _ = hf_smollm
     outs = smollm_llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12, logprobs=5, prompt_logprobs=3,
                                                        ignore_eos=True), use_tqdm=False)

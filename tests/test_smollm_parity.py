@@ -1,4 +1,5 @@
-"""Greedy parity with HF transformers on the real SmolLM2-135M-Instruct GGUF (fp32, CPU).
+"""Greedy parity with HF transformers on the real SmolLM2-135M-Instruct GGUF (fp32, CPU, dequantized
+at load: quantization="none"; tests/test_quantized_weights.py covers the quantized load).
 
 All prompts go through ONE `generate` call (continuous batching, chunked prefill, mixed
 prompt/decode steps); HF runs each prompt alone. Where the two sequences differ, the first
@@ -32,7 +33,8 @@ MAX_NEW = 48
 
 
 @pytest.fixture(scope="module")
-def runs(smollm_llm, hf_smollm):
+def runs(smollm_llm_fp32, hf_smollm):
+    smollm_llm = smollm_llm_fp32
     hf_model, hf_tok = hf_smollm
     tok = smollm_llm.get_tokenizer()
     prompt_ids = [tok(p).input_ids for p in PROMPTS]
@@ -58,7 +60,8 @@ def test_greedy_tokens_match_hf(runs):
     assert len(near_ties) <= 1, f"too many divergences: {near_ties}"
 
 
-def test_text_and_finish(runs, smollm_llm):
+def test_text_and_finish(runs, smollm_llm_fp32):
+    smollm_llm = smollm_llm_fp32
     ours, _ = runs
     tok = smollm_llm.get_tokenizer()
     for out in ours:

@@ -38,6 +38,7 @@ _HELP = {
     "load_format": "auto, or dummy: random weights from config.json only (benchmarks)",
     "cpu_weight_prepack": "CPU: pack linear weights once in oneDNN's layout (faster small-batch matmuls)",
     "cpu_fused_ops": "CPU: C++ kernels for RMSNorm (+ residual add) and SiLU-and-mul",
+    "quantization": "auto: GGUF linear weights stay quantized (CPU kernels); none: dequantize every weight at load",
 }
 
 

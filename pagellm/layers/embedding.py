@@ -5,6 +5,10 @@ rows of the (padded) vocabulary. The embedding looks up the ids in its rows, zer
 and sums over the ranks; the LM head computes its rows' logits and gathers them, so every rank
 has the full logits (and samples the same tokens). The vocabulary is padded to a multiple of
 the rank count; padding rows are zero and their logits are sliced off.
+
+Both may hold GGUF blocks instead of a dense weight (`load` given a `GGUFQuantizedTensor`, one
+rank only): the lookup then dequantizes only the looked-up rows, and the head runs the GGUF
+matmul kernel; a tied head adopts its embedding's blocks.
 """
 
 from __future__ import annotations
@@ -19,6 +23,20 @@ from pagellm.distributed.communication import tensor_parallel_all_gather, tensor
 from pagellm.distributed.layout import padded_vocab_size
 from pagellm.distributed.parallel_state import ParallelContext, get_parallel_context
 from pagellm.layers.linear_method import CpuPackedLinearMethod, UnquantizedLinearMethod
+from pagellm.layers.quantization.gguf import GGUFLinearMethod, GGUFQuantizedTensor
+from pagellm.ops.gguf_cpu import gguf_dequantize
+
+
+def _adopt_blocks(module: nn.Module, tensor: GGUFQuantizedTensor) -> None:
+    """Replaces the module's dense weight with the tensor's GGUF blocks (`qweight`, `ggml_type`)."""
+    module.register_buffer("qweight", tensor.data, persistent=False)
+    module.ggml_type = int(tensor.ggml_type)
+    module.weight = None
+
+
+def _keeps_blocks(module: nn.Module, tensor) -> bool:
+    """Whether a checkpoint tensor stays quantized here: GGUF blocks, and the vocabulary not split."""
+    return isinstance(tensor, GGUFQuantizedTensor) and module.vocab.parallel.tp_size == 1
 
 
 class VocabParallel:
@@ -48,9 +66,17 @@ class VocabEmbedding(nn.Module):
         super().__init__()
         self.vocab_size = vocab_size
         self.vocab = VocabParallel(vocab_size, parallel)
+        self.hidden_size = hidden_size
         self.weight = nn.Parameter(torch.empty(self.vocab.rows, hidden_size), requires_grad=False)
+        self.dtype = self.weight.dtype  # the lookup's output dtype, also once the weight is quantized
+        self.register_buffer("qweight", None, persistent=False)  # GGUF blocks, once loaded quantized
+        self.ggml_type = 0
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.qweight is not None:
+            rows = self.qweight.index_select(0, input_ids.reshape(-1))
+            out = gguf_dequantize(rows, self.ggml_type, rows.shape[0], self.hidden_size)
+            return out.view(*input_ids.shape, self.hidden_size).to(self.dtype)
         if self.vocab.parallel.tp_size == 1:
             return F.embedding(input_ids, self.weight)
         local = input_ids - self.vocab.start
@@ -62,6 +88,11 @@ class VocabEmbedding(nn.Module):
     def load(self, name: str, tensor: torch.Tensor) -> None:
         if name != "weight":
             raise ValueError(f"the embedding has no parameter {name!r}")
+        if _keeps_blocks(self, tensor):
+            _adopt_blocks(self, tensor)
+            return
+        if isinstance(tensor, GGUFQuantizedTensor):
+            tensor = tensor.dequantize()
         self.weight.data.copy_(self.vocab.shard(name, tensor))
 
 
@@ -77,12 +108,27 @@ class LMHead(nn.Module):
         self.vocab = tied_to.vocab if tied_to is not None else VocabParallel(vocab_size, parallel)
         self.weight = tied_to.weight if tied_to is not None else nn.Parameter(
             torch.empty(self.vocab.rows, hidden_size), requires_grad=False)
+        self.out_features, self.in_features = self.vocab.rows, hidden_size
         self.bias = None
         self.method = UnquantizedLinearMethod()
         self.packed: Optional[torch.Tensor] = None
+        self.register_buffer("qweight", None, persistent=False)  # GGUF blocks, once loaded quantized
+        self.ggml_type = 0
+        # a plain list: the embedding is the model's submodule, not this head's
+        self._tied_to = [tied_to] if tied_to is not None else []
+
+    def _follow_tied_embedding(self) -> None:
+        """A tied head whose embedding was loaded quantized multiplies with the same blocks."""
+        if self._tied_to and self._tied_to[0].qweight is not None and self.qweight is None:
+            embedding = self._tied_to[0]
+            self.register_buffer("qweight", embedding.qweight, persistent=False)
+            self.ggml_type = embedding.ggml_type
+            self.weight = None
+            self.method = GGUFLinearMethod()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits in float32 whatever the model dtype: sampling and logprobs need the precision."""
+        self._follow_tied_embedding()
         logits = self.method.apply(self, hidden).float()
         if self.vocab.parallel.tp_size == 1:
             return logits
@@ -92,10 +138,20 @@ class LMHead(nn.Module):
     def load(self, name: str, tensor: torch.Tensor) -> None:
         if name != "weight":
             raise ValueError(f"the LM head has no parameter {name!r}")
+        if _keeps_blocks(self, tensor):
+            _adopt_blocks(self, tensor)
+            self.method = GGUFLinearMethod()
+            return
+        if isinstance(tensor, GGUFQuantizedTensor):
+            tensor = tensor.dequantize()
         self.weight.data.copy_(self.vocab.shard(name, tensor))
 
     def prepack_for_cpu(self) -> None:
         """The LM head is the largest matmul of a small model, and the slowest through MKL.
-        A tied head keeps the embedding's weight (the lookup needs it) next to the packed copy."""
+        A tied head keeps the embedding's weight (the lookup needs it) next to the packed copy.
+        A quantized head keeps its blocks."""
+        self._follow_tied_embedding()
+        if self.qweight is not None:
+            return
         self.method = CpuPackedLinearMethod(keep_plain=self.tied)
         self.method.process_after_loading(self)

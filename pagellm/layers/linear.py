@@ -91,14 +91,30 @@ class Linear(nn.Module):
         return _narrow(tensor, 0, self.tp_range, name, self.out_features)
 
     def load(self, name: str, tensor: torch.Tensor) -> None:
+        tensor = self._method_for(tensor)
         self.method.load(self, name, self.checkpoint_shard(name, tensor))
+
+    def _method_for(self, tensor):
+        """A quantized checkpoint tensor (e.g. GGUF blocks) brings its own weight method. Split
+        across tensor-parallel ranks it is dequantized instead (quantized sharding is not built)."""
+        make = getattr(tensor, "linear_method", None)
+        if make is None:
+            return tensor
+        if self.parallel.tp_size > 1:
+            return tensor.dequantize()
+        if type(self.method) is UnquantizedLinearMethod:
+            self.method = make(self)
+        return tensor
 
     def process_after_loading(self) -> None:
         """The method's post-load step (none for plain weights)."""
         self.method.process_after_loading(self)
 
     def prepack_for_cpu(self) -> None:
-        """Switches to the oneDNN-packed method: packs the loaded weight and drops the plain copy."""
+        """Switches to the oneDNN-packed method: packs the loaded weight and drops the plain copy.
+        Quantized weights keep their own method."""
+        if not self.method.prepackable:
+            return
         self.method = CpuPackedLinearMethod()
         self.method.process_after_loading(self)
 
@@ -141,6 +157,7 @@ class MergedLinear(Linear):
         for shard, (_, part) in self.shard_parts.items():
             self.shard_offsets[shard] = (offset, part.size)
             offset += part.size
+        self.loaded_shards: set[str] = set()  # weight shards filled so far (a quantized method fuses them)
 
     def checkpoint_shard(self, name: str, tensor: torch.Tensor, shard: Optional[str] = None) -> torch.Tensor:
         """This rank's part of one projection's tensor, or of a fused checkpoint tensor (shard None:
@@ -157,6 +174,9 @@ class MergedLinear(Linear):
         return torch.cat([p.narrow(0, part.start, part.size) for p, (_, part) in zip(pieces, self.shard_parts.values())])
 
     def load_shard(self, shard: str, name: str, tensor: torch.Tensor) -> None:
+        tensor = self._method_for(tensor)
+        if name == "weight":
+            self.loaded_shards.add(shard)
         self.method.load(self, name, self.checkpoint_shard(name, tensor, shard), shard)
 
     def split(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:

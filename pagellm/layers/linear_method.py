@@ -47,6 +47,8 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Te
 class LinearMethod:
     """The interface; a layer calls these with itself as `layer`."""
 
+    prepackable = True  # whether `prepack_for_cpu()` may replace it with the oneDNN-packed method
+
     def create_weights(self, layer: nn.Module, in_features: int, out_features: int, bias: bool) -> None:
         raise NotImplementedError
 

@@ -1,11 +1,14 @@
-"""GGUF files (llama.cpp's format): header checks, and weights dequantized into Hugging Face naming.
+"""GGUF files (llama.cpp's format): header checks, and weights in Hugging Face naming.
 
-The tensors produced here are meant to equal, bit for bit, what transformers loads from the same
-file (its GGUF path also dequantizes with gguf-py, then undoes the same llama.cpp conventions).
+With quantization="none" every tensor is dequantized, meant to equal, bit for bit, what transformers
+loads from the same file (its GGUF path also dequantizes with gguf-py, then undoes the same
+llama.cpp conventions). With "auto" the linear layers' weights of the types the C++ kernel knows
+stay as their raw blocks (`GGUFQuantizedTensor`); everything else is dequantized as before.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import mmap
 import os
@@ -19,6 +22,11 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 from tqdm.auto import tqdm
+
+from pagellm.layers.quantization.gguf import GGUF_KERNEL_TYPES, GGUFQuantizedTensor
+from pagellm.ops.gguf_cpu import load_gguf_ops
+
+logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # Header and tensor table, parsed without touching tensor data: a cheap structural check, so a
@@ -283,8 +291,21 @@ def _raw_tensor(blob: np.ndarray, info: GGUFTensorInfo) -> np.ndarray:
     return blob[info.offset : info.offset + info.nbytes].reshape(*info.shape[:-1], row_bytes)
 
 
-def iter_gguf_weights(path: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+# The linear layers' weights (llama.cpp names); norms and biases are always dequantized.
+_LINEAR_WEIGHT = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|attn_qkv|attn_output|ffn_gate|ffn_up|ffn_down)\.weight")
+# Embeddings and the LM head stay quantized where the model uses the embedding only for lookups
+# (Gemma scales by the weight's dtype, so its architectures dequantize them).
+_EMBEDDING_WEIGHT = re.compile(r"(token_embd|output)\.weight")
+_QUANTIZED_EMBEDDING_ARCHS = {"llama", "qwen2", "qwen3", "phi3"}
+_FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
+QUANTIZATION_MODES = ("auto", "none")
+
+
+def iter_gguf_weights(path: str, dtype: torch.dtype, quantization: str = "none") -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, tensor in `dtype`) for every parameter in a GGUF file, dequantized one at a time.
+
+    quantization="auto" yields the linear weights whose type the C++ kernel computes on as
+    `GGUFQuantizedTensor`s instead (other types are dequantized, with a warning naming them).
 
     The file is checked and every tensor name resolved here, so a bad file fails at the call rather
     than midway through loading. The tensor table comes from our header parser rather than
@@ -303,7 +324,40 @@ def iter_gguf_weights(path: str, dtype: torch.dtype) -> Iterator[tuple[str, torc
     if arch == "llama" and n_head is None:
         raise ValueError(f"{path} lacks {arch}.attention.head_count, needed to restore q_proj/k_proj row order")
     named = [(info, hf_name) for info in header.tensors if (hf_name := gguf_to_hf_name(info.name, arch))]
-    return _dequantized_tensors(path, named, arch, n_head, n_head_kv, dtype)
+    if quantization not in QUANTIZATION_MODES:
+        raise ValueError(f"quantization must be one of {QUANTIZATION_MODES} for a GGUF file, got {quantization!r}")
+    keep = _kept_tensors(named, path, arch) if quantization == "auto" else set()
+    return _dequantized_tensors(path, named, arch, n_head, n_head_kv, dtype, keep)
+
+
+def _kept_tensors(named: list[tuple[GGUFTensorInfo, str]], path: str, arch: str) -> set[str]:
+    """The GGUF names of the weights that stay quantized; warns once per type that cannot."""
+    def matrix(name: str) -> bool:
+        return bool(_LINEAR_WEIGHT.fullmatch(name)
+                    or (arch in _QUANTIZED_EMBEDDING_ARCHS and _EMBEDDING_WEIGHT.fullmatch(name)))
+
+    linear = [info for info, _ in named if matrix(info.name) and info.ggml_type not in _FLOAT_TYPES]
+    if linear and not load_gguf_ops():
+        logger.warning("%s: no GGUF CPU kernel could be built; dequantizing every weight to full precision", path)
+        return set()
+    others = sorted({info.ggml_type.name for info in linear if info.ggml_type not in GGUF_KERNEL_TYPES})
+    if others:
+        logger.warning("%s: ggml types %s have no quantized kernel yet; those weights are dequantized at load",
+                       path, ", ".join(others))
+    return {info.name for info in linear if info.ggml_type in GGUF_KERNEL_TYPES}
+
+
+def _quantized_tensor(blob: np.ndarray, info: GGUFTensorInfo, arch: str, n_head: int | None,
+                      n_head_kv: int | None) -> GGUFQuantizedTensor:
+    """The weight's own blocks, copied out of the file; q/k rows reordered as for the dense path
+    (a row is a whole number of blocks, so reordering rows of bytes is the same permutation)."""
+    raw = _raw_tensor(blob, info)
+    if arch == "llama" and info.name.endswith(".attn_q.weight"):
+        raw = _unpermute_rotary_rows(raw, n_head)  # type: ignore[arg-type]
+    elif arch == "llama" and info.name.endswith(".attn_k.weight"):
+        raw = _unpermute_rotary_rows(raw, n_head_kv)  # type: ignore[arg-type]
+    data = torch.from_numpy(np.array(raw, copy=True))
+    return GGUFQuantizedTensor(data, info.ggml_type, torch.Size(info.shape))
 
 
 def _dequantized_tensors(
@@ -313,12 +367,16 @@ def _dequantized_tensors(
     n_head: int | None,
     n_head_kv: int | None,
     dtype: torch.dtype,
+    keep: set[str],
 ) -> Iterator[tuple[str, torch.Tensor]]:
     # Pages are read only as tensors are touched. A plain ndarray view skips np.memmap's per-slice
     # bookkeeping, which gguf-py's row-chunked dequantization would otherwise pay thousands of times.
     blob = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
     desc = f"Loading {os.path.basename(path)}"
     for info, hf_name in tqdm(named, desc=desc, unit="tensor", disable=None):
+        if info.name in keep:
+            yield hf_name, _quantized_tensor(blob, info, arch, n_head, n_head_kv)  # type: ignore[misc]
+            continue
         try:
             weight = dequantize(_raw_tensor(blob, info), info.ggml_type)
         except NotImplementedError as exc:

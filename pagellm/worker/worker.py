@@ -36,7 +36,7 @@ class Worker:
 
     def load_model(self, source: Optional[ModelSource]) -> None:
         # Dummy weights are random: no checkpoint is read.
-        weights = None if self.config.load_format == "dummy" else iter_weights(source, self.dtype)
+        weights = None if self.config.load_format == "dummy" else iter_weights(source, self.dtype, self.config.quantization)
         self.model_runner = ModelRunner.load(self.config, self.model_config, weights)
 
     def kv_bytes_per_token(self) -> int:

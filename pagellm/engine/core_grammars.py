@@ -1,0 +1,96 @@
+"""The engine core's structured outputs: grammars compiled off the step, one bitmask per step.
+
+    add(request)              compile its constraint in the background (cached by constraint)
+    is_ready(request)         the scheduler's admission check: only compiled requests start
+    attach_bitmask(sched)     before the step: the allowed-token bits of each constrained row that samples
+    after_step(updates)       after it: advance the matchers; a finished grammar ends its request ("stop")
+
+The tokenizer (which the core otherwise never needs) and the backend load at the first
+constrained request. Logprobs stay those of the model's own distribution (taken before any
+logits processor), as for every other processor.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Iterable, Optional
+
+from pagellm.core.scheduler import RequestUpdate, Scheduler, SchedulerOutput
+from pagellm.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+class CoreGrammars:
+    def __init__(self, backend_name: str, model_config, load_tokenizer: Optional[Callable[[], object]]) -> None:
+        self.backend_name = backend_name
+        self.model_config = model_config
+        self.vocab_size = model_config.vocab_size
+        self._load_tokenizer = load_tokenizer
+        self._manager = None
+        self._constrained: set[str] = set()
+
+    def _get_manager(self):
+        if self._manager is None:
+            from pagellm.engine.processor import model_eos_token_ids
+            from pagellm.structured_output.manager import StructuredOutputManager, make_backend
+
+            tokenizer = self._load_tokenizer() if self._load_tokenizer is not None else None
+            if tokenizer is None:
+                raise ValueError("structured outputs need a tokenizer; this engine has none")
+            eos = sorted(model_eos_token_ids(tokenizer, self.model_config))
+            backend = make_backend(self.backend_name, tokenizer, self.vocab_size, eos)
+            self._manager = StructuredOutputManager(backend, self.vocab_size)
+        return self._manager
+
+    def add(self, request: Request) -> None:
+        params = request.sampling_params.structured_outputs
+        if params is None:
+            return
+        self._get_manager().submit(request.request_id, params)
+        self._constrained.add(request.request_id)
+
+    def is_ready(self, request: Request) -> bool:
+        return request.request_id not in self._constrained or self._manager.is_ready(request.request_id)
+
+    def finish_failed(self, scheduler: Scheduler) -> list[RequestUpdate]:
+        """Ends the requests whose grammar did not compile (FINISHED_ERROR); their updates carry the error.
+        (Front ends compile first and answer 400, so this is for direct callers of the core.)"""
+        updates = []
+        for request_id in list(self._constrained):
+            error = self._manager.error(request_id) if self._manager.is_ready(request_id) else None
+            if error is not None:
+                scheduler.finish_requests([request_id], RequestStatus.FINISHED_ERROR)
+                updates.append(RequestUpdate(request_id, [], finish_reason="error", error=error))
+                self.remove([request_id])
+        return updates
+
+    def attach_bitmask(self, sched: SchedulerOutput, scheduler: Scheduler) -> None:
+        if not self._constrained:
+            return
+        rows: dict[str, int] = {}
+        for request_id, num_tokens in sched.num_scheduled_tokens.items():
+            request = scheduler.requests.get(request_id)
+            if request_id in self._constrained and request is not None and \
+                    request.num_computed_tokens + num_tokens >= request.num_tokens:
+                rows[request_id] = len(rows)
+        if rows:
+            sched.grammar_rows = rows
+            sched.grammar_bitmask = self._manager.fill_bitmask(rows, len(rows))
+
+    def after_step(self, updates: list[RequestUpdate], scheduler: Scheduler) -> None:
+        for update in updates:
+            if update.req_id not in self._constrained:
+                continue
+            if update.finish_reason is None and update.new_token_ids and \
+                    self._manager.accept(update.req_id, update.new_token_ids):
+                scheduler.finish_requests([update.req_id], RequestStatus.FINISHED_STOPPED)
+                update.finish_reason = "stop"
+            if update.finish_reason is not None:
+                self.remove([update.req_id])
+
+    def remove(self, request_ids: Iterable[str]) -> None:
+        for request_id in request_ids:
+            if request_id in self._constrained:
+                self._constrained.discard(request_id)
+                self._manager.remove(request_id)

@@ -1,0 +1,135 @@
+"""GGUF block-quantized linear weights, kept as their on-disk bytes and multiplied by a C++ kernel.
+
+The loader yields a `GGUFQuantizedTensor` (the raw blocks of a weight, its ggml type and logical
+shape) instead of a dequantized tensor; a `Linear` that is handed one switches itself to
+`GGUFLinearMethod`. The matmul (`pagellm/ops/gguf_cpu.py`) expands each 32-value block to float32
+in registers where it is used: activations and accumulation stay float32, only the weight bytes
+read per step shrink (Q4_1: 0.625 bytes per weight instead of 4).
+
+A merged layer (q/k/v, gate/up) fills shard by shard. When every shard is quantized with one
+type, their rows are concatenated into one weight (ggml rows are independent), so the layer is a
+single kernel call as before; shards of different types, or a mix with dense (dequantized)
+shards, stay separate sub-weights whose outputs are concatenated.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+from torch import nn
+
+from pagellm.layers.linear_method import LinearMethod, UnquantizedLinearMethod
+from pagellm.ops.gguf_cpu import gguf_dequantize, gguf_linear
+
+logger = logging.getLogger(__name__)
+
+# The ggml types the C++ kernel computes on; any other type is dequantized at load.
+GGUF_KERNEL_TYPES = frozenset({
+    GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q5_0,
+    GGMLQuantizationType.Q5_1, GGMLQuantizationType.Q8_0,
+})
+
+
+@dataclass(frozen=True)
+class GGUFQuantizedTensor:
+    """A weight as GGUF blocks: `data` is (rows, row_bytes) uint8, `shape` the logical (rows, cols)."""
+
+    data: torch.Tensor
+    ggml_type: GGMLQuantizationType
+    shape: torch.Size
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight (the same values the kernel multiplies with)."""
+        return gguf_dequantize(self.data, int(self.ggml_type), self.shape[0], self.shape[1])
+
+    def linear_method(self, layer: nn.Module) -> "GGUFLinearMethod":
+        return GGUFLinearMethod()
+
+
+# One piece of a layer's output rows: quantized blocks, or a dense float weight.
+SubWeight = Union[GGUFQuantizedTensor, torch.Tensor]
+
+
+class GGUFLinearMethod(LinearMethod):
+    """Weights as GGUF blocks (`layer.qweight`, `layer.ggml_type`), applied by the C++ kernel.
+
+    Created by the layer when the first quantized tensor arrives: the dense weight the layer was
+    built with stays allocated only until every shard has arrived, then it is dropped.
+    """
+
+    prepackable = False  # oneDNN packs dense weights only
+
+    def __init__(self) -> None:
+        self.shards: dict[Optional[str], SubWeight] = {}
+        self.parts: list[SubWeight] = []  # set once complete, when shards cannot be fused
+
+    def create_weights(self, layer: nn.Module, in_features: int, out_features: int, bias: bool) -> None:
+        UnquantizedLinearMethod().create_weights(layer, in_features, out_features, bias)
+
+    def load(self, layer: nn.Module, name: str, tensor, shard: Optional[str] = None) -> None:
+        if name != "weight":  # biases stay dense
+            UnquantizedLinearMethod().load(layer, name, tensor, shard)
+            return
+        expected = (layer.shard_offsets[shard][1] if shard is not None else layer.out_features, layer.in_features)
+        if tuple(tensor.shape) != expected:
+            label = f"shard {shard}.weight" if shard is not None else "weight"
+            raise ValueError(f"{label} has shape {tuple(tensor.shape)}, expected {expected}")
+        if isinstance(tensor, GGUFQuantizedTensor):
+            self.shards[shard] = tensor
+        else:
+            UnquantizedLinearMethod().load(layer, name, tensor, shard)
+        if shard is None or set(layer.loaded_shards) >= set(layer.shard_offsets):
+            self._finish(layer)
+
+    def _finish(self, layer: nn.Module) -> None:
+        """Every part has arrived: fuse the quantized shards (or keep the parts) and drop the dense copy."""
+        whole = None in self.shards or not hasattr(layer, "shard_offsets")  # a fused checkpoint tensor
+        order = [None] if whole else list(layer.shard_offsets)
+        parts: list[SubWeight] = []
+        for shard in order:
+            if shard in self.shards:
+                parts.append(self.shards[shard])
+            else:  # loaded dense before or after the switch
+                offset, size = layer.shard_offsets[shard]
+                parts.append(layer.weight.data.narrow(0, offset, size).clone())
+        self.shards = {}
+        types = {p.ggml_type for p in parts if isinstance(p, GGUFQuantizedTensor)}
+        if len(types) == 1 and all(isinstance(p, GGUFQuantizedTensor) for p in parts):
+            data = parts[0].data if len(parts) == 1 else torch.cat([p.data for p in parts])
+            layer.register_buffer("qweight", data, persistent=False)
+            layer.ggml_type = int(parts[0].ggml_type)
+            self.parts = []
+        else:
+            self.parts = parts
+            layer.qweight = None
+        layer.weight = None
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, skip_bias: bool = False) -> torch.Tensor:
+        if self.parts:
+            out = torch.cat([self._apply_part(p, x) for p in self.parts], dim=-1)
+        else:
+            out = gguf_linear(x, layer.qweight, layer.ggml_type, layer.out_features).to(x.dtype)
+        bias = None if skip_bias else getattr(layer, "bias", None)
+        return out if bias is None else out + bias
+
+    @staticmethod
+    def _apply_part(part: SubWeight, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(part, GGUFQuantizedTensor):
+            return gguf_linear(x, part.data, int(part.ggml_type), part.shape[0]).to(x.dtype)
+        return F.linear(x, part)
+
+    def weight_bytes(self, layer: nn.Module) -> int:
+        """Bytes the layer's weight occupies (quantized blocks, plus any dense parts)."""
+        if not self.parts:
+            return layer.qweight.numel()
+        return sum(p.nbytes if isinstance(p, GGUFQuantizedTensor) else p.numel() * p.element_size()
+                   for p in self.parts)

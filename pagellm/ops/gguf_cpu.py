@@ -1,0 +1,59 @@
+"""The GGUF block-format matmul kernels (`csrc/gguf_ops.cpp`): built on first use, called via torch.ops.
+
+Unlike `cpu.py`'s kernels this file is compiled without -march=native: each ISA path (AVX-512,
+AVX2+FMA, scalar) carries its own target attributes and the C++ picks one at run time from cpuid,
+so one cached build runs on any x86-64 CPU. `PAGELLM_CPU_ISA=scalar|avx2|avx512` forces a path.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "gguf_ops.cpp"
+CFLAGS = ["-O3", "-fopenmp"]
+ISA_NAMES = ("scalar", "avx2", "avx512")  # the C++ Isa enum, in order
+ISA_ENV = "PAGELLM_CPU_ISA"
+
+
+@functools.cache
+def load_gguf_ops() -> bool:
+    """Builds (or loads the cached build of) the kernels; True when torch.ops.pagellm_gguf is ready."""
+    if hasattr(torch.ops.pagellm_gguf, "linear"):
+        return True
+    try:
+        from torch.utils.cpp_extension import load
+
+        load(name="pagellm_gguf_ops", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+             is_python_module=False, verbose=False)
+    except Exception as exc:  # no compiler or a broken toolchain: GGUF weights get dequantized at load
+        lines = str(exc).strip().splitlines() or [""]
+        why = next((line for line in lines if "error" in line.lower()), lines[-1])
+        logger.warning("GGUF CPU kernels unavailable (%s: %s)", type(exc).__name__, why.strip())
+        return False
+    return True
+
+
+def supported_isas() -> list[str]:
+    """The kernel paths this CPU can run, e.g. ["scalar", "avx2", "avx512"]."""
+    mask = int(torch.ops.pagellm_gguf.supported_isas())
+    return [name for i, name in enumerate(ISA_NAMES) if mask >> i & 1]
+
+
+def active_isa() -> str:
+    """The path the next call will take (the best supported one unless PAGELLM_CPU_ISA says otherwise)."""
+    return ISA_NAMES[int(torch.ops.pagellm_gguf.isa())]
+
+
+def gguf_linear(x: torch.Tensor, weight: torch.Tensor, ggml_type: int, out_features: int) -> torch.Tensor:
+    """x (..., K) times the (out_features, K) block-quantized weight (uint8 bytes); float32 out."""
+    return torch.ops.pagellm_gguf.linear(x, weight, ggml_type, out_features)
+
+
+def gguf_dequantize(weight: torch.Tensor, ggml_type: int, out_features: int, in_features: int) -> torch.Tensor:
+    return torch.ops.pagellm_gguf.dequantize(weight, ggml_type, out_features, in_features)
