@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from pagellm.structured_output.params import StructuredOutputsParams
+
 # Below this temperature we treat sampling as greedy (avoids dividing logits by ~0).
 _GREEDY_EPS = 1e-5
 
@@ -67,6 +69,8 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     logit_bias: Optional[dict[int, float]] = None
     allowed_token_ids: Optional[list[int]] = None
+    # Grammar-constrained decoding (JSON schema, regex, choice, grammar); a dict is converted.
+    structured_outputs: Optional[StructuredOutputsParams] = None
     # Filled by the engine's input processor from `bad_words` (it needs the tokenizer): each bad word
     # as token ids, as written and with a leading space. Read by the sampler; not validated here,
     # since the processor derives it from the already validated `bad_words`.
@@ -99,6 +103,10 @@ class SamplingParams:
         self._validate_numbers(bad)
         self._validate_counts(bad)
         self._validate_lists(bad)
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            bad("structured_outputs", "must be a StructuredOutputsParams")
         if not self.detokenize and (self.stop or self.bad_words):
             bad("detokenize", "stop strings and bad_words need detokenize=True")
 

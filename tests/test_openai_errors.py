@@ -165,7 +165,8 @@ def test_prompt_over_context_is_400_with_numbers(server):
     (CHAT, {"logprobs": True, "top_logprobs": 25}, "top_logprobs"),
     (CHAT, {"top_logprobs": 2}, "top_logprobs"),
     (CHAT, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    (CHAT, {"response_format": {"type": "json_object"}}, "response_format"),
+    (CHAT, {"response_format": {"type": "xml"}}, "response_format"),
+    (CHAT, {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
 ])
 def test_invalid_values_are_400_naming_the_field(server, path, extra, param):
     body = {"model": NAME, **({"prompt": "Hello"} if path == COMPLETIONS else {"messages": HI}), **extra}

@@ -67,7 +67,9 @@ def test_json_schemas_always_validate_and_share_a_batch(smollm_llm):
     ({"json_object": True}, lambda t: isinstance(json.loads(t), dict)),
 ])
 def test_regex_choice_grammar_and_any_json(smollm_llm, constraint, check):
-    out = smollm_llm.generate(["Is the sky blue? Answer:"], _params(max_tokens=60, **constraint), use_tqdm=False)[0]
+    prompt = 'Answer in JSON with the keys "answer" and "reason". Is the sky blue?' if "json_object" in constraint \
+        else "Is the sky blue? Answer:"
+    out = smollm_llm.generate([prompt], _params(max_tokens=60, **constraint), use_tqdm=False)[0]
     text = out.outputs[0].text
     assert check(text) and out.outputs[0].finish_reason == "stop", text
 
@@ -75,18 +77,19 @@ def test_regex_choice_grammar_and_any_json(smollm_llm, constraint, check):
 def test_n_samples_and_preemption_keep_the_constraint(tiny_chat_model):
     from pagellm import LLM
 
-    # A pool of 12 blocks of 16 tokens for 6 sequences: they preempt each other while decoding.
-    llm = LLM(tiny_chat_model, max_model_len=256, kv_cache_memory=12 * 16 * 2 * 2 * 2 * 16 * 4, max_num_seqs=6,
-              quiet=True)
+    # 17 blocks of 16 tokens (512 bytes a token: 2 layers x K,V x 2 KV heads x 16 dims x fp32) for 6
+    # sequences after two ~100-token prompts: they preempt each other while decoding.
+    llm = LLM(tiny_chat_model, max_model_len=256, kv_cache_memory=17 * 16 * 512, max_num_seqs=6, quiet=True)
     schema = SCHEMAS[4]
     params = SamplingParams(n=3, temperature=1.0, seed=1, max_tokens=120,
                             structured_outputs=StructuredOutputsParams(json=schema, disable_any_whitespace=True))
-    outs = llm.generate(["hello world " * 3, "hi"], params, use_tqdm=False)
+    outs = llm.generate(["hello world " * 50, "good morning " * 50], params, use_tqdm=False)
     for out in outs:
         for completion in out.outputs:
             assert completion.finish_reason == "stop", completion.text
             jsonschema.validate(json.loads(completion.text), schema)
-    assert llm.llm_engine.core.num_free_blocks == llm.llm_engine.core.num_blocks
+    core = llm.llm_engine.core
+    assert core.scheduler.num_preemptions_total > 0 and core.num_free_blocks == core.num_blocks
 
 
 def test_guidance_backend(tiny_chat_model):
@@ -94,7 +97,8 @@ def test_guidance_backend(tiny_chat_model):
 
     llm = LLM(tiny_chat_model, max_model_len=256, kv_cache_memory=8 << 20, structured_outputs_backend="guidance",
               quiet=True)
-    params = [_params(max_tokens=100, json=SCHEMAS[1]), _params(regex=r"[0-9]{4}"), _params(choice=["x", "y"])]
+    params = [_params(max_tokens=100, json=SCHEMAS[1], disable_any_whitespace=True), _params(regex=r"[0-9]{4}"),
+              _params(choice=["x", "y"])]
     outs = llm.generate(["a", "b", "c"], params, use_tqdm=False)
     jsonschema.validate(json.loads(outs[0].outputs[0].text), SCHEMAS[1])
     assert re.fullmatch(r"[0-9]{4}", outs[1].outputs[0].text) and outs[2].outputs[0].text in ("x", "y")

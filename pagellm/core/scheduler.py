@@ -23,7 +23,7 @@ import time
 import bisect
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from pagellm.core.kv_cache_manager import KVCacheManager
 from pagellm.request import Request, RequestStatus
@@ -61,6 +61,10 @@ class SchedulerOutput:
     # Requests the runner must forget (finished, aborted or preempted since the last step).
     finished_req_ids: set[str] = field(default_factory=set)
     preempted_req_ids: set[str] = field(default_factory=set)
+    # Structured outputs: request id -> row of `grammar_bitmask` (packed int32 allowed-token bits,
+    # filled by the engine core for the constrained requests that sample this step).
+    grammar_rows: dict[str, int] = field(default_factory=dict)
+    grammar_bitmask: Optional[Any] = None
 
     @property
     def is_empty(self) -> bool:
@@ -110,10 +114,13 @@ class Scheduler:
         max_model_len: int,
         enable_chunked_prefill: bool = True,
         policy: str = "fcfs",
+        is_ready: Optional[Callable[[Request], bool]] = None,
     ) -> None:
         if policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling policy must be one of {SCHEDULING_POLICIES}, got {policy!r}")
         self.policy = policy
+        # Whether a waiting request may be admitted yet (structured outputs: its grammar is compiled).
+        self.is_ready = is_ready
         self.kv = kv_cache_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -203,7 +210,10 @@ class Scheduler:
         # A suspect being isolated is admitted alone (it was put at the head of the queue).
         while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted_now
                and not (isolating and (self.running or not self.waiting[0].suspect))):
-            request = self.waiting[0]
+            index = self._next_ready()
+            if index is None:
+                break  # every waiting request waits for its grammar
+            request = self.waiting[index]
             computed_blocks, num_cached_tokens = self.kv.get_computed_blocks(
                 request, use_cache=True if request.share_prefix else None)
             num_new = request.num_tokens - num_cached_tokens
@@ -214,7 +224,7 @@ class Scheduler:
             new_blocks = self.kv.allocate_slots(request, num_new, computed_blocks)
             if new_blocks is None:
                 break
-            self.waiting.popleft()
+            del self.waiting[index]
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_cached_tokens
             if request.num_cached_tokens < 0:
@@ -247,6 +257,12 @@ class Scheduler:
         self._finished_since_last_step = set()
         self._preempted_since_last_step = set()
         return out
+
+    def _next_ready(self) -> Optional[int]:
+        """The first waiting request that may be admitted: others pass one still compiling its grammar."""
+        if self.is_ready is None:
+            return 0
+        return next((i for i, r in enumerate(self.waiting) if self.is_ready(r)), None)
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)

@@ -7,12 +7,13 @@ runs in its own process under the async server.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
 from pagellm.config import EngineConfig
 from pagellm.core.kv_cache_manager import KVCacheManager
 from pagellm.core.scheduler import RequestUpdate, Scheduler, SchedulerStats
 from pagellm.request import Request, RequestStatus
+from pagellm.engine.core_grammars import CoreGrammars
 from pagellm.engine.core_interface import EngineCoreRequest  # noqa: F401 - re-exported
 from pagellm.engine.setup import ModelSetup
 from pagellm.executor import Executor
@@ -29,10 +30,13 @@ MAX_CONSECUTIVE_FAILED_STEPS = 8
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, model_config, executor: Executor, quiet: bool = False) -> None:
+    def __init__(self, config: EngineConfig, model_config, executor: Executor, quiet: bool = False,
+                 load_tokenizer: Optional[Callable[[], object]] = None) -> None:
         self.config = config
         self.model_config = model_config
         self.executor = executor
+        # Structured outputs; the tokenizer they need is loaded at the first constrained request.
+        self.grammars = CoreGrammars(config.structured_outputs_backend, model_config, load_tokenizer)
         # Sizes, checks (one max_model_len request must fit) and allocates the KV cache on the workers.
         num_blocks = executor.initialize()
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
@@ -43,6 +47,7 @@ class EngineCore:
             max_model_len=config.max_model_len,
             enable_chunked_prefill=config.enable_chunked_prefill,
             policy=config.scheduling_policy,
+            is_ready=self.grammars.is_ready,
         )
         self.capacity_tokens = num_blocks * config.block_size
         # Kept so a core running in its own process can hand the line to the front end to print.
@@ -56,7 +61,12 @@ class EngineCore:
 
     @classmethod
     def from_config(cls, setup: "ModelSetup", quiet: bool = False) -> "EngineCore":
-        return cls(setup.config, setup.model_config, Executor.create(setup), quiet=quiet)
+        def load_tokenizer():
+            from pagellm.engine.intake import load_front_end_tokenizer
+
+            return load_front_end_tokenizer(setup)
+
+        return cls(setup.config, setup.model_config, Executor.create(setup), quiet=quiet, load_tokenizer=load_tokenizer)
 
     @property
     def runner(self) -> ModelRunner:
@@ -68,34 +78,47 @@ class EngineCore:
         request = Request(req.request_id, req.prompt_token_ids, req.sampling_params, req.eos_token_ids,
                           arrival_time=req.arrival_time, cache_salt=req.cache_salt, priority=req.priority)
         request.share_prefix = req.share_prefix
-        self.scheduler.add_request(request)
+        self.grammars.add(request)  # starts compiling; the scheduler admits it once compiled
+        try:
+            self.scheduler.add_request(request)
+        except ValueError:
+            self.grammars.remove([request.request_id])
+            raise
         return request
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:
+        request_ids = list(request_ids)
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+        self.grammars.remove(request_ids)
 
     def finish_on_stop_string(self, request_id: str, stop: str) -> None:
         self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_STOPPED, stop)
+        self.grammars.remove([request_id])
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
     def step(self) -> list[RequestUpdate]:
+        failed = self.grammars.finish_failed(self.scheduler)
         sched_out = self.scheduler.schedule()
         if sched_out.is_empty:
             # Still let the runner drop state of requests that finished since the last step.
             self.executor.execute(sched_out)
-            return []
+            return failed
+        self.grammars.attach_bitmask(sched_out, self.scheduler)
         try:
             runner_out = self.executor.execute(sched_out)
         except Exception as exc:  # noqa: BLE001 - one request's failure must not end the others
-            return self._on_failed_step(sched_out, exc)
+            updates = self._on_failed_step(sched_out, exc)
+            self.grammars.remove(u.req_id for u in updates)
+            return failed + updates
         self._consecutive_failed_steps = 0
         self.num_steps += 1
         updates = self.scheduler.update_from_output(
             sched_out, runner_out.sampled_token_ids, runner_out.logprobs, runner_out.prompt_logprobs)
+        self.grammars.after_step(updates, self.scheduler)
         self.num_generation_tokens_total += sum(len(u.new_token_ids) for u in updates)
-        return updates
+        return failed + updates
 
     def _on_failed_step(self, sched_out, exc: Exception) -> list[RequestUpdate]:
         """The step raised: the scheduler isolates the requests of its batch (see Scheduler.isolate_failed_step).

@@ -77,7 +77,10 @@ class RequestIntake:
 
     def __init__(self, config: EngineConfig, tokenizer, model_config) -> None:
         self.tokenizer = tokenizer
+        self.config = config
+        self.model_config = model_config
         self.processor = InputProcessor(config, tokenizer, model_config)
+        self._grammar_checker = None  # compiles constraints up front, so a bad one is the caller's error
         self.output_processor = OutputProcessor(tokenizer)
 
     def prepare(self, request_id: str, prompt: PromptType, params: SamplingParams, kind: OutputKind,
@@ -86,9 +89,26 @@ class RequestIntake:
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
         text, core_req = self.processor.process(request_id, prompt, params, arrival_time, priority)
+        if params.structured_outputs is not None:
+            self._check_constraint(params)
         state = RequestState(request_id, text, core_req.prompt_token_ids, core_req.sampling_params, self.tokenizer,
                              kind, core_req.arrival_time)
         return PreparedRequest(state, fan_out(core_req))
+
+    def _check_constraint(self, params: SamplingParams) -> None:
+        """Compiles the request's constraint (cached): ValueError naming the problem. The core compiles
+        it again for its own matchers; a compile is milliseconds next to a request's generation."""
+        if self._grammar_checker is None:
+            from pagellm.engine.processor import model_eos_token_ids
+            from pagellm.structured_output.manager import StructuredOutputManager, make_backend
+
+            if self.tokenizer is None:
+                raise ValueError("structured outputs need a tokenizer; this engine was started without one")
+            eos = sorted(model_eos_token_ids(self.tokenizer, self.model_config))
+            backend = make_backend(self.config.structured_outputs_backend, self.tokenizer,
+                                   self.model_config.vocab_size, eos)
+            self._grammar_checker = StructuredOutputManager(backend, self.model_config.vocab_size, max_workers=1)
+        self._grammar_checker.compile(params.structured_outputs)
 
     def register(self, prepared: PreparedRequest) -> None:
         """Starts tracking the request's outputs; ValueError if its id is in use."""

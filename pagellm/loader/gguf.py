@@ -16,6 +16,7 @@ import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,8 +24,10 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 from tqdm.auto import tqdm
 
-from pagellm.layers.quantization.gguf import GGUF_KERNEL_TYPES, GGUFQuantizedTensor
 from pagellm.ops.gguf_cpu import load_gguf_ops
+
+if TYPE_CHECKING:
+    from pagellm.layers.quantization.gguf import GGUFQuantizedTensor
 
 logger = logging.getLogger(__name__)
 
@@ -340,6 +343,8 @@ def _kept_tensors(named: list[tuple[GGUFTensorInfo, str]], path: str, arch: str)
     if linear and not load_gguf_ops():
         logger.warning("%s: no GGUF CPU kernel could be built; dequantizing every weight to full precision", path)
         return set()
+    from pagellm.layers.quantization.gguf import GGUF_KERNEL_TYPES  # not at import: front ends import the loader
+
     others = sorted({info.ggml_type.name for info in linear if info.ggml_type not in GGUF_KERNEL_TYPES})
     if others:
         logger.warning("%s: ggml types %s have no quantized kernel yet; those weights are dequantized at load",
@@ -348,9 +353,11 @@ def _kept_tensors(named: list[tuple[GGUFTensorInfo, str]], path: str, arch: str)
 
 
 def _quantized_tensor(blob: np.ndarray, info: GGUFTensorInfo, arch: str, n_head: int | None,
-                      n_head_kv: int | None) -> GGUFQuantizedTensor:
+                      n_head_kv: int | None) -> "GGUFQuantizedTensor":
     """The weight's own blocks, copied out of the file; q/k rows reordered as for the dense path
     (a row is a whole number of blocks, so reordering rows of bytes is the same permutation)."""
+    from pagellm.layers.quantization.gguf import GGUFQuantizedTensor
+
     raw = _raw_tensor(blob, info)
     if arch == "llama" and info.name.endswith(".attn_q.weight"):
         raw = _unpermute_rotary_rows(raw, n_head)  # type: ignore[arg-type]

@@ -3,6 +3,7 @@ up-front compile of the whole grammar, so large schemas start fast)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import llguidance
@@ -47,8 +48,13 @@ class GuidanceBackend:
         kind = params.kind
         if kind not in _FORMATS:
             raise ValueError(f"the guidance backend has no {kind} constraints; use the xgrammar backend")
+        spec = params.spec
+        if kind in ("json", "json_object") and params.disable_any_whitespace:
+            schema = json.loads(spec)
+            if isinstance(schema, dict):  # llguidance's own option: no whitespace between JSON tokens
+                spec = json.dumps({**schema, "x-guidance": {"whitespace_flexible": False}})
         try:
-            grammar = llguidance.grammar_from(_FORMATS[kind], params.spec)
+            grammar = llguidance.grammar_from(_FORMATS[kind], spec)
         except ValueError as exc:
             raise ValueError(f"the {kind} constraint does not compile: {exc}") from None
         ok, error = _validate(grammar, self._tokenizer)

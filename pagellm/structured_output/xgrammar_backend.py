@@ -16,6 +16,10 @@ from pagellm.structured_output.params import StructuredOutputsParams
 _LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
 
 
+# Longest run of whitespace JSON may have between tokens: enough for pretty-printed nesting.
+MAX_WHITESPACE_RUN = 16
+
+
 class XGrammarMatcher:
     def __init__(self, compiled: xgr.CompiledGrammar) -> None:
         self._m = xgr.GrammarMatcher(compiled)
@@ -49,9 +53,10 @@ class XGrammarBackend:
         any_ws = not params.disable_any_whitespace
         try:
             if kind in ("json", "json_object"):
-                if kind == "json_object":
-                    return self._compiler.compile_builtin_json_grammar()
-                return self._compiler.compile_json_schema(spec, any_whitespace=any_ws)
+                # json_object's spec is {"type": "object"}: the builtin JSON grammar would allow any value.
+                # Free whitespace, but not unbounded: small models otherwise fall into "\n\n\n..." between tokens.
+                return self._compiler.compile_json_schema(spec, any_whitespace=any_ws,
+                                                          max_whitespace_cnt=MAX_WHITESPACE_RUN if any_ws else None)
             if kind == "regex":
                 return self._compiler.compile_regex(spec)
             if kind == "choice":

@@ -14,6 +14,7 @@ captures the decode CUDA graphs.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Iterable, Optional
 
@@ -143,11 +144,12 @@ class ModelRunner:
             return ModelRunnerOutput({})
         inputs = self.input_batch.prepare(sched)
         hidden = self._forward(inputs.input_ids, inputs.positions, inputs.attn_metadata)
-        sampled, logprobs = self._sample(hidden, inputs)
+        sampled, logprobs = self._sample(hidden, inputs, sched)
         prompt_logprobs = self._prompt_logprobs(hidden, inputs)
         return ModelRunnerOutput(sampled, logprobs, prompt_logprobs)
 
-    def _sample(self, hidden: torch.Tensor, inputs: StepInputs) -> tuple[dict[str, list[int]], dict[str, LogprobsLists]]:
+    def _sample(self, hidden: torch.Tensor, inputs: StepInputs,
+                sched: SchedulerOutput) -> tuple[dict[str, list[int]], dict[str, LogprobsLists]]:
         """Next token (and requested logprobs) of every sampling row, appended to its request's output.
 
         A rejection sampler for speculative decoding would replace the sampler call here, over the
@@ -159,7 +161,10 @@ class ModelRunner:
             return sampled, logprobs_out
         states, sample_rows = inputs.states, inputs.sample_rows
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        out = self.sampler(logits, inputs.sampling_metadata)
+        metadata = inputs.sampling_metadata
+        if sched.grammar_bitmask is not None:
+            metadata = dataclasses.replace(metadata, allowed_token_mask=self._grammar_mask(sched, inputs, logits))
+        out = self.sampler(logits, metadata)
         # The sampled ids (and requested logprobs) are the step's only reads back to the host.
         tokens = out.sampled_token_ids.tolist()
         want = [j for j, i in enumerate(sample_rows) if states[i].sampling_params.logprobs is not None]
@@ -175,6 +180,20 @@ class ModelRunner:
                 ids, lps, rank = by_row[j]
                 logprobs_out[state.req_id] = [(ids[:k + 1], lps[:k + 1], rank)]
         return sampled, logprobs_out
+
+    def _grammar_mask(self, sched: SchedulerOutput, inputs: StepInputs, logits: torch.Tensor) -> torch.Tensor:
+        """[S, V] bool from the core's packed bitmask: grammar rows as allowed, other rows unconstrained;
+        logits columns past the bitmask's vocabulary (padding) are never allowed to a constrained row."""
+        from pagellm.structured_output.backend import bitmask_to_bool
+
+        allowed = bitmask_to_bool(sched.grammar_bitmask, min(self.vocab_size, logits.shape[1]))
+        mask = torch.ones(logits.shape, dtype=torch.bool)
+        for j, i in enumerate(inputs.sample_rows):
+            row = sched.grammar_rows.get(inputs.states[i].req_id)
+            if row is not None:
+                mask[j, :allowed.shape[1]] = allowed[row]
+                mask[j, allowed.shape[1]:] = False
+        return mask.to(logits.device)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs) -> dict[str, LogprobsLists]:
         """Logprobs of the prompt tokens each chunk predicts (teacher forcing), from raw logits."""

@@ -81,3 +81,24 @@ def _arguments(text: str) -> Any:
     except ValueError:
         return text
     return value if isinstance(value, dict) else text
+
+
+def response_format_constraint(request: ChatCompletionRequest) -> Optional[dict[str, Any]]:
+    """OpenAI's response_format as structured-outputs fields (None for text); 400 on a bad one."""
+    fmt = request.response_format
+    if fmt is None or fmt.get("type") == "text":
+        return None
+    if request.structured_outputs is not None:
+        raise OpenAIError("give response_format or structured_outputs, not both", 400, param="response_format",
+                          code="invalid_value")
+    if fmt.get("type") == "json_object":
+        return {"json_object": True}
+    if fmt.get("type") == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise OpenAIError('response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}',
+                              400, param="response_format", code="invalid_value")
+        return {"json": schema}
+    raise OpenAIError(f"response_format type {fmt.get('type')!r} is not one of text, json_object, json_schema", 400,
+                      param="response_format", code="invalid_value")

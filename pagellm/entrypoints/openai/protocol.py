@@ -85,10 +85,15 @@ class SamplingFields(RequestModel):
     # vLLM's request priority (lower is served first; needs --scheduling-policy priority). Not a
     # sampling parameter either.
     priority: Int = Field(default=0, ge=-(2**63), lt=2**63)
+    # vLLM's constrained decoding: {"json": schema} | {"json_object": true} | {"regex": ...} |
+    # {"choice": [...]} | {"grammar": ...} | {"structural_tag": ...}, optionally "disable_any_whitespace".
+    structured_outputs: Optional[dict[str, Any]] = None
 
     def to_sampling_params(self, max_tokens: int, logprobs: Optional[int],
-                           prompt_logprobs: Optional[int]) -> SamplingParams:
-        """SamplingParams for one prompt; raises ValueError("SamplingParams.<field>: ...") on bad values."""
+                           prompt_logprobs: Optional[int], constraint: Optional[dict[str, Any]] = None) -> SamplingParams:
+        """SamplingParams for one prompt; raises ValueError("SamplingParams.<field>: ...") on bad values.
+
+        `constraint`: structured outputs derived from another field (chat's response_format)."""
         bias = None
         if self.logit_bias is not None:
             try:
@@ -126,7 +131,19 @@ class SamplingFields(RequestModel):
             allowed_token_ids=self.allowed_token_ids,
             skip_special_tokens=self.skip_special_tokens,
             spaces_between_special_tokens=self.spaces_between_special_tokens,
+            structured_outputs=structured_outputs_params(self.structured_outputs or constraint),
         )
+
+
+def structured_outputs_params(fields: Optional[dict[str, Any]]):
+    if fields is None:
+        return None
+    from pagellm.structured_output.params import StructuredOutputsParams
+
+    try:
+        return StructuredOutputsParams(**fields)
+    except TypeError as exc:  # an unknown key
+        raise ValueError(f"structured_outputs: {exc}".replace("StructuredOutputsParams.__init__() ", "")) from None
 
 
 class PromptTokenUsageInfo(ResponseModel):

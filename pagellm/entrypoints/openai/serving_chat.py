@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from pagellm.entrypoints.chat_utils import render_chat
 from pagellm.entrypoints.openai.chat_output import ChoiceOutputParser
-from pagellm.entrypoints.openai.chat_tools import ToolSetup, tool_message_fields, tool_setup
+from pagellm.entrypoints.openai.chat_tools import ToolSetup, response_format_constraint, tool_message_fields, tool_setup
 from pagellm.entrypoints.openai.errors import OpenAIError
 from pagellm.entrypoints.openai.limits import ServerLimits
 from pagellm.entrypoints.openai.protocol import (
@@ -156,7 +156,8 @@ class OpenAIServingChat(OpenAIServing):
             max_tokens = self.max_tokens_for(len(prompt_ids), request.max_tokens, "max_tokens")
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         self.limits.check_prompt_logprobs([len(prompt_ids)], request.prompt_logprobs, "prompt_logprobs")
-        params = self.build_params(request, max_tokens, logprobs, request.prompt_logprobs)
+        params = self.build_params(request, max_tokens, logprobs, request.prompt_logprobs,
+                                   response_format_constraint(request))
         if tools.parser is not None and tools.parser.needs_special_tokens:
             params = params.clone()
             params.skip_special_tokens = False  # the parser must see its markers ([TOOL_CALLS], <|python_tag|>)
@@ -176,9 +177,6 @@ class OpenAIServingChat(OpenAIServing):
         if request.stream_options is not None and not request.stream:
             raise OpenAIError("stream_options is only allowed with stream=true", 400, param="stream_options",
                               code="invalid_value")
-        if request.response_format is not None and request.response_format.get("type") != "text":
-            raise OpenAIError("only response_format {\"type\": \"text\"} is supported", 400,
-                              param="response_format", code="unsupported_parameter")
         if request.top_logprobs is not None and not request.logprobs:
             raise OpenAIError("top_logprobs needs logprobs=true", 400, param="top_logprobs", code="invalid_value")
 

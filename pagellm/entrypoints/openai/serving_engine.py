@@ -115,10 +115,10 @@ class OpenAIServing:
         return from_value_error(exc, dict(self.param_names), self.prompt_param)
 
     def build_params(self, fields, max_tokens: int, logprobs: Optional[int],
-                     prompt_logprobs: Optional[int]) -> SamplingParams:
+                     prompt_logprobs: Optional[int], constraint: Optional[dict] = None) -> SamplingParams:
         self.limits.check_n(fields.n)
         try:
-            return fields.to_sampling_params(max_tokens, logprobs, prompt_logprobs)
+            return fields.to_sampling_params(max_tokens, logprobs, prompt_logprobs, constraint)
         except ValueError as exc:
             raise self.bad_value(exc) from None
 
