@@ -225,27 +225,34 @@ class Scheduler:
             if new_blocks is None:
                 break
             del self.waiting[index]
-            request.status = RequestStatus.RUNNING
-            request.num_computed_tokens = num_cached_tokens
-            if request.num_cached_tokens < 0:
-                request.num_cached_tokens = num_cached_tokens
-            if request.first_scheduled_time is None:
-                request.first_scheduled_time = time.monotonic()
-                self._first_scheduled[request.request_id] = request.first_scheduled_time
-            self.running.append(request)
+            new_reqs.append(self._start_running(request, num_cached_tokens))
             num_scheduled[request.request_id] = num_new
             budget -= num_new
-            new_reqs.append(NewRequestData(
-                req_id=request.request_id,
-                prompt_token_ids=request.prompt_token_ids,
-                output_token_ids=list(request.output_token_ids),
-                sampling_params=request.sampling_params,
-                eos_token_ids=request.eos_token_ids,
-                block_ids=list(self.kv.get_block_ids(request.request_id)),
-                num_computed_tokens=num_cached_tokens,
-            ))
-            self._known_to_runner.add(request.request_id)
+        return self._step_output(new_reqs, cached_reqs, num_scheduled)
 
+    def _start_running(self, request: Request, num_cached_tokens: int) -> NewRequestData:
+        """Admits a waiting request whose slots are allocated; what the runner needs to know of it."""
+        request.status = RequestStatus.RUNNING
+        request.num_computed_tokens = num_cached_tokens
+        if request.num_cached_tokens < 0:
+            request.num_cached_tokens = num_cached_tokens
+        if request.first_scheduled_time is None:
+            request.first_scheduled_time = time.monotonic()
+            self._first_scheduled[request.request_id] = request.first_scheduled_time
+        self.running.append(request)
+        self._known_to_runner.add(request.request_id)
+        return NewRequestData(
+            req_id=request.request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            output_token_ids=list(request.output_token_ids),
+            sampling_params=request.sampling_params,
+            eos_token_ids=request.eos_token_ids,
+            block_ids=list(self.kv.get_block_ids(request.request_id)),
+            num_computed_tokens=num_cached_tokens,
+        )
+
+    def _step_output(self, new_reqs: list[NewRequestData], cached_reqs: list[CachedRequestData],
+                     num_scheduled: dict[str, int]) -> SchedulerOutput:
         out = SchedulerOutput(
             scheduled_new_reqs=new_reqs,
             scheduled_cached_reqs=cached_reqs,
