@@ -15,6 +15,7 @@ from pagellm.core.scheduler import RequestUpdate, Scheduler, SchedulerStats
 from pagellm.request import Request, RequestStatus
 from pagellm.engine.core_interface import EngineCoreRequest  # noqa: F401 - re-exported
 from pagellm.engine.setup import ModelSetup
+from pagellm.executor import RankFailure
 from pagellm.executor import Executor
 
 if TYPE_CHECKING:
@@ -88,6 +89,8 @@ class EngineCore:
             return []
         try:
             runner_out = self.executor.execute(sched_out)
+        except RankFailure:
+            raise  # a lost rank is the engine's failure, not a request's: the core dies loudly
         except Exception as exc:  # noqa: BLE001 - one request's failure must not end the others
             return self._on_failed_step(sched_out, exc)
         self._consecutive_failed_steps = 0
