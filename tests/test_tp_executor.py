@@ -93,3 +93,14 @@ def test_config_validation():
         EngineConfig(tensor_parallel_size=2, distributed_executor_backend="uni")
     assert EngineConfig(tensor_parallel_size=2).executor_backend() == "mp"
     assert EngineConfig().executor_backend() == "uni"
+
+
+def test_tp4_replicated_kv_heads_match_tp1(gqa_llama):
+    # 2 KV heads on 4 ranks: each KV head is held by two ranks.
+    ref, llm1 = _generate(gqa_llama, 1)
+    del llm1
+    got, llm4 = _generate(gqa_llama, 4)
+    assert got == ref
+    core = llm4.llm_engine.core
+    assert core.num_free_blocks == core.num_blocks
+    core.executor.shutdown()
