@@ -10,13 +10,14 @@ a rank whose parent pipe closes (the parent died) exits, so nothing is left behi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import shutil
 import tempfile
 import traceback
-import weakref
-from typing import Any, Optional
+from multiprocessing import util as mp_util
+from typing import Any, Iterator, Optional
 
 from pagellm.core.scheduler import SchedulerOutput
 from pagellm.executor.base import Executor
@@ -108,6 +109,20 @@ def _stop_ranks(procs: list, conns: list, rendezvous_dir: str) -> None:
     shutil.rmtree(rendezvous_dir, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _allow_children() -> Iterator[None]:
+    """The engine core may run in a daemonic process, which multiprocessing forbids to start
+    children. Its ranks are still ours to stop (the finalizer, pipe EOF, daemon termination at
+    exit), so the flag is lifted for the duration of the start."""
+    config = multiprocessing.current_process()._config  # noqa: SLF001 - no public switch exists
+    daemon = config.get("daemon", False)
+    config["daemon"] = False
+    try:
+        yield
+    finally:
+        config["daemon"] = daemon
+
+
 class MultiprocExecutor(Executor):
     def __init__(self, setup) -> None:
         super().__init__(setup.config)
@@ -116,19 +131,21 @@ class MultiprocExecutor(Executor):
         ctx = multiprocessing.get_context("spawn")
         rendezvous_dir = tempfile.mkdtemp(prefix="pagellm-tp-")
         init_method = f"file://{rendezvous_dir}/rendezvous"
-        # A daemonic parent (an engine-core process) may not have daemonic children.
-        daemon = not multiprocessing.current_process().daemon
         self._procs, self._conns = [], []
-        for rank in range(self.tp_size):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_rank_main, args=(rank, setup, init_method, child),
-                               name=f"pagellm-tp-rank{rank}", daemon=daemon)
-            proc.start()
-            child.close()
-            self._procs.append(proc)
-            self._conns.append(parent)
-        # Runs on shutdown(), on garbage collection, or at interpreter exit, whichever comes first.
-        self._finalizer = weakref.finalize(self, _stop_ranks, self._procs, self._conns, rendezvous_dir)
+        with _allow_children():
+            for rank in range(self.tp_size):
+                parent, child = ctx.Pipe()
+                proc = ctx.Process(target=_rank_main, args=(rank, setup, init_method, child),
+                                   name=f"pagellm-tp-rank{rank}", daemon=True)
+                proc.start()
+                child.close()
+                self._procs.append(proc)
+                self._conns.append(parent)
+        # Runs on shutdown(), on garbage collection, or at exit, whichever comes first; a
+        # multiprocessing Finalize (not weakref.finalize) so that it also runs in a process started by
+        # multiprocessing before that process joins its non-daemonic children.
+        self._finalizer = mp_util.Finalize(self, _stop_ranks, (self._procs, self._conns, rendezvous_dir),
+                                           exitpriority=10)
         try:
             self._gather(range(self.tp_size), timeout=START_TIMEOUT_S)
         except BaseException:
