@@ -16,6 +16,7 @@ import multiprocessing
 import shutil
 import tempfile
 import traceback
+from multiprocessing import connection as mp_connection
 from multiprocessing import util as mp_util
 from typing import Any, Iterator, Optional
 
@@ -84,8 +85,6 @@ def _serve(rank: int, worker, conn) -> None:
             conn.send(("ok", result if reply else None))
         except BaseException:  # noqa: BLE001
             conn.send(("error", f"rank {rank}: {traceback.format_exc()}"))
-            if method != "execute_model":
-                continue
 
 
 def _stop_ranks(procs: list, conns: list, rendezvous_dir: str) -> None:
@@ -165,29 +164,35 @@ class MultiprocExecutor(Executor):
         return self._gather(range(self.tp_size))
 
     def _gather(self, ranks, timeout: Optional[float] = None) -> list[Any]:
-        """Every rank's reply; raises RankFailure when one died or raised (never waits on a dead rank)."""
-        results, errors = [], []
-        for rank in ranks:
-            conn, proc, waited = self._conns[rank], self._procs[rank], 0.0
-            while not conn.poll(POLL_S):
-                waited += POLL_S
-                if not proc.is_alive():
-                    self._fail(f"tensor-parallel rank {rank} (pid {proc.pid}) died with exit code {proc.exitcode}")
-                if errors and waited > 2.0:
-                    break  # a rank already failed: its peers may be stuck in a collective
-                if timeout is not None and waited > timeout:
-                    self._fail(f"tensor-parallel rank {rank} did not answer within {timeout:.0f} s")
-            else:
+        """Every rank's reply; raises RankFailure when one died or raised (never waits on a dead rank).
+
+        All pipes are watched at once: a rank that raised may leave its peers stuck in a collective."""
+        results: dict[int, Any] = {}
+        errors: list[str] = []
+        pending = {self._conns[r]: r for r in ranks}
+        waited = 0.0
+        while pending:
+            for conn in mp_connection.wait(list(pending), timeout=POLL_S):
+                rank = pending.pop(conn)
                 try:
                     status, value = conn.recv()
                 except (EOFError, OSError):
-                    self._fail(f"tensor-parallel rank {rank} (pid {proc.pid}) closed its pipe")
+                    self._fail(f"tensor-parallel rank {rank} (pid {self._procs[rank].pid}) closed its pipe")
                 if status == "error":
                     errors.append(value)
-                results.append(value)
+                results[rank] = value
+            waited += POLL_S
+            for rank in pending.values():
+                proc = self._procs[rank]
+                if not proc.is_alive():
+                    self._fail(f"tensor-parallel rank {rank} (pid {proc.pid}) died with exit code {proc.exitcode}")
+            if errors and waited > 2.0:
+                break  # the peers of a failed rank may never answer
+            if timeout is not None and waited > timeout:
+                self._fail(f"tensor-parallel ranks {sorted(pending.values())} did not answer within {timeout:.0f} s")
         if errors:
             self._fail(errors[0])
-        return results
+        return [results[r] for r in ranks]
 
     def _fail(self, message: str) -> None:
         self._failure = message
