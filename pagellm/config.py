@@ -17,6 +17,7 @@ _ATTENTION_BACKENDS = ("auto", "torch", "triton", "cpu")
 _LOAD_FORMATS = ("auto", "dummy")
 _SCHEDULING_POLICIES = ("fcfs", "priority")
 _QUANTIZATION = ("auto", "none")
+_EXECUTOR_BACKENDS = ("auto", "uni", "mp", "ray")
 
 DEFAULT_KV_CACHE_MEMORY = 1 << 30  # 1 GiB of KV cache on the CPU unless told otherwise
 DEFAULT_MAX_MODEL_LEN_CAP = 8192  # a model claiming 128k context should not get a 128k default on the CPU
@@ -47,6 +48,8 @@ class EngineConfig:
     cpu_weight_prepack: bool = True  # CPU: linear weights in oneDNN's packed layout (faster matmuls)
     cpu_fused_ops: bool = True  # CPU: C++ RMSNorm(+residual) and SiLU-and-mul instead of torch expressions
     quantization: str = "auto"  # auto: GGUF linear weights stay quantized (CPU); none: dequantize at load
+    tensor_parallel_size: int = 1  # ranks each layer's heads / columns are split across
+    distributed_executor_backend: str = "auto"  # auto: uni at tp 1, else mp (one process per rank)
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> None:
@@ -80,6 +83,15 @@ class EngineConfig:
             not isinstance(self.max_num_batched_tokens, int) or self.max_num_batched_tokens < 1
         ):
             bad("max_num_batched_tokens", "must be a positive integer")
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            bad("tensor_parallel_size", "must be a positive integer")
+        if self.distributed_executor_backend not in _EXECUTOR_BACKENDS:
+            bad("distributed_executor_backend", f"must be one of {_EXECUTOR_BACKENDS}")
+        if self.distributed_executor_backend == "ray":
+            bad("distributed_executor_backend", "'ray' is not supported yet (use 'mp' on one machine)")
+        if self.distributed_executor_backend == "uni" and self.tensor_parallel_size > 1:
+            bad("distributed_executor_backend",
+                f"'uni' runs one worker, but tensor_parallel_size is {self.tensor_parallel_size}; use 'mp'")
         if not isinstance(self.seed, int):
             bad("seed", "must be an integer")
         if (
@@ -93,6 +105,12 @@ class EngineConfig:
                 f"must be >= max_model_len ({self.max_model_len}) when chunked prefill is off, "
                 "or a long prompt could never be scheduled",
             )
+
+    def executor_backend(self) -> str:
+        """The executor actually used: 'uni' or 'mp'."""
+        if self.distributed_executor_backend == "auto":
+            return "uni" if self.tensor_parallel_size == 1 else "mp"
+        return self.distributed_executor_backend
 
     @classmethod
     def field_names(cls) -> set[str]:

@@ -16,6 +16,7 @@ from pagellm.request import Request, RequestStatus
 from pagellm.engine.core_grammars import CoreGrammars
 from pagellm.engine.core_interface import EngineCoreRequest  # noqa: F401 - re-exported
 from pagellm.engine.setup import ModelSetup
+from pagellm.executor import RankFailure
 from pagellm.executor import Executor
 
 if TYPE_CHECKING:
@@ -108,6 +109,8 @@ class EngineCore:
         self.grammars.attach_bitmask(sched_out, self.scheduler)
         try:
             runner_out = self.executor.execute(sched_out)
+        except RankFailure:
+            raise  # a lost rank is the engine's failure, not a request's: the core dies loudly
         except Exception as exc:  # noqa: BLE001 - one request's failure must not end the others
             updates = self._on_failed_step(sched_out, exc)
             self.grammars.remove(u.req_id for u in updates)

@@ -51,6 +51,9 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+_SHORT_FLAGS = {"tensor_parallel_size": ("-tp",)}  # vLLM's short forms
+
+
 def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = True) -> None:
     hints = typing.get_type_hints(EngineConfig)
     for f in dataclasses.fields(EngineConfig):
@@ -68,7 +71,8 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Tr
             parser.add_argument(flag, type=_bool, nargs="?", const=True, default=None, help=help_text)
             parser.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", default=None, help=argparse.SUPPRESS)
         else:
-            parser.add_argument(flag, type=base, default=None, help=help_text)
+            flags = [flag, *_SHORT_FLAGS.get(f.name, ())]
+            parser.add_argument(*flags, type=base, default=None, help=help_text)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:

@@ -32,9 +32,19 @@ class Executor(abc.ABC):
     @staticmethod
     def create(setup) -> "Executor":
         """The executor for a resolved `ModelSetup`; the one place a distributed backend would be chosen."""
+        from pagellm.distributed.layout import attention_head_layout
         from pagellm.executor.uniproc import UniprocExecutor
 
-        return UniprocExecutor(setup)
+        config = setup.config
+        if config.executor_backend() == "uni":
+            return UniprocExecutor(setup)
+        from pagellm.executor.multiproc import MultiprocExecutor
+
+        mc = setup.model_config
+        heads = mc.num_attention_heads
+        # Checked before any process starts, so a bad layout fails at once and names the numbers.
+        attention_head_layout(heads, getattr(mc, "num_key_value_heads", None) or heads, config.tensor_parallel_size)
+        return MultiprocExecutor(setup)
 
     @abc.abstractmethod
     def collective_rpc(self, method: str, args: tuple = (), kwargs: Optional[dict] = None) -> list[Any]:
@@ -51,7 +61,10 @@ class Executor(abc.ABC):
 
     def initialize(self) -> int:
         """Sizes, checks and allocates the KV cache on every worker, then warms them up; returns the block count."""
-        num_blocks = min(self.collective_rpc("determine_num_blocks"))
+        per_rank = self.collective_rpc("determine_num_blocks")
+        num_blocks = min(per_rank)
+        if len(per_rank) > 1:
+            logger.info("KV blocks per rank %s -> %d", per_rank, num_blocks)
         check_kv_capacity(num_blocks, self.config.block_size, self.config.max_model_len)
         self.collective_rpc("initialize_kv_cache", (num_blocks,))
         # Each worker holds its shard of the layers or heads, so a token costs the sum over workers.

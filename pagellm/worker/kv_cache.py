@@ -29,6 +29,13 @@ def kv_bytes_per_token(model_config, dtype: torch.dtype) -> int:
     return 2 * model_config.num_hidden_layers * num_kv_heads * head_dim * elem
 
 
+def model_kv_bytes_per_token(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """KV bytes per token of a built model: its Attention layers' own (per-rank) KV heads."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return sum(2 * layer.num_kv_heads * layer.head_dim * elem for layer in model.modules()
+               if isinstance(layer, Attention))
+
+
 def blocks_from_budget(budget: int, bytes_per_block: int) -> int:
     """Blocks in a fixed byte budget (the CPU's `kv_cache_memory`)."""
     num_blocks = budget // bytes_per_block

@@ -40,7 +40,10 @@ class Worker:
         self.model_runner = ModelRunner.load(self.config, self.model_config, weights)
 
     def kv_bytes_per_token(self) -> int:
-        return kv_cache.kv_bytes_per_token(self.model_config, self.dtype)
+        if self.model_runner is None:
+            return kv_cache.kv_bytes_per_token(self.model_config, self.dtype)
+        # From the built layers: with tensor parallelism a rank holds only its KV-head shard.
+        return kv_cache.model_kv_bytes_per_token(self.model_runner.model, self.dtype)
 
     def determine_num_blocks(self) -> int:
         """KV blocks this worker's device can hold: from the CUDA profile, or the CPU budget."""

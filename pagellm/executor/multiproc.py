@@ -1,0 +1,213 @@
+"""Tensor parallelism on one machine: one spawned process per rank, driven over one pipe per rank.
+
+The engine core (scheduler) stays in the calling process, which is not a rank. Each step it sends
+the SchedulerOutput to every rank and reads the ModelRunnerOutput from rank 0 only (logits are
+all-gathered and seeds equal, so every rank samples the same ids); other ranks answer an ack.
+The ranks talk to each other through torch.distributed (gloo on the CPU, NCCL on CUDA).
+A rank that dies or raises makes `execute` raise `RankFailure` within about a poll interval;
+a rank whose parent pipe closes (the parent died) exits, so nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import shutil
+import tempfile
+import traceback
+from multiprocessing import connection as mp_connection
+from multiprocessing import util as mp_util
+from typing import Any, Iterator, Optional
+
+from pagellm.core.scheduler import SchedulerOutput
+from pagellm.executor.base import Executor
+from pagellm.worker.outputs import ModelRunnerOutput
+
+logger = logging.getLogger(__name__)
+
+POLL_S = 0.2  # how often a waiting driver checks that every rank is still alive
+START_TIMEOUT_S = 300.0  # loading a shard: generous, but a hung rank must not hang start-up forever
+
+
+class RankFailure(RuntimeError):
+    """A tensor-parallel rank died or raised; the executor cannot run another step."""
+
+
+def _rank_main(rank: int, setup, init_method: str, conn) -> None:
+    """A rank's process: join the groups, build this rank's shard, then serve calls until EOF."""
+    import torch
+
+    from pagellm.distributed.parallel_state import destroy_parallel, init_parallel, set_parallel_context
+    from pagellm.worker.worker import Worker
+
+    config = setup.config
+    tp = config.tensor_parallel_size
+    backend = "nccl" if config.device == "cuda" else "gloo"
+    try:
+        if config.device == "cuda":
+            torch.cuda.set_device(rank)
+            config = _with_device(config, f"cuda:{rank}")
+        else:
+            # The ranks share the machine's cores; oversubscribing them makes every rank slower.
+            torch.set_num_threads(max(1, torch.get_num_threads() // tp))
+        ctx = init_parallel(tp, rank, tp, backend=backend, init_method=init_method)
+        with set_parallel_context(ctx):  # layers read the context while they are built
+            worker = Worker(config, setup.model_config, rank=rank)
+            worker.load_model(setup.source)
+        conn.send(("ok", None))
+    except BaseException:  # noqa: BLE001 - reported to the driver, which raises it
+        conn.send(("error", traceback.format_exc()))
+        return
+    try:
+        _serve(rank, worker, conn)
+    finally:
+        destroy_parallel()
+
+
+def _with_device(config, device: str):
+    import dataclasses
+
+    return dataclasses.replace(config, device=device)
+
+
+def _serve(rank: int, worker, conn) -> None:
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return  # the driver is gone
+        if msg is None:
+            return
+        method, args, kwargs, reply = msg
+        try:
+            result = getattr(worker, method)(*args, **kwargs)
+            conn.send(("ok", result if reply else None))
+        except BaseException:  # noqa: BLE001
+            conn.send(("error", f"rank {rank}: {traceback.format_exc()}"))
+
+
+def _stop_ranks(procs: list, conns: list, rendezvous_dir: str) -> None:
+    """Asks every rank to exit, then terminates and kills what is left; idempotent."""
+    for conn in conns:
+        try:
+            conn.send(None)
+        except (OSError, ValueError):
+            pass
+    for proc in procs:
+        proc.join(timeout=2.0)
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(timeout=2.0)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=2.0)
+    for conn in conns:
+        conn.close()
+    shutil.rmtree(rendezvous_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _allow_children() -> Iterator[None]:
+    """The engine core may run in a daemonic process, which multiprocessing forbids to start
+    children. Its ranks are still ours to stop (the finalizer, pipe EOF, daemon termination at
+    exit), so the flag is lifted for the duration of the start."""
+    config = multiprocessing.current_process()._config  # noqa: SLF001 - no public switch exists
+    daemon = config.get("daemon", False)
+    config["daemon"] = False
+    try:
+        yield
+    finally:
+        config["daemon"] = daemon
+
+
+class MultiprocExecutor(Executor):
+    def __init__(self, setup) -> None:
+        super().__init__(setup.config)
+        self.tp_size = setup.config.tensor_parallel_size
+        self._failure: Optional[str] = None
+        ctx = multiprocessing.get_context("spawn")
+        rendezvous_dir = tempfile.mkdtemp(prefix="pagellm-tp-")
+        init_method = f"file://{rendezvous_dir}/rendezvous"
+        self._procs, self._conns = [], []
+        with _allow_children():
+            for rank in range(self.tp_size):
+                parent, child = ctx.Pipe()
+                proc = ctx.Process(target=_rank_main, args=(rank, setup, init_method, child),
+                                   name=f"pagellm-tp-rank{rank}", daemon=True)
+                proc.start()
+                child.close()
+                self._procs.append(proc)
+                self._conns.append(parent)
+        # Runs on shutdown(), on garbage collection, or at exit, whichever comes first; a
+        # multiprocessing Finalize (not weakref.finalize) so that it also runs in a process started by
+        # multiprocessing before that process joins its non-daemonic children.
+        self._finalizer = mp_util.Finalize(self, _stop_ranks, (self._procs, self._conns, rendezvous_dir),
+                                           exitpriority=10)
+        try:
+            self._gather(range(self.tp_size), timeout=START_TIMEOUT_S)
+        except BaseException:
+            self._finalizer()
+            raise
+        logger.info("tensor parallel: tp=%d, executor=mp, ranks=%s", self.tp_size,
+                    [p.pid for p in self._procs])
+
+    def _call(self, method: str, args: tuple, kwargs: dict, reply_ranks) -> list[Any]:
+        if self._failure is not None:
+            raise RankFailure(self._failure)
+        for rank, conn in enumerate(self._conns):
+            try:
+                conn.send((method, args, kwargs, rank in reply_ranks))
+            except (OSError, ValueError) as exc:
+                self._fail(f"tensor-parallel rank {rank} is unreachable ({exc})")
+        return self._gather(range(self.tp_size))
+
+    def _gather(self, ranks, timeout: Optional[float] = None) -> list[Any]:
+        """Every rank's reply; raises RankFailure when one died or raised (never waits on a dead rank).
+
+        All pipes are watched at once: a rank that raised may leave its peers stuck in a collective."""
+        results: dict[int, Any] = {}
+        errors: list[str] = []
+        pending = {self._conns[r]: r for r in ranks}
+        waited = 0.0
+        while pending:
+            for conn in mp_connection.wait(list(pending), timeout=POLL_S):
+                rank = pending.pop(conn)
+                try:
+                    status, value = conn.recv()
+                except (EOFError, OSError):
+                    self._fail(f"tensor-parallel rank {rank} (pid {self._procs[rank].pid}) closed its pipe")
+                if status == "error":
+                    errors.append(value)
+                results[rank] = value
+            waited += POLL_S
+            for rank in pending.values():
+                proc = self._procs[rank]
+                if not proc.is_alive():
+                    self._fail(f"tensor-parallel rank {rank} (pid {proc.pid}) died with exit code {proc.exitcode}")
+            if errors and waited > 2.0:
+                break  # the peers of a failed rank may never answer
+            if timeout is not None and waited > timeout:
+                self._fail(f"tensor-parallel ranks {sorted(pending.values())} did not answer within {timeout:.0f} s")
+        if errors:
+            self._fail(errors[0])
+        return [results[r] for r in ranks]
+
+    def _fail(self, message: str) -> None:
+        self._failure = message
+        logger.error("%s", message)
+        raise RankFailure(message)
+
+    def collective_rpc(self, method: str, args: tuple = (), kwargs: Optional[dict] = None) -> list[Any]:
+        return self._call(method, args, kwargs or {}, reply_ranks=range(self.tp_size))
+
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        # Rank 0's output is the step's output; the others only acknowledge.
+        return self._call("execute_model", (sched,), {}, reply_ranks=(0,))[0]
+
+    def rank_pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
+
+    def shutdown(self) -> None:
+        self._finalizer()
