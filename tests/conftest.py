@@ -95,6 +95,23 @@ def greedy_near_ties(pairs, check_near_tie) -> list[tuple]:
     return near_ties
 
 
+def assert_top5_near_ties(ours, theirs, max_near_ties: int = 1) -> list[tuple]:
+    """Greedy parity with the near-tie rule: `ours` are RequestOutputs with logprobs=5, `theirs` the
+    (tokens, per-step logits) of `hf_greedy`; at a divergence each side's token must be in the
+    other's top 5, and at most `max_near_ties` prompts may diverge."""
+    mine = [out.outputs[0].token_ids for out in ours]
+
+    def near_tie(i: int, d: int) -> tuple:
+        our_top5 = set(ours[i].outputs[0].logprobs[d].keys())
+        hf_top5 = set(torch.topk(theirs[i][1][d], 5).indices.tolist())
+        assert theirs[i][0][d] in our_top5 and mine[i][d] in hf_top5, f"prompt {i}: real divergence at step {d}"
+        return i, d
+
+    near_ties = greedy_near_ties(((i, mine[i], theirs[i][0]) for i in range(len(mine))), near_tie)
+    assert len(near_ties) <= max_near_ties, f"too many divergences: {near_ties}"
+    return near_ties
+
+
 def first_divergence(a: list[int], b: list[int]) -> int | None:
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:

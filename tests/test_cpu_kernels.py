@@ -203,9 +203,11 @@ FAST_PATHS_OFF = dict(attention_backend="torch", cpu_weight_prepack=False, cpu_f
 
 
 @pytest.mark.parametrize("switch", ["all", "attention_backend", "cpu_weight_prepack", "cpu_fused_ops"])
-def test_engine_greedy_identical_with_fast_paths_on_and_off(smollm_path, smollm_llm, switch):
+def test_engine_greedy_identical_with_fast_paths_on_and_off(smollm_path, smollm_llm_fp32, switch):
     """Every CPU fast path on (the default engine) vs off: the same greedy tokens on the real model,
-    over a batched prefill and 48 decode steps (the engines differ only in the switch)."""
+    over a batched prefill and 48 decode steps (the engines differ only in the switch). Both run the
+    full-precision weights: prepacking is a path of plain linear weights, not of GGUF blocks."""
+    smollm_llm = smollm_llm_fp32
     from pagellm import LLM, SamplingParams
 
     off = FAST_PATHS_OFF if switch == "all" else {switch: FAST_PATHS_OFF[switch]}
@@ -215,7 +217,7 @@ def test_engine_greedy_identical_with_fast_paths_on_and_off(smollm_path, smollm_
     runner = smollm_llm.llm_engine.core.runner
     assert runner.backend.name == "cpu"  # the shared engine runs with every fast path on
     fast = [o.outputs[0].token_ids for o in smollm_llm.generate(prompts, params, use_tqdm=False)]
-    slow_llm = LLM(smollm_path, max_model_len=2048, kv_cache_memory=128 << 20, quiet=True, **off)
+    slow_llm = LLM(smollm_path, max_model_len=2048, kv_cache_memory=128 << 20, quiet=True, quantization="none", **off)
     slow_runner = slow_llm.llm_engine.core.runner
     assert (slow_runner.backend.name == "torch") == ("attention_backend" in off)
     layers = slow_runner.model.model.layers

@@ -19,7 +19,7 @@ from pagellm.layers.quantization import GGUF_KERNEL_TYPES, GGUFLinearMethod, GGU
 from pagellm.loader import iter_weights, resolve_model
 from pagellm.loader.gguf import read_gguf_header
 from pagellm.ops import gguf_cpu
-from tests.conftest import greedy_near_ties, hf_greedy
+from tests.conftest import assert_top5_near_ties, hf_greedy
 from tests.test_loader import tiny_model_for, write_gguf
 from tests.test_smollm_parity import MAX_NEW, PROMPTS
 
@@ -240,16 +240,7 @@ def test_smollm2_greedy_quantized_matches_hf_dequantized(smollm_llm, hf_smollm):
     ours = smollm_llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_NEW, logprobs=5), use_tqdm=False)
     eos = smollm_llm.llm_engine.processor.eos_token_ids
     theirs = [hf_greedy(hf_model, ids, MAX_NEW, eos_token_id=sorted(eos)) for ids in prompt_ids]
-    mine = [out.outputs[0].token_ids for out in ours]
-
-    def near_tie(i: int, d: int) -> tuple:
-        our_top5 = set(ours[i].outputs[0].logprobs[d].keys())
-        hf_top5 = set(torch.topk(theirs[i][1][d], 5).indices.tolist())
-        assert theirs[i][0][d] in our_top5 and mine[i][d] in hf_top5, f"prompt {i}: real divergence at step {d}"
-        return i, d
-
-    near_ties = greedy_near_ties(((i, mine[i], theirs[i][0]) for i in range(len(mine))), near_tie)
-    assert len(near_ties) <= 1, f"too many divergences: {near_ties}"
+    assert_top5_near_ties(ours, theirs)
 
 
 @pytest.mark.slow

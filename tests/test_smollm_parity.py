@@ -9,10 +9,9 @@ differing step must be a near tie: each side's token in the other's top-5.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from pagellm import SamplingParams
-from tests.conftest import greedy_near_ties, hf_greedy
+from tests.conftest import assert_top5_near_ties, hf_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -48,16 +47,7 @@ def runs(smollm_llm_fp32, hf_smollm):
 
 def test_greedy_tokens_match_hf(runs):
     ours, theirs = runs
-    mine = [out.outputs[0].token_ids for out in ours]
-
-    def near_tie(i: int, d: int) -> tuple:
-        our_top5 = set(ours[i].outputs[0].logprobs[d].keys())
-        hf_top5 = set(torch.topk(theirs[i][1][d], 5).indices.tolist())
-        assert theirs[i][0][d] in our_top5 and mine[i][d] in hf_top5, f"prompt {i}: real divergence at step {d}"
-        return i, d
-
-    near_ties = greedy_near_ties(((i, mine[i], theirs[i][0]) for i in range(len(mine))), near_tie)
-    assert len(near_ties) <= 1, f"too many divergences: {near_ties}"
+    assert_top5_near_ties(ours, theirs)
 
 
 def test_text_and_finish(runs, smollm_llm_fp32):
