@@ -49,7 +49,8 @@ class EngineConfig:
     cpu_fused_ops: bool = True  # CPU: C++ RMSNorm(+residual) and SiLU-and-mul instead of torch expressions
     quantization: str = "auto"  # auto: GGUF linear weights stay quantized (CPU); none: dequantize at load
     tensor_parallel_size: int = 1  # ranks each layer's heads / columns are split across
-    distributed_executor_backend: str = "auto"  # auto: uni at tp 1, else mp (one process per rank)
+    pipeline_parallel_size: int = 1  # stages the layers are split across (each stage tp ranks)
+    distributed_executor_backend: str = "auto"  # auto: uni for one rank, else mp (one process per rank)
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> None:
@@ -83,15 +84,18 @@ class EngineConfig:
             not isinstance(self.max_num_batched_tokens, int) or self.max_num_batched_tokens < 1
         ):
             bad("max_num_batched_tokens", "must be a positive integer")
-        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
-            bad("tensor_parallel_size", "must be a positive integer")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                bad(name, "must be a positive integer")
+        if self.pipeline_parallel_size > 1:
+            bad("pipeline_parallel_size", "pipeline parallelism is not supported yet")
         if self.distributed_executor_backend not in _EXECUTOR_BACKENDS:
             bad("distributed_executor_backend", f"must be one of {_EXECUTOR_BACKENDS}")
         if self.distributed_executor_backend == "ray":
             bad("distributed_executor_backend", "'ray' is not supported yet (use 'mp' on one machine)")
-        if self.distributed_executor_backend == "uni" and self.tensor_parallel_size > 1:
+        if self.distributed_executor_backend == "uni" and self.world_size > 1:
             bad("distributed_executor_backend",
-                f"'uni' runs one worker, but tensor_parallel_size is {self.tensor_parallel_size}; use 'mp'")
+                f"'uni' runs one worker, but the layout has {self.world_size} ranks ({self.layout_summary()}); use 'mp'")
         if not isinstance(self.seed, int):
             bad("seed", "must be an integer")
         if (
@@ -106,10 +110,18 @@ class EngineConfig:
                 "or a long prompt could never be scheduled",
             )
 
+    @property
+    def world_size(self) -> int:
+        """Ranks one engine core drives: tensor x pipeline parallel."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    def layout_summary(self) -> str:
+        return f"tp={self.tensor_parallel_size} x pp={self.pipeline_parallel_size}"
+
     def executor_backend(self) -> str:
         """The executor actually used: 'uni' or 'mp'."""
         if self.distributed_executor_backend == "auto":
-            return "uni" if self.tensor_parallel_size == 1 else "mp"
+            return "uni" if self.world_size == 1 else "mp"
         return self.distributed_executor_backend
 
     @classmethod

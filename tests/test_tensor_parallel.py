@@ -112,6 +112,6 @@ def test_single_process_context_is_the_default_and_needs_no_group():
     assert get_parallel_context() == ParallelContext()
     with pytest.raises(ValueError, match="tp_size 2 needs a tp_group"):
         ParallelContext(tp_rank=0, tp_size=2)
-    with pytest.raises(ValueError, match="world_size 6 is not a multiple of tensor_parallel_size 4"):
+    with pytest.raises(ValueError, match="world_size 6 is not tensor_parallel_size 4 x pipeline_parallel_size 1"):
         init_parallel(6, 0, 4)
     assert not Linear(4, 3, parallel_style=ParallelStyle.ROW).reduces_output

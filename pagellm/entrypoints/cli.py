@@ -51,7 +51,7 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-_SHORT_FLAGS = {"tensor_parallel_size": ("-tp",)}  # vLLM's short forms
+_SHORT_FLAGS = {"tensor_parallel_size": ("-tp",), "pipeline_parallel_size": ("-pp",)}  # vLLM's short forms
 
 
 def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = True) -> None:

@@ -36,25 +36,11 @@ class RankFailure(RuntimeError):
 
 def _rank_main(rank: int, setup, init_method: str, conn) -> None:
     """A rank's process: join the groups, build this rank's shard, then serve calls until EOF."""
-    import torch
+    from pagellm.distributed.parallel_state import destroy_parallel
+    from pagellm.executor.rank_bootstrap import init_rank_worker
 
-    from pagellm.distributed.parallel_state import destroy_parallel, init_parallel, set_parallel_context
-    from pagellm.worker.worker import Worker
-
-    config = setup.config
-    tp = config.tensor_parallel_size
-    backend = "nccl" if config.device == "cuda" else "gloo"
     try:
-        if config.device == "cuda":
-            torch.cuda.set_device(rank)
-            config = _with_device(config, f"cuda:{rank}")
-        else:
-            # The ranks share the machine's cores; oversubscribing them makes every rank slower.
-            torch.set_num_threads(max(1, torch.get_num_threads() // tp))
-        ctx = init_parallel(tp, rank, tp, backend=backend, init_method=init_method)
-        with set_parallel_context(ctx):  # layers read the context while they are built
-            worker = Worker(config, setup.model_config, rank=rank)
-            worker.load_model(setup.source)
+        worker, _ = init_rank_worker(rank, setup, init_method, local_device=rank)
         conn.send(("ok", None))
     except BaseException:  # noqa: BLE001 - reported to the driver, which raises it
         conn.send(("error", traceback.format_exc()))
@@ -63,12 +49,6 @@ def _rank_main(rank: int, setup, init_method: str, conn) -> None:
         _serve(rank, worker, conn)
     finally:
         destroy_parallel()
-
-
-def _with_device(config, device: str):
-    import dataclasses
-
-    return dataclasses.replace(config, device=device)
 
 
 def _serve(rank: int, worker, conn) -> None:
@@ -125,14 +105,14 @@ def _allow_children() -> Iterator[None]:
 class MultiprocExecutor(Executor):
     def __init__(self, setup) -> None:
         super().__init__(setup.config)
-        self.tp_size = setup.config.tensor_parallel_size
+        self.world_size = setup.config.world_size
         self._failure: Optional[str] = None
         ctx = multiprocessing.get_context("spawn")
         rendezvous_dir = tempfile.mkdtemp(prefix="pagellm-tp-")
         init_method = f"file://{rendezvous_dir}/rendezvous"
         self._procs, self._conns = [], []
         with _allow_children():
-            for rank in range(self.tp_size):
+            for rank in range(self.world_size):
                 parent, child = ctx.Pipe()
                 proc = ctx.Process(target=_rank_main, args=(rank, setup, init_method, child),
                                    name=f"pagellm-tp-rank{rank}", daemon=True)
@@ -146,11 +126,11 @@ class MultiprocExecutor(Executor):
         self._finalizer = mp_util.Finalize(self, _stop_ranks, (self._procs, self._conns, rendezvous_dir),
                                            exitpriority=10)
         try:
-            self._gather(range(self.tp_size), timeout=START_TIMEOUT_S)
+            self._gather(range(self.world_size), timeout=START_TIMEOUT_S)
         except BaseException:
             self._finalizer()
             raise
-        logger.info("tensor parallel: tp=%d, executor=mp, ranks=%s", self.tp_size,
+        logger.info("parallel layout: %s, executor=mp, rank pids %s", setup.config.layout_summary(),
                     [p.pid for p in self._procs])
 
     def _call(self, method: str, args: tuple, kwargs: dict, reply_ranks) -> list[Any]:
@@ -161,7 +141,7 @@ class MultiprocExecutor(Executor):
                 conn.send((method, args, kwargs, rank in reply_ranks))
             except (OSError, ValueError) as exc:
                 self._fail(f"tensor-parallel rank {rank} is unreachable ({exc})")
-        return self._gather(range(self.tp_size))
+        return self._gather(range(self.world_size))
 
     def _gather(self, ranks, timeout: Optional[float] = None) -> list[Any]:
         """Every rank's reply; raises RankFailure when one died or raised (never waits on a dead rank).
@@ -200,7 +180,7 @@ class MultiprocExecutor(Executor):
         raise RankFailure(message)
 
     def collective_rpc(self, method: str, args: tuple = (), kwargs: Optional[dict] = None) -> list[Any]:
-        return self._call(method, args, kwargs or {}, reply_ranks=range(self.tp_size))
+        return self._call(method, args, kwargs or {}, reply_ranks=range(self.world_size))
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         # Rank 0's output is the step's output; the others only acknowledge.
