@@ -125,3 +125,17 @@ def test_prefix_shared_reports_hits_and_counts_only_computed_flops(tiny_model, t
         else:
             assert p["prefix_cache_hit_rate"] == 0
     assert tflops["--enable-prefix-caching"] < tflops["--no-enable-prefix-caching"]
+
+
+def test_collectives_dispatch_is_a_real_decode_step_and_the_table_adds_up():
+    from pagellm.benchmarks.collectives import decode_step_output, format_table, measure_dispatch, step_rows
+
+    out = decode_step_output(4)
+    assert not out.scheduled_new_reqs and len(out.num_scheduled_tokens) == 4
+    assert set(out.num_scheduled_tokens.values()) == {1}  # every request decodes one token
+    (size, rtt_us), = measure_dispatch([4], iters=3)
+    assert size > 0 and rtt_us > 0
+    row, = step_rows([4], [(10.0, 5.0)], [(size, rtt_us)], layers=3)
+    assert row["per_step_us"] == pytest.approx(rtt_us + 3 * 2 * 10.0 + 5.0)
+    table = format_table({"tp": 2, "hidden": 8, "vocab": 64, "layers": 3, "rows": [row]})
+    assert f"{row['per_step_us']:.1f}" in table.splitlines()[-1]

@@ -1,4 +1,4 @@
-"""`pagellm bench throughput | latency | serve | soak`.
+"""`pagellm bench throughput | latency | serve | soak | collectives`.
 
 Every run prints its numbers and writes one JSON (config, environment, versions, numbers)
 under `--result-dir`. `throughput` and `latency` take every engine flag of `pagellm generate`.
@@ -309,6 +309,9 @@ def register(sub) -> None:
     _add_result_args(srv)
     srv.set_defaults(func=cmd_serve_bench)
     register_soak(bsub)
+    from pagellm.benchmarks.collectives import register as register_collectives
+
+    register_collectives(bsub, _comma_ints, _add_result_args)
 
 
 # -- soak -------------------------------------------------------------------------------------------
