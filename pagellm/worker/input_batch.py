@@ -115,6 +115,11 @@ class InputBatch:
         state = self.requests[cached.req_id]
         state.block_ids.extend(cached.new_block_ids)
         state.num_computed_tokens = cached.num_computed_tokens
+        if cached.new_token_ids:
+            # Pipeline parallelism: the tokens the last stage sampled (that stage has them already).
+            # Assigned in place: the sampling row reads this list.
+            start = cached.num_output_tokens - len(cached.new_token_ids)
+            state.output_token_ids[start:] = cached.new_token_ids
         self._append_blocks(self.row_of[cached.req_id], cached.new_block_ids)
 
     def remove_request(self, req_id: str) -> None:
@@ -169,7 +174,9 @@ class InputBatch:
         self.num_blocks += [0] * (rows - old_rows)
 
     # -- one step's inputs ----------------------------------------------------------------
-    def prepare(self, sched: SchedulerOutput) -> StepInputs:
+    def prepare(self, sched: SchedulerOutput, build_sampling: bool = True) -> StepInputs:
+        """The step's flat batch; without `build_sampling` (a pipeline stage that does not sample)
+        no sampling tensors are built."""
         req_ids = [c.req_id for c in sched.scheduled_cached_reqs] + [n.req_id for n in sched.scheduled_new_reqs]
         states = [self.requests[r] for r in req_ids]
         query_lens = [sched.num_scheduled_tokens[r] for r in req_ids]
@@ -192,7 +199,7 @@ class InputBatch:
         sample_rows = [i for i, (s, ctx, q) in enumerate(zip(states, context_lens, query_lens))
                        if ctx + q == s.num_tokens]
         logits_indices = meta = None
-        if sample_rows:
+        if sample_rows and build_sampling:
             logits_indices = torch.tensor([md.query_start_loc[i + 1] - 1 for i in sample_rows], device=self.device)
             meta = self.sampling.build([req_ids[i] for i in sample_rows])
         return StepInputs(req_ids, states, query_lens, context_lens, input_t, pos_t, md, sample_rows,

@@ -1,0 +1,170 @@
+"""Pipeline parallelism: stages in spawned processes (gloo) give the single-process greedy tokens.
+
+One LLM per layout; the prompts need more KV blocks than the pool holds (preemption) and are
+longer than the step budget (chunked prefill)."""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import time
+
+import psutil
+import pytest
+import torch
+
+from pagellm import LLM, SamplingParams
+from pagellm.distributed.parallel_state import ParallelContext, set_parallel_context
+from pagellm.distributed.pipeline import MissingLayer, stage_layer_counts, stage_layer_range
+from tests.conftest import make_tiny_llama
+from tests.test_gemma3 import make_tiny_gemma3
+
+PROMPTS = [[5, 17, 3, 99, 42, 7, 250, 11, 1, 8, 64, 33, 2, 19, 200, 77, 4, 6] * 3, [1, 2, 3], [9, 8, 7, 6, 5, 4, 3],
+           [40, 41, 42, 43] * 5]
+MAX_TOKENS = 24
+KW = dict(skip_tokenizer_init=True, max_model_len=128, block_size=16, max_num_batched_tokens=32,
+          enable_chunked_prefill=True, enable_prefix_caching=False, cpu_weight_prepack=False)
+BLOCKS = 10  # the prompts and their new tokens need 12 blocks of 16: the scheduler preempts
+
+
+def _kv_memory(layers_per_rank: int, kv_heads_per_rank: int) -> int:
+    """A per-rank KV budget of BLOCKS blocks on the rank with the most layers (fp32, head_dim 16)."""
+    return BLOCKS * 16 * 2 * layers_per_rank * kv_heads_per_rank * 16 * 4
+
+
+@pytest.fixture(scope="module")
+def llama3(tmp_path_factory) -> str:
+    # 3 layers: the stages get 2 and 1 (an uneven split); tied embeddings, so the last stage holds
+    # its own copy of the embedding for the LM head.
+    return make_tiny_llama(str(tmp_path_factory.mktemp("pp-llama")), seed=7, num_kv_heads=2, heads=4, layers=3)
+
+
+def _generate(llm: LLM) -> list[list[int]]:
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
+                        SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True))
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def _reference(path: str, kv_memory: int) -> list[list[int]]:
+    llm = LLM(path, kv_cache_memory=kv_memory, **KW)
+    assert llm.llm_engine.core.num_blocks == BLOCKS
+    tokens = _generate(llm)
+    del llm
+    gc.collect()
+    return tokens
+
+
+def _children() -> list[psutil.Process]:
+    # multiprocessing's resource tracker (started with the first spawn) lives as long as this process.
+    return [c for c in psutil.Process().children(recursive=True)
+            if c.is_running() and c.status() != "zombie" and "resource_tracker" not in " ".join(c.cmdline())]
+
+
+def _alive(pids: list[int]) -> bool:
+    return any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
+
+
+def _assert_all_blocks_free(llm: LLM) -> None:
+    core = llm.llm_engine.core
+    assert core.num_blocks == BLOCKS
+    assert core.num_free_blocks == core.num_blocks
+    assert core.scheduler.num_preemptions_total > 0, "the test should exercise preemption"
+
+
+def _assert_kill_fails_fast(llm: LLM, rank: int) -> None:
+    executor = llm.llm_engine.core.executor
+    os.kill(executor.rank_pids()[rank], signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(Exception, match="rank"):
+        llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(max_tokens=4, temperature=0.0))
+    assert time.monotonic() - start < 10
+    executor.shutdown()
+    assert not _alive(executor.rank_pids())
+
+
+def test_pp2_matches_single_process_and_leaves_nothing(llama3):
+    ref = _reference(llama3, _kv_memory(3, 2))
+    before = {c.pid for c in _children()}
+    llm = LLM(llama3, pipeline_parallel_size=2, kv_cache_memory=_kv_memory(2, 2), **KW)
+    assert _generate(llm) == ref
+    _assert_all_blocks_free(llm)
+    # Per rank: the stage's layers only (2 and 1), so a token costs what one process's does.
+    core = llm.llm_engine.core
+    assert core.executor.collective_rpc("kv_bytes_per_token") == [2 * 2 * 2 * 16 * 4, 1 * 2 * 2 * 16 * 4]
+    pids = core.executor.rank_pids()
+    assert len(pids) == 2
+    del llm, core
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while _alive(pids):
+        assert time.monotonic() < deadline, "pipeline ranks outlived the LLM"
+        time.sleep(0.1)
+    assert {c.pid for c in _children()} <= before
+
+
+def test_tp2_pp2_matches_single_process_and_a_killed_last_stage_rank_fails_fast(llama3):
+    ref = _reference(llama3, _kv_memory(3, 2))
+    llm = LLM(llama3, tensor_parallel_size=2, pipeline_parallel_size=2, kv_cache_memory=_kv_memory(2, 1), **KW)
+    assert _generate(llm) == ref
+    _assert_all_blocks_free(llm)
+    assert llm.llm_engine.core.executor.output_rank == 2  # tp rank 0 of the last stage
+    _assert_kill_fails_fast(llm, rank=3)
+
+
+def test_gemma3_pp2_matches_single_process_and_a_killed_first_stage_rank_fails_fast(tmp_path):
+    path = make_tiny_gemma3(str(tmp_path / "gemma"), seed=5)
+    ref = _reference(path, _kv_memory(4, 2))
+    llm = LLM(path, pipeline_parallel_size=2, kv_cache_memory=_kv_memory(2, 2), **KW)
+    assert _generate(llm) == ref
+    _assert_all_blocks_free(llm)
+    _assert_kill_fails_fast(llm, rank=0)
+
+
+def test_more_stages_than_layers_fails_at_start_up(llama3):
+    before = {c.pid for c in _children()}
+    with pytest.raises(ValueError, match=r"pipeline_parallel_size \(4\).*num_hidden_layers \(3\)"):
+        LLM(llama3, pipeline_parallel_size=4, kv_cache_memory=_kv_memory(1, 2), **KW)
+    assert {c.pid for c in _children()} <= before  # refused before any rank started
+
+
+def test_stage_layer_split():
+    assert stage_layer_counts(4, 2) == [2, 2]
+    assert stage_layer_counts(3, 2) == [2, 1]  # the remainder goes before the last stage
+    assert stage_layer_counts(7, 3) == [2, 3, 2]
+    assert stage_layer_counts(8, 3) == [3, 3, 2]
+    assert stage_layer_counts(5, 1) == [5]
+    assert [stage_layer_range(10, r, 4) for r in range(4)] == [(0, 2), (2, 5), (5, 8), (8, 10)]
+    for layers in range(1, 12):
+        for pp in range(1, layers + 1):
+            counts = stage_layer_counts(layers, pp)
+            assert sum(counts) == layers and max(counts) - min(counts) <= 1 and min(counts) >= 1
+    with pytest.raises(ValueError, match=r"pipeline_parallel_size \(3\).*num_hidden_layers \(2\)"):
+        stage_layer_counts(2, 3)
+
+
+def test_stage_builds_and_loads_only_its_part(llama3):
+    """The last of two stages: layers 2.. only, the final norm, and a tied LM head holding its own
+    copy of the checkpoint's embedding; no embedding, no KV layers of the first stage."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from pagellm.attention.layer import Attention
+    from pagellm.models.llama import LlamaForCausalLM
+
+    config = AutoConfig.from_pretrained(llama3)
+    tensors = load_file(os.path.join(llama3, "model.safetensors"))
+    assert "lm_head.weight" not in tensors  # tied: only the embedding is stored
+    with set_parallel_context(ParallelContext(pp_rank=1, pp_size=2, pp_group=object(), rank=1, world_size=2)):
+        model = LlamaForCausalLM(config, 128)
+    model.load_weights(tensors.items())
+    assert isinstance(model.model.embed_tokens, MissingLayer)
+    assert [isinstance(layer, MissingLayer) for layer in model.model.layers] == [True, True, False]
+    assert sum(isinstance(m, Attention) for m in model.modules()) == 1
+    assert torch.equal(model.lm_head.weight, tensors["model.embed_tokens.weight"])
+    assert torch.equal(model.model.layers[2].mlp.down_proj.weight, tensors["model.layers.2.mlp.down_proj.weight"])
+    with set_parallel_context(ParallelContext(pp_rank=0, pp_size=2, pp_group=object(), rank=0, world_size=2)):
+        first = LlamaForCausalLM(config, 128)
+    first.load_weights(tensors.items())
+    assert isinstance(first.lm_head, MissingLayer) and isinstance(first.model.norm, MissingLayer)
+    assert [isinstance(layer, MissingLayer) for layer in first.model.layers] == [False, False, True]
