@@ -7,18 +7,24 @@ from __future__ import annotations
 
 import gc
 import os
+import random
 import signal
 import time
+from collections import deque
 
 import psutil
 import pytest
 import torch
 
 from pagellm import LLM, SamplingParams
+from pagellm.core.kv_cache_manager import KVCacheManager
+from pagellm.core.scheduler import Scheduler
 from pagellm.distributed.parallel_state import ParallelContext, set_parallel_context
 from pagellm.distributed.pipeline import MissingLayer, stage_layer_counts, stage_layer_range
 from tests.conftest import make_tiny_llama
+from pagellm.request import Request
 from tests.test_gemma3 import make_tiny_gemma3
+from tests.test_scheduler import EOS, assert_all_freed, next_token, reference
 
 PROMPTS = [[5, 17, 3, 99, 42, 7, 250, 11, 1, 8, 64, 33, 2, 19, 200, 77, 4, 6] * 3, [1, 2, 3], [9, 8, 7, 6, 5, 4, 3],
            [40, 41, 42, 43] * 5]
@@ -87,10 +93,14 @@ def test_pp2_matches_single_process_and_leaves_nothing(llama3):
     ref = _reference(llama3, _kv_memory(3, 2))
     before = {c.pid for c in _children()}
     llm = LLM(llama3, pipeline_parallel_size=2, kv_cache_memory=_kv_memory(2, 2), **KW)
+    core = llm.llm_engine.core
+    depths = []  # batches already in flight when one more is started
+    start_step = core.executor.execute_async
+    core.executor.execute_async = lambda sched: (depths.append(len(core._batch_queue)), start_step(sched))[1]
     assert _generate(llm) == ref
+    assert max(depths) == 1, "two batches should have been in the pipeline at once"
     _assert_all_blocks_free(llm)
     # Per rank: the stage's layers only (2 and 1), so a token costs what one process's does.
-    core = llm.llm_engine.core
     assert core.executor.collective_rpc("kv_bytes_per_token") == [2 * 2 * 2 * 16 * 4, 1 * 2 * 2 * 16 * 4]
     pids = core.executor.rank_pids()
     assert len(pids) == 2
@@ -168,3 +178,60 @@ def test_stage_builds_and_loads_only_its_part(llama3):
     first.load_weights(tensors.items())
     assert isinstance(first.lm_head, MissingLayer) and isinstance(first.model.norm, MissingLayer)
     assert [isinstance(layer, MissingLayer) for layer in first.model.layers] == [False, False, True]
+
+
+def test_scheduler_with_batches_in_flight_matches_the_reference():
+    """The scheduler under a two-deep batch queue (no model): in-flight requests are neither
+    rescheduled nor preempted, a stage that does not sample rebuilds every request's tokens from
+    the SchedulerOutputs alone, and each request's tokens are what it gives alone."""
+    rng = random.Random(3)
+    kv = KVCacheManager(20, 4, enable_prefix_caching=True)
+    sched = Scheduler(kv, max_num_seqs=6, max_num_batched_tokens=16, max_model_len=96, enable_chunked_prefill=True,
+                      pipeline_parallel=True)
+    prompts = {f"r{i}": [rng.randrange(10, 60) for _ in range(rng.randrange(3, 30))] for i in range(8)}
+    params = SamplingParams(max_tokens=12)
+    for rid, prompt in prompts.items():
+        sched.add_request(Request(rid, prompt, params, eos_token_ids={EOS}))
+    stage0: dict[str, tuple[list[int], list[int]]] = {}  # (prompt, outputs) as a non-sampling stage knows them
+    queue: deque = deque()
+    outputs: dict[str, list[int]] = {rid: [] for rid in prompts}
+    finish: dict[str, str] = {}
+    max_depth = 0
+    while sched.has_unfinished_requests() or queue:
+        started = False
+        if len(queue) < 2:
+            out = sched.schedule()
+            in_flight = {rid for queued, _ in queue for rid in queued.num_scheduled_tokens}
+            assert not in_flight & set(out.num_scheduled_tokens), "a request in flight was scheduled again"
+            assert not in_flight & out.preempted_req_ids, "a request in flight was preempted"
+            for rid in out.finished_req_ids | out.preempted_req_ids:
+                stage0.pop(rid, None)
+            for new in out.scheduled_new_reqs:
+                stage0[new.req_id] = (list(new.prompt_token_ids), list(new.output_token_ids))
+            for cached in out.scheduled_cached_reqs:
+                known = stage0[cached.req_id][1]
+                known[cached.num_output_tokens - len(cached.new_token_ids):] = cached.new_token_ids
+            sampled = {}
+            for rid, n in out.num_scheduled_tokens.items():
+                request = sched.requests[rid]
+                prompt, known = stage0[rid]
+                assert prompt + known == request.prompt_token_ids + request.output_token_ids
+                if request.num_computed_tokens + n == request.num_tokens:
+                    sampled[rid] = [next_token(prompt + known)]  # the last stage samples
+            if not out.is_empty or out.finished_req_ids:
+                queue.append((out, sampled))
+                started = not out.is_empty
+            max_depth = max(max_depth, len(queue))
+        if not queue or (started and len(queue) < 2):
+            continue
+        out, sampled = queue.popleft()
+        for update in sched.update_from_output(out, sampled):
+            outputs[update.req_id] += update.new_token_ids
+            if update.finish_reason is not None:
+                finish[update.req_id] = update.finish_reason
+    assert max_depth == 2
+    assert sched.num_preemptions_total > 0
+    for rid, prompt in prompts.items():
+        expected, reason, _ = reference(prompt, params, {EOS}, 96)
+        assert (outputs[rid], finish[rid]) == (expected, reason), rid
+    assert_all_freed(sched)
