@@ -98,6 +98,7 @@ def test_pp2_matches_single_process_and_leaves_nothing(llama3):
     start_step = core.executor.execute_async
     core.executor.execute_async = lambda sched: (depths.append(len(core._batch_queue)), start_step(sched))[1]
     assert _generate(llm) == ref
+    del core.executor.execute_async, start_step  # the wrapper holds the executor
     assert max(depths) == 1, "two batches should have been in the pipeline at once"
     _assert_all_blocks_free(llm)
     # Per rank: the stage's layers only (2 and 1), so a token costs what one process's does.
