@@ -139,6 +139,17 @@ def test_more_stages_than_layers_fails_at_start_up(llama3):
     assert {c.pid for c in _children()} <= before  # refused before any rank started
 
 
+def test_config_accepts_pipeline_parallelism():
+    from pagellm.config import EngineConfig
+
+    config = EngineConfig(tensor_parallel_size=2, pipeline_parallel_size=2)
+    assert config.world_size == 4 and config.executor_backend() == "mp"
+    with pytest.raises(ValueError, match="pipeline_parallel_size"):
+        EngineConfig(pipeline_parallel_size=0)
+    with pytest.raises(ValueError, match="'uni' runs one worker"):
+        EngineConfig(pipeline_parallel_size=2, distributed_executor_backend="uni")
+
+
 def test_stage_layer_split():
     assert stage_layer_counts(4, 2) == [2, 2]
     assert stage_layer_counts(3, 2) == [2, 1]  # the remainder goes before the last stage
@@ -236,3 +247,30 @@ def test_scheduler_with_batches_in_flight_matches_the_reference():
         expected, reason, _ = reference(prompt, params, {EOS}, 96)
         assert (outputs[rid], finish[rid]) == (expected, reason), rid
     assert_all_freed(sched)
+
+
+def test_batch_queue_keeps_tokens_and_isolates_a_failed_step(tiny_llama, monkeypatch):
+    """The core's batch queue over the in-process executor (its futures are done at once, applied
+    later): the same tokens as the synchronous loop, and a failing request still ends alone."""
+    from pagellm.engine.llm_engine import LLMEngine
+    from pagellm.executor.uniproc import UniprocExecutor
+    from tests.test_engine_hardening import POISON, _config, _prompts, _run, poison_runner
+
+    prompts = _prompts(6)
+    small_pool = dict(kv_cache_memory=18 * 16 * 2 * 2 * 2 * 16 * 4, max_num_batched_tokens=64)  # 18 blocks: preempts
+    reference = {rid: c.token_ids for rid, c in _run(LLMEngine(_config(tiny_llama, **small_pool), quiet=True),
+                                                     prompts).items()}
+    monkeypatch.setattr(UniprocExecutor, "max_concurrent_batches", property(lambda self: 2))
+    engine = LLMEngine(_config(tiny_llama, **small_pool), quiet=True)
+    core = engine.core
+    assert core._batch_queue is not None
+    depths = []
+    start_step = core.executor.execute_async
+    core.executor.execute_async = lambda sched: (depths.append(len(core._batch_queue)), start_step(sched))[1]
+    assert {rid: c.token_ids for rid, c in _run(engine, prompts).items()} == reference
+    assert max(depths) == 1 and core.scheduler.num_preemptions_total > 0
+    poison_runner(core.runner)
+    done = _run(engine, prompts + [_prompts(1, seed=9)[0]], ids=[f"b{i}" for i in range(6)] + [POISON])
+    assert done[POISON].finish_reason == "error" and done[POISON].token_ids == []
+    assert [done[f"b{i}"].token_ids for i in range(6)] == [reference[str(i)] for i in range(6)]
+    assert core.num_free_blocks == core.num_blocks and not core.has_unfinished_requests()

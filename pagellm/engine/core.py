@@ -56,7 +56,7 @@ class EngineCore:
             enable_chunked_prefill=config.enable_chunked_prefill,
             policy=config.scheduling_policy,
             is_ready=self.grammars.is_ready,
-            pipeline_parallel=config.pipeline_parallel_size > 1,
+            pipeline_parallel=executor.max_concurrent_batches > 1,
         )
         # Steps in flight (pipeline parallelism only; None: every step is synchronous).
         self._batch_queue_size = executor.max_concurrent_batches
