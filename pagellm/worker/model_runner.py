@@ -55,19 +55,19 @@ class ModelRunner:
         self.block_size = config.block_size
         self.backend: AttentionBackend = select_attention_backend(config.attention_backend, self.device)
         self.attn_builder = self.backend.metadata_builder(config.max_model_len, self.device)
-        self.sampler = Sampler()
-        self.input_batch = InputBatch(config.max_num_seqs, config.max_model_len, self.block_size, self.vocab_size,
-                                      self.device)
-        self.num_blocks = 0  # set by the worker once the KV cache is allocated
-        self.graphs: Optional[DecodeGraphs] = None
-        self.memory_profile: Optional[MemoryProfile] = None
-        self.graph_summary = ""  # one line for the start-up log once graphs are captured
         # The pipeline stage this runner is (None without pipeline parallelism); built in the
-        # rank's parallel context, like the model.
+        # rank's parallel context, like the model. Only the last stage samples.
         ctx = get_parallel_context()
         self.stage: Optional[ParallelContext] = ctx if ctx.pp_size > 1 else None
         self.samples = ctx.is_last_stage
         self.hidden_size = model_config.hidden_size
+        self.sampler = Sampler()
+        self.input_batch = InputBatch(config.max_num_seqs, config.max_model_len, self.block_size, self.vocab_size,
+                                      self.device, samples=self.samples)
+        self.num_blocks = 0  # set by the worker once the KV cache is allocated
+        self.graphs: Optional[DecodeGraphs] = None
+        self.memory_profile: Optional[MemoryProfile] = None
+        self.graph_summary = ""  # one line for the start-up log once graphs are captured
 
     @classmethod
     def load(cls, config: EngineConfig, model_config, weights: Optional[Iterable]) -> "ModelRunner":
@@ -167,7 +167,7 @@ class ModelRunner:
         self.input_batch.update(sched)
         if sched.is_empty:
             return ModelRunnerOutput({})
-        inputs = self.input_batch.prepare(sched, build_sampling=self.samples)
+        inputs = self.input_batch.prepare(sched)
         if self.stage is None:
             hidden = self._forward(inputs.input_ids, inputs.positions, inputs.attn_metadata)
         else:
