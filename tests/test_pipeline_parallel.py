@@ -46,16 +46,22 @@ def llama3(tmp_path_factory) -> str:
     return make_tiny_llama(str(tmp_path_factory.mktemp("pp-llama")), seed=7, num_kv_heads=2, heads=4, layers=3)
 
 
-def _generate(llm: LLM) -> list[list[int]]:
-    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
-                        SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True))
+GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+# Seeds and a penalty: state only the sampling (last) stage's runner holds.
+SEEDED = SamplingParams(max_tokens=8, temperature=1.0, seed=11, repetition_penalty=1.5, ignore_eos=True)
+
+
+def _generate(llm: LLM, params: SamplingParams = GREEDY) -> list[list[int]]:
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
     return [o.outputs[0].token_ids for o in outs]
 
 
-def _reference(path: str, kv_memory: int) -> list[list[int]]:
+def _reference(path: str, kv_memory: int, params: SamplingParams = GREEDY):
     llm = LLM(path, kv_cache_memory=kv_memory, **KW)
     assert llm.llm_engine.core.num_blocks == BLOCKS
-    tokens = _generate(llm)
+    tokens = _generate(llm, params)
+    if params is not GREEDY:
+        tokens = (_generate(llm), tokens)
     del llm
     gc.collect()
     return tokens
@@ -90,7 +96,8 @@ def _assert_kill_fails_fast(llm: LLM, rank: int) -> None:
 
 
 def test_pp2_matches_single_process_and_leaves_nothing(llama3):
-    ref = _reference(llama3, _kv_memory(3, 2))
+    ref, ref_seeded = _reference(llama3, _kv_memory(3, 2), SEEDED)
+    assert ref_seeded != [t[:8] for t in ref]  # the seeded run really samples
     before = {c.pid for c in _children()}
     llm = LLM(llama3, pipeline_parallel_size=2, kv_cache_memory=_kv_memory(2, 2), **KW)
     core = llm.llm_engine.core
@@ -101,6 +108,7 @@ def test_pp2_matches_single_process_and_leaves_nothing(llama3):
     del core.executor.execute_async, start_step  # the wrapper holds the executor
     assert max(depths) == 1, "two batches should have been in the pipeline at once"
     _assert_all_blocks_free(llm)
+    assert _generate(llm, SEEDED) == ref_seeded
     # Per rank: the stage's layers only (2 and 1), so a token costs what one process's does.
     assert core.executor.collective_rpc("kv_bytes_per_token") == [2 * 2 * 2 * 16 * 4, 1 * 2 * 2 * 16 * 4]
     pids = core.executor.rank_pids()
