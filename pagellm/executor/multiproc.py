@@ -181,7 +181,7 @@ class MultiprocExecutor(Executor):
                 continue
             try:
                 oldest.output = self._gather(range(self.world_size))[self.output_rank]
-            except BaseException as exc:  # noqa: BLE001 - RankFailure: every later step fails the same way
+            except RankFailure as exc:  # kept for whoever waits on this step; later ones fail the same way
                 oldest.error = exc
             oldest.done = True
 
