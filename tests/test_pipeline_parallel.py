@@ -131,6 +131,15 @@ def test_tp2_pp2_matches_single_process_and_a_killed_last_stage_rank_fails_fast(
     _assert_kill_fails_fast(llm, rank=3)
 
 
+def test_pp3_a_middle_stage_receives_and_sends(llama3):
+    ref = _reference(llama3, _kv_memory(3, 2))
+    llm = LLM(llama3, pipeline_parallel_size=3, kv_cache_memory=_kv_memory(1, 2), **KW)
+    assert _generate(llm) == ref
+    _assert_all_blocks_free(llm)
+    assert llm.llm_engine.core.executor.output_rank == 2
+    llm.llm_engine.core.executor.shutdown()
+
+
 def test_gemma3_pp2_matches_single_process_and_a_killed_first_stage_rank_fails_fast(tmp_path):
     path = make_tiny_gemma3(str(tmp_path / "gemma"), seed=5)
     ref = _reference(path, _kv_memory(4, 2))
