@@ -291,3 +291,35 @@ def test_batch_queue_keeps_tokens_and_isolates_a_failed_step(tiny_llama, monkeyp
     assert done[POISON].finish_reason == "error" and done[POISON].token_ids == []
     assert [done[f"b{i}"].token_ids for i in range(6)] == [reference[str(i)] for i in range(6)]
     assert core.num_free_blocks == core.num_blocks and not core.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral", "phi3_longrope_short", "mixtral"])
+def test_every_family_loads_its_stages(tmp_path, arch):
+    """Both stages of each Llama-like family load their part of a real checkpoint (every tensor
+    they hold filled, every other stage's tensor skipped), and the two stages together hold every
+    parameter of the single-process model with the checkpoint's values."""
+    from pagellm.loader import iter_weights
+    from pagellm.loader.hf import load_hf_config
+    from pagellm.loader.source import ModelSource
+    from pagellm.models.registry import get_model_class
+    from tests.test_models import make_tiny
+
+    path, _ = make_tiny(str(tmp_path / arch), arch)
+    source = ModelSource(path=path, kind="hf")
+    config = load_hf_config(source)
+    model_cls = get_model_class(config)
+    whole = model_cls(config, 128)
+    whole.load_weights(iter_weights(source, torch.float32, "none"))
+    expected = dict(whole.named_parameters())
+    held: dict[str, torch.Tensor] = {}
+    for rank in range(2):
+        with set_parallel_context(ParallelContext(pp_rank=rank, pp_size=2, pp_group=object(), rank=rank,
+                                                  world_size=2)):
+            stage = model_cls(config, 128)
+        stage.load_weights(iter_weights(source, torch.float32, "none"))
+        held.update(stage.named_parameters())
+    if "lm_head.weight" not in expected:  # tied: one parameter in one process, a copy on the last stage
+        assert torch.equal(held.pop("lm_head.weight"), expected["model.embed_tokens.weight"])
+    assert held.keys() == expected.keys()
+    for name, param in held.items():
+        assert torch.equal(param, expected[name]), name
