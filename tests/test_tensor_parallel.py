@@ -41,7 +41,8 @@ def _assert_model_matches(name: str, reference: dict, ranks: list[dict], kv_head
 def test_layers_and_models_at_tp2_equal_one_process(tmp_path, checkpoints):
     # Phi-3 stores qkv and gate_up fused (cut projection by projection); Mixtral's experts are split.
     names = ["llama", "llama_odd", "qwen3", "gemma3", "phi3_longrope_short", "mixtral"]
-    ranks = run_ranks(tmp_path, 2, [("layers", ())] + [("model", (checkpoints[n],)) for n in names])
+    cases = [("layers", ())] + [("model", (checkpoints[n],)) for n in names]
+    ranks = run_ranks(tmp_path, 2, cases + [("model_ep", (checkpoints["mixtral"],))])
     ref_layers = layers_case()
     for rank, (layers, *_) in enumerate(ranks):
         for key in ("column", "row", "embed", "tied_head", "untied_head"):
@@ -57,6 +58,11 @@ def test_layers_and_models_at_tp2_equal_one_process(tmp_path, checkpoints):
     # KV heads per rank at tp 2: llama_odd has 1 (replicated), the others 2 (split).
     for i, name in enumerate(names):
         _assert_model_matches(name, model_case(checkpoints[name]), [r[1 + i] for r in ranks], kv_heads=1)
+    # Expert parallel: 2 of the 4 tiny Mixtral experts per rank, each whole (gate | up rows: 2 x 96).
+    ep = [r[-1] for r in ranks]
+    _assert_model_matches("mixtral-ep", model_case(checkpoints["mixtral"]), ep, kv_heads=1)
+    assert [r["experts"][:2] for r in ep] == [(0, 2), (2, 2)]
+    assert {r["experts"][2][:2] for r in ep} == {(2, 2 * 96)}
 
 
 def test_models_at_tp4_replicate_kv_heads(tmp_path, checkpoints):
@@ -115,3 +121,36 @@ def test_single_process_context_is_the_default_and_needs_no_group():
     with pytest.raises(ValueError, match="world_size 6 is not tensor_parallel_size 4 x pipeline_parallel_size 1"):
         init_parallel(6, 0, 4)
     assert not Linear(4, 3, parallel_style=ParallelStyle.ROW).reduces_output
+
+
+def _moe_config(**overrides):
+    from transformers import MixtralConfig
+    kwargs = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, num_local_experts=6, num_experts_per_tok=2)
+    return MixtralConfig(**{**kwargs, **overrides})
+
+
+@pytest.mark.parametrize("config,tp,kwargs,message", [
+    (_config(), 3, {}, r"num_attention_heads \(4\) is not divisible by tensor_parallel_size \(3\)"),
+    (_config(intermediate_size=66), 4, {}, r"intermediate_size \(66\) is not divisible by tensor_parallel_size \(4\)"),
+    (_config(), 4, dict(device="cuda", cuda_device_count=2),
+     r"tensor_parallel_size \(4\) is more than the 2 CUDA devices"),
+    (_moe_config(), 4, dict(expert_parallel=True),
+     r"enable_expert_parallel: num_local_experts \(6\) is not divisible by tensor_parallel_size \(4\)"),
+])
+def test_layout_checked_before_any_rank_starts(config, tp, kwargs, message):
+    from pagellm.distributed.startup_checks import check_parallel_layout
+    with pytest.raises(ValueError, match=message):
+        check_parallel_layout(config, tp, **kwargs)
+
+
+def test_expert_parallel_applies_to_moe_models_only(caplog):
+    from pagellm.distributed.startup_checks import check_parallel_layout
+    # 6 experts over 2 ranks; intermediate 51 is not split under expert parallelism, so it need not divide.
+    assert check_parallel_layout(_moe_config(intermediate_size=51), 2, expert_parallel=True)
+    with pytest.raises(ValueError, match=r"intermediate_size \(51\)"):
+        check_parallel_layout(_moe_config(intermediate_size=51), 2)
+    assert check_parallel_layout(_config(vocab_size=61), 4) is False  # the vocabulary is padded: any size
+    with caplog.at_level("WARNING"):
+        assert check_parallel_layout(_config(), 2, expert_parallel=True) is False
+    assert "enable_expert_parallel is ignored" in caplog.text

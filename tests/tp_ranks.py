@@ -3,6 +3,7 @@ import only pagellm and torch. Every case also runs in the test process at tp 1 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -132,4 +133,14 @@ def model_case(path: str) -> dict:
     return {"prefill": prefill, "decode": decode, "kv_heads": attns[0].kv_cache.shape[3]}
 
 
-CASES = {"layers": layers_case, "model": model_case}
+def expert_parallel_model_case(path: str) -> dict:
+    """model_case with whole experts per rank (enable_expert_parallel); also the experts this rank holds."""
+    with set_parallel_context(dataclasses.replace(get_parallel_context(), expert_parallel=True)):
+        out = model_case(path)
+        from pagellm.layers.moe import SparseMoE
+        moe = next(m for m in _build(path).modules() if isinstance(m, SparseMoE))
+    out["experts"] = (moe.expert_range.start, moe.expert_range.size, tuple(moe.w13.shape))
+    return out
+
+
+CASES = {"layers": layers_case, "model": model_case, "model_ep": expert_parallel_model_case}
