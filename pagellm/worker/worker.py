@@ -39,6 +39,16 @@ class Worker:
         weights = None if self.config.load_format == "dummy" else iter_weights(source, self.dtype, self.config.quantization)
         self.model_runner = ModelRunner.load(self.config, self.model_config, weights)
 
+    def weight_bytes(self) -> int:
+        """Bytes of this rank's weights (its shard under tensor parallelism)."""
+        from pagellm.worker.model_loader import model_weight_bytes
+
+        return model_weight_bytes(self.model_runner.model)
+
+    def quantized_linear_count(self) -> int:
+        """Layers whose weight this rank holds as quantized blocks."""
+        return sum(1 for m in self.model_runner.model.modules() if getattr(m, "qweight", None) is not None)
+
     def kv_bytes_per_token(self) -> int:
         if self.model_runner is None:
             return kv_cache.kv_bytes_per_token(self.model_config, self.dtype)
