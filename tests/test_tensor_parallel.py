@@ -154,3 +154,31 @@ def test_expert_parallel_applies_to_moe_models_only(caplog):
     with caplog.at_level("WARNING"):
         assert check_parallel_layout(_config(), 2, expert_parallel=True) is False
     assert "enable_expert_parallel is ignored" in caplog.text
+
+
+def test_gguf_blocks_split_on_block_boundaries_else_dequantize(caplog):
+    import gguf
+    import numpy as np
+
+    from pagellm.layers.quantization.gguf import GGUFQuantizedTensor
+    from pagellm.ops.gguf_cpu import load_gguf_ops
+    assert load_gguf_ops(), "the GGUF CPU kernels did not build"
+    weight = torch.randn(6, 128, generator=torch.Generator().manual_seed(20)).numpy().astype(np.float32)
+    qtype = gguf.GGMLQuantizationType.Q8_0
+    blocks = torch.from_numpy(gguf.quants.quantize(weight, qtype).copy())
+    tensor = GGUFQuantizedTensor(blocks, qtype, torch.Size((6, 128)))
+    full = tensor.dequantize()
+    rows = tensor.narrow(0, 2, 3)  # column-parallel: whole ggml rows
+    assert isinstance(rows, GGUFQuantizedTensor) and torch.equal(rows.dequantize(), full[2:5])
+    cols = tensor.narrow(1, 64, 64)  # row-parallel at tp 2: two 32-value blocks per row
+    assert isinstance(cols, GGUFQuantizedTensor) and torch.equal(cols.dequantize(), full[:, 64:])
+    with caplog.at_level("WARNING"):
+        odd = tensor.narrow(1, 48, 40)  # not on a block boundary: dequantized, then cut
+    assert not isinstance(odd, GGUFQuantizedTensor) and torch.equal(odd, full[:, 48:88])
+    assert "do not fall on 32-value block boundaries" in caplog.text
+    # A row-parallel layer on rank 1 of 2 keeps its columns quantized and computes what the dense part does.
+    row = Linear(128, 6, parallel_style=ParallelStyle.ROW, parallel=_fake_rank(1, 2))
+    row.load("weight", tensor)
+    assert row.qweight is not None and row.qweight.shape == cols.data.shape
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(21))
+    torch.testing.assert_close(row.method.apply(row, x), x @ full[:, 64:].T, atol=1e-4, rtol=1e-4)
