@@ -58,11 +58,17 @@ def test_layers_and_models_at_tp2_equal_one_process(tmp_path, checkpoints):
     # KV heads per rank at tp 2: llama_odd has 1 (replicated), the others 2 (split).
     for i, name in enumerate(names):
         _assert_model_matches(name, model_case(checkpoints[name]), [r[1 + i] for r in ranks], kv_heads=1)
+    # Each rank holds (and read from the checkpoint) about half the weights; replicated: norms, the router.
+    fulls = {name: model_case(checkpoints[name])["weight_bytes"] for name in names}
+    for i, name in enumerate(names):
+        for r in ranks:
+            assert fulls[name] / 2 <= r[1 + i]["weight_bytes"] <= 0.55 * fulls[name], (name, r[1 + i]["weight_bytes"])
     # Expert parallel: 2 of the 4 tiny Mixtral experts per rank, each whole (gate | up rows: 2 x 96).
     ep = [r[-1] for r in ranks]
     _assert_model_matches("mixtral-ep", model_case(checkpoints["mixtral"]), ep, kv_heads=1)
     assert [r["experts"][:2] for r in ep] == [(0, 2), (2, 2)]
     assert {r["experts"][2][:2] for r in ep} == {(2, 2 * 96)}
+    assert all(r["weight_bytes"] <= 0.55 * fulls["mixtral"] for r in ep)
 
 
 def test_models_at_tp4_replicate_kv_heads(tmp_path, checkpoints):
@@ -182,3 +188,20 @@ def test_gguf_blocks_split_on_block_boundaries_else_dequantize(caplog):
     assert row.qweight is not None and row.qweight.shape == cols.data.shape
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(21))
     torch.testing.assert_close(row.method.apply(row, x), x @ full[:, 64:].T, atol=1e-4, rtol=1e-4)
+
+
+def test_lazy_safetensors_reads_only_the_rank_part(tmp_path):
+    from safetensors.torch import save_file
+
+    from pagellm.loader.hf import iter_safetensors_weights
+    from pagellm.loader.lazy import LazyTensor
+    full = torch.arange(60, dtype=torch.float64).reshape(6, 10)
+    save_file({"w": full}, str(tmp_path / "model.safetensors"))
+    (name, lazy), = iter_safetensors_weights(str(tmp_path), torch.float32, lazy=True)
+    assert isinstance(lazy, LazyTensor) and lazy.shape == (6, 10) and lazy.dim() == 2
+    assert torch.equal(lazy.narrow(1, 5, 5), full[:, 5:].float()) and lazy.narrow(0, 2, 2).dtype == torch.float32
+    row = Linear(10, 6, parallel_style=ParallelStyle.ROW, parallel=_fake_rank(1, 2))
+    column = Linear(10, 6, parallel_style=ParallelStyle.COLUMN, parallel=_fake_rank(1, 2))
+    row.load("weight", lazy)
+    column.load("weight", lazy)
+    assert torch.equal(row.weight, full[:, 5:].float()) and torch.equal(column.weight, full[3:].float())

@@ -61,7 +61,7 @@ class VocabParallel:
             if data.shape[0] < self.rows:
                 data = torch.cat([data, data.new_zeros(self.rows - data.shape[0], data.shape[1])])
             return GGUFQuantizedTensor(data.clone(), tensor.ggml_type, torch.Size((self.rows, tensor.shape[1])))
-        part = tensor[self.start:end]
+        part = tensor.narrow(0, self.start, max(0, end - self.start))  # a LazyTensor reads only these rows
         if part.shape[0] < self.rows:
             part = torch.cat([part, part.new_zeros(self.rows - part.shape[0], *part.shape[1:])])
         return part

@@ -30,7 +30,7 @@ from pagellm.layers.linear_method import (  # noqa: F401  (re-exported: callers 
     pack_weight_for_cpu,
     packed_linear,
 )
-from pagellm.layers.utils import call_on_layers
+from pagellm.layers.utils import call_on_layers, materialize
 
 
 class ParallelStyle(enum.Enum):
@@ -91,7 +91,7 @@ class Linear(nn.Module):
         return _narrow(tensor, 0, self.tp_range, name, self.out_features)
 
     def load(self, name: str, tensor: torch.Tensor) -> None:
-        tensor = self._method_for(self.checkpoint_shard(name, tensor))
+        tensor = self._method_for(materialize(self.checkpoint_shard(name, tensor)))
         self.method.load(self, name, tensor)
 
     def _method_for(self, tensor):
@@ -168,13 +168,14 @@ class MergedLinear(Linear):
         fulls = [full for full, _ in self.shard_parts.values()]
         if hasattr(tensor, "dequantize"):  # a fused quantized tensor: cut its dequantized rows
             tensor = tensor.dequantize()
+        tensor = materialize(tensor)
         if tensor.shape[0] != sum(fulls):
             raise ValueError(f"checkpoint {name} has {tensor.shape[0]} rows, expected {sum(fulls)} ({fulls})")
         pieces = tensor.split(fulls, dim=0)
         return torch.cat([p.narrow(0, part.start, part.size) for p, (_, part) in zip(pieces, self.shard_parts.values())])
 
     def load_shard(self, shard: str, name: str, tensor: torch.Tensor) -> None:
-        tensor = self._method_for(self.checkpoint_shard(name, tensor, shard))
+        tensor = self._method_for(materialize(self.checkpoint_shard(name, tensor, shard)))
         if name == "weight":
             self.loaded_shards.add(shard)
         self.method.load(self, name, tensor, shard)

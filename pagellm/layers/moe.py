@@ -22,6 +22,7 @@ from pagellm.distributed.layout import ShardRange, expert_range, shard_range
 from pagellm.distributed.parallel_state import ParallelContext, get_parallel_context
 from pagellm.layers.activation import SiluAndMul
 from pagellm.layers.linear import Linear
+from pagellm.layers.utils import materialize
 
 # checkpoint expert projection -> (our stacked parameter, row slice: 0 = gate / down, 1 = up)
 _EXPERT_PROJS = {"w1": ("w13", 0), "w3": ("w13", 1), "w2": ("w2", 0)}
@@ -123,7 +124,7 @@ class SparseMoE(nn.Module):
     def _checkpoint_shard(self, expert: int, proj: str, tensor: torch.Tensor) -> torch.Tensor:
         """This rank's slice of the intermediate dim: rows of w1/w3, columns of w2."""
         if self.inter_range.size == self.full_intermediate_size:
-            return tensor
+            return materialize(tensor)
         dim = 1 if proj == "w2" else 0
         if tensor.dim() != 2 or tensor.shape[dim] != self.full_intermediate_size:
             raise ValueError(f"expert {expert} {proj} has shape {tuple(tensor.shape)}; expected "

@@ -15,6 +15,7 @@ import torch
 
 from pagellm.config import EngineConfig
 from pagellm.core.scheduler import SchedulerOutput
+from pagellm.distributed.parallel_state import get_parallel_context
 from pagellm.loader import ModelSource, iter_weights
 from pagellm.worker import kv_cache
 from pagellm.worker.model_loader import DTYPES
@@ -36,7 +37,10 @@ class Worker:
 
     def load_model(self, source: Optional[ModelSource]) -> None:
         # Dummy weights are random: no checkpoint is read.
-        weights = None if self.config.load_format == "dummy" else iter_weights(source, self.dtype, self.config.quantization)
+        # A tensor-parallel rank reads only its part of each safetensors tensor.
+        lazy = get_parallel_context().tp_size > 1
+        weights = None if self.config.load_format == "dummy" else iter_weights(source, self.dtype,
+                                                                                self.config.quantization, lazy=lazy)
         self.model_runner = ModelRunner.load(self.config, self.model_config, weights)
 
     def weight_bytes(self) -> int:
