@@ -34,11 +34,12 @@ class Worker:
         self.dtype = DTYPES[config.dtype]
         self.model_runner: Optional[ModelRunner] = None
         self.kv_caches: list[torch.Tensor] = []
+        self.parallel = get_parallel_context()  # the rank's context (it is built inside it)
 
     def load_model(self, source: Optional[ModelSource]) -> None:
         # Dummy weights are random: no checkpoint is read.
         # A tensor-parallel rank reads only its part of each safetensors tensor.
-        lazy = get_parallel_context().tp_size > 1
+        lazy = self.parallel.tp_size > 1
         weights = None if self.config.load_format == "dummy" else iter_weights(source, self.dtype,
                                                                                 self.config.quantization, lazy=lazy)
         self.model_runner = ModelRunner.load(self.config, self.model_config, weights)
@@ -48,6 +49,11 @@ class Worker:
         from pagellm.worker.model_loader import model_weight_bytes
 
         return model_weight_bytes(self.model_runner.model)
+
+    def parallel_layout(self) -> dict:
+        """This rank's place in the layout (for logs and tests)."""
+        ctx = self.parallel
+        return {"tp_rank": ctx.tp_rank, "tp_size": ctx.tp_size, "expert_parallel": ctx.expert_parallel}
 
     def quantized_linear_count(self) -> int:
         """Layers whose weight this rank holds as quantized blocks."""
