@@ -88,8 +88,6 @@ class EngineConfig:
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, "must be a positive integer")
-        if self.pipeline_parallel_size > 1:
-            bad("pipeline_parallel_size", "pipeline parallelism is not supported yet")
         if self.distributed_executor_backend not in _EXECUTOR_BACKENDS:
             bad("distributed_executor_backend", f"must be one of {_EXECUTOR_BACKENDS}")
         if self.distributed_executor_backend == "ray":

@@ -140,7 +140,7 @@ def _moe_config(**overrides):
     (_config(), 3, {}, r"num_attention_heads \(4\) is not divisible by tensor_parallel_size \(3\)"),
     (_config(intermediate_size=66), 4, {}, r"intermediate_size \(66\) is not divisible by tensor_parallel_size \(4\)"),
     (_config(), 4, dict(device="cuda", cuda_device_count=2),
-     r"tensor_parallel_size \(4\) is more than the 2 CUDA devices"),
+     r"tensor_parallel_size \(4\) x pipeline_parallel_size \(1\) = 4 ranks is more than the 2 CUDA devices"),
     (_moe_config(), 4, dict(expert_parallel=True),
      r"enable_expert_parallel: num_local_experts \(6\) is not divisible by tensor_parallel_size \(4\)"),
 ])

@@ -11,6 +11,12 @@ Under the "priority" policy both queues are ordered by (priority, arrival time) 
 lower priority values run first, and the preemption victim is the running request with
 the largest key.
 
+With pipeline parallelism (`pipeline_parallel=True`) the engine schedules the next batch while
+earlier ones are still in the pipeline, so a step's output is applied after later steps were
+scheduled. A request in an in-flight batch is then neither scheduled again nor preempted until
+its output is applied, and cached requests carry the tokens sampled since they were last
+scheduled (only the last stage samples; the other stages' runners learn the tokens this way).
+
 A step that fails (`isolate_failed_step`) must not take every request down with it: each
 request of that batch is preempted and marked a suspect, and suspects then run one per step,
 alone, until each has sampled a token. A suspect that fails alone (or, per failed batch, one
@@ -50,6 +56,10 @@ class CachedRequestData:
     req_id: str
     new_block_ids: list[int]
     num_computed_tokens: int
+    # Pipeline parallelism only: output tokens sampled since the request was last scheduled, the
+    # last of which is output token num_output_tokens - 1.
+    new_token_ids: list[int] = field(default_factory=list)
+    num_output_tokens: int = 0
 
 
 @dataclass
@@ -115,6 +125,7 @@ class Scheduler:
         enable_chunked_prefill: bool = True,
         policy: str = "fcfs",
         is_ready: Optional[Callable[[Request], bool]] = None,
+        pipeline_parallel: bool = False,
     ) -> None:
         if policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling policy must be one of {SCHEDULING_POLICIES}, got {policy!r}")
@@ -143,6 +154,11 @@ class Scheduler:
         self._suspects: list[Request] = []
         # request id -> time.monotonic() of its first scheduling, until the engine takes them (queue-time metrics).
         self._first_scheduled: dict[str, float] = {}
+        # Pipeline parallelism: requests in batches whose output is not applied yet, and per
+        # request the output tokens its runners were sent.
+        self.pipeline_parallel = pipeline_parallel
+        self._in_flight: set[str] = set()
+        self._outputs_sent: dict[str, int] = {}
 
     # -- intake -------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -186,6 +202,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
+            if self._in_flight and request.request_id in self._in_flight:
+                i += 1  # its previous step is still in the pipeline
+                continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if num_new <= 0:  # nothing to compute (can't normally happen); keep it running
                 i += 1
@@ -194,7 +213,7 @@ class Scheduler:
                 new_blocks = self.kv.allocate_slots(request, num_new)
                 if new_blocks is not None:
                     break
-                victim = self.running.pop()
+                victim = self._pop_preemption_victim()
                 self._preempt(victim)
                 preempted_now = True
                 if victim is request:
@@ -203,7 +222,12 @@ class Scheduler:
                 break  # the request preempted itself; everything after it is gone too
             num_scheduled[request.request_id] = num_new
             budget -= num_new
-            cached_reqs.append(CachedRequestData(request.request_id, new_blocks, request.num_computed_tokens))
+            cached = CachedRequestData(request.request_id, new_blocks, request.num_computed_tokens)
+            if self.pipeline_parallel:
+                sent, outputs = self._outputs_sent[request.request_id], request.output_token_ids
+                cached.new_token_ids, cached.num_output_tokens = list(outputs[sent:]), len(outputs)
+                self._outputs_sent[request.request_id] = len(outputs)
+            cached_reqs.append(cached)
             i += 1
 
         # 2) Waiting requests, first come first served. Not after a preemption: the pool is full.
@@ -241,6 +265,8 @@ class Scheduler:
             self._first_scheduled[request.request_id] = request.first_scheduled_time
         self.running.append(request)
         self._known_to_runner.add(request.request_id)
+        if self.pipeline_parallel:
+            self._outputs_sent[request.request_id] = len(request.output_token_ids)
         return NewRequestData(
             req_id=request.request_id,
             prompt_token_ids=request.prompt_token_ids,
@@ -263,7 +289,23 @@ class Scheduler:
         )
         self._finished_since_last_step = set()
         self._preempted_since_last_step = set()
+        if self.pipeline_parallel:
+            self._in_flight.update(num_scheduled)
         return out
+
+    def _pop_preemption_victim(self) -> Request:
+        """The newest running request not in flight (the one being scheduled at worst)."""
+        if not self._in_flight:
+            return self.running.pop()
+        for j in range(len(self.running) - 1, -1, -1):
+            if self.running[j].request_id not in self._in_flight:
+                return self.running.pop(j)
+        raise AssertionError("every running request is in flight, including the one being scheduled")
+
+    @property
+    def has_suspects(self) -> bool:
+        """Requests of a failed step wait to be run alone (the pipeline must be empty for that)."""
+        return bool(self._suspects)
 
     def _next_ready(self) -> Optional[int]:
         """The first waiting request that may be admitted: others pass one still compiling its grammar."""
@@ -296,6 +338,8 @@ class Scheduler:
         updates: list[RequestUpdate] = []
         logprobs = logprobs or {}
         prompt_logprobs = prompt_logprobs or {}
+        if self._in_flight:
+            self._in_flight.difference_update(sched_out.num_scheduled_tokens)
         for req_id, num_tokens in sched_out.num_scheduled_tokens.items():
             request = self.requests.get(req_id)
             if request is None or request.status != RequestStatus.RUNNING:
@@ -369,6 +413,7 @@ class Scheduler:
             self.running.remove(request)
         self.kv.free(request)
         self._num_prompt_logprobs_sent.pop(request.request_id, None)
+        self._outputs_sent.pop(request.request_id, None)
         del self.requests[request.request_id]
         if request.request_id in self._known_to_runner:
             self._known_to_runner.discard(request.request_id)
@@ -384,6 +429,7 @@ class Scheduler:
         in its second failed step; the others are preempted as suspects, to be run one at a
         time. Returns the error updates.
         """
+        self._in_flight.difference_update(sched_out.num_scheduled_tokens)
         batch = [self.requests[r] for r in sched_out.num_scheduled_tokens
                  if r in self.requests and self.requests[r].status == RequestStatus.RUNNING]
         for request in batch:

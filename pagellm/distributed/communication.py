@@ -1,5 +1,9 @@
 """The collectives layers use, all in one place (the CUDA path — NCCL, a custom all-reduce,
-graph capture — changes only this file). Each is a no-op at tp_size 1."""
+graph capture — changes only this file). Each tensor-parallel one is a no-op at tp_size 1.
+
+Pipeline parallelism sends a stage's outputs (hidden states, residual) point to point to the
+same tp rank of the next stage, over the pp group; the receiver knows the shapes beforehand
+(tokens in the step x hidden size), so only the data travels."""
 
 from __future__ import annotations
 
@@ -43,3 +47,32 @@ def broadcast_object(obj: Any, src: int = 0, ctx: Optional[ParallelContext] = No
     box = [obj if ctx.tp_rank == src else None]
     dist.broadcast_object_list(box, src=dist.get_global_rank(ctx.tp_group, src), group=ctx.tp_group)
     return box[0]
+
+
+def _stage_peer(ctx: ParallelContext, pp_rank: int) -> int:
+    """The global rank of this tp rank's peer on stage `pp_rank`."""
+    return dist.get_global_rank(ctx.pp_group, pp_rank)
+
+
+def pp_send_tensors(tensors: dict[str, torch.Tensor], ctx: Optional[ParallelContext] = None) -> None:
+    """Sends `tensors` (in key order) to the next pipeline stage; blocks until they are handed over."""
+    ctx = _ctx(ctx)
+    if ctx.is_last_stage:
+        raise ValueError(f"pipeline stage {ctx.pp_rank} of {ctx.pp_size} is the last; it has no next stage")
+    dst = _stage_peer(ctx, ctx.pp_rank + 1)
+    for name in sorted(tensors):
+        dist.send(tensors[name].contiguous(), dst=dst, group=ctx.pp_group)
+
+
+def pp_recv_tensors(names: tuple[str, ...], shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                    ctx: Optional[ParallelContext] = None) -> dict[str, torch.Tensor]:
+    """Receives from the previous pipeline stage the tensors `pp_send_tensors` sent there, each of `shape`."""
+    ctx = _ctx(ctx)
+    if ctx.is_first_stage:
+        raise ValueError("the first pipeline stage has no previous stage to receive from")
+    src = _stage_peer(ctx, ctx.pp_rank - 1)
+    out: dict[str, torch.Tensor] = {}
+    for name in sorted(names):
+        out[name] = torch.empty(shape, dtype=dtype, device=device)
+        dist.recv(out[name], src=src, group=ctx.pp_group)
+    return out

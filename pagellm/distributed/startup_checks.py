@@ -11,12 +11,14 @@ logger = logging.getLogger(__name__)
 
 
 def check_parallel_layout(model_config, tp_size: int, expert_parallel: bool = False, device: str = "cpu",
-                          cuda_device_count: int = 0) -> bool:
+                          cuda_device_count: int = 0, pipeline_parallel_size: int = 1) -> bool:
     """Raises ValueError naming the field and the numbers; returns whether expert parallelism applies
     (False, with a warning, for a dense model: the flag is ignored there, as in vLLM)."""
-    if device.startswith("cuda") and tp_size > cuda_device_count:
-        raise ValueError(f"tensor_parallel_size ({tp_size}) is more than the {cuda_device_count} CUDA devices "
-                         f"this machine has (one device per rank)")
+    ranks = tp_size * pipeline_parallel_size
+    if device.startswith("cuda") and ranks > cuda_device_count:
+        raise ValueError(f"tensor_parallel_size ({tp_size}) x pipeline_parallel_size ({pipeline_parallel_size}) "
+                         f"= {ranks} ranks is more than the {cuda_device_count} CUDA devices this machine has "
+                         f"(one device per rank)")
     heads = model_config.num_attention_heads
     attention_head_layout(heads, getattr(model_config, "num_key_value_heads", None) or heads, tp_size)
     num_experts = getattr(model_config, "num_local_experts", None)

@@ -2,16 +2,21 @@
 
 Everything here works on token ids; text lives one level up. This is the part that
 runs in its own process under the async server.
+
+With pipeline parallelism the core keeps a batch queue (`_step_with_batch_queue`): up to one
+batch per stage in flight, the next batch scheduled while earlier ones run; a step returns the
+updates of the oldest batch once it is done. With one stage `step` is the plain synchronous loop.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
 from pagellm.config import EngineConfig
 from pagellm.core.kv_cache_manager import KVCacheManager
-from pagellm.core.scheduler import RequestUpdate, Scheduler, SchedulerStats
+from pagellm.core.scheduler import RequestUpdate, Scheduler, SchedulerOutput, SchedulerStats
 from pagellm.request import Request, RequestStatus
 from pagellm.engine.core_grammars import CoreGrammars
 from pagellm.engine.core_interface import EngineCoreRequest  # noqa: F401 - re-exported
@@ -20,7 +25,9 @@ from pagellm.executor import RankFailure
 from pagellm.executor import Executor
 
 if TYPE_CHECKING:
+    from pagellm.executor.base import StepFuture
     from pagellm.worker.model_runner import ModelRunner
+    from pagellm.worker.outputs import ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +56,12 @@ class EngineCore:
             enable_chunked_prefill=config.enable_chunked_prefill,
             policy=config.scheduling_policy,
             is_ready=self.grammars.is_ready,
+            pipeline_parallel=executor.max_concurrent_batches > 1,
         )
+        # Steps in flight (pipeline parallelism only; None: every step is synchronous).
+        self._batch_queue_size = executor.max_concurrent_batches
+        self._batch_queue: Optional[deque[tuple[SchedulerOutput, StepFuture]]] = \
+            deque() if self._batch_queue_size > 1 else None
         self.capacity_tokens = num_blocks * config.block_size
         # Kept so a core running in its own process can hand the line to the front end to print.
         self.kv_cache_summary = executor.kv_cache_summary
@@ -97,9 +109,11 @@ class EngineCore:
         self.grammars.remove([request_id])
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or bool(self._batch_queue)
 
     def step(self) -> list[RequestUpdate]:
+        if self._batch_queue is not None:
+            return self._step_with_batch_queue()
         failed = self.grammars.finish_failed(self.scheduler)
         sched_out = self.scheduler.schedule()
         if sched_out.is_empty:
@@ -107,21 +121,52 @@ class EngineCore:
             self.executor.execute(sched_out)
             return failed
         self.grammars.attach_bitmask(sched_out, self.scheduler)
+        return failed + self._run_step(sched_out, self.executor.execute)
+
+    def _step_with_batch_queue(self) -> list[RequestUpdate]:
+        """Pipeline parallelism: starts a new batch while there is room and something to run;
+        otherwise (or with the queue full) waits for the oldest batch and applies its output.
+
+        The scheduler skips requests in flight, so the queued batches are disjoint and each
+        request's steps still run one after the other. Suspects of a failed step run alone, so
+        the queue drains before they are scheduled."""
+        failed = self.grammars.finish_failed(self.scheduler)
+        queue = self._batch_queue
+        started = False
+        if len(queue) < self._batch_queue_size and not (self.scheduler.has_suspects and queue):
+            sched_out = self.scheduler.schedule()
+            if not sched_out.is_empty:
+                self.grammars.attach_bitmask(sched_out, self.scheduler)
+                started = True
+            if started or sched_out.finished_req_ids or sched_out.preempted_req_ids:
+                # An empty one still lets the runners drop state of finished requests, in step order.
+                queue.append((sched_out, self.executor.execute_async(sched_out)))
+        if not queue or (started and len(queue) < self._batch_queue_size):
+            return failed
+        sched_out, future = queue.popleft()
+        if sched_out.is_empty:
+            future.result()
+            return failed
+        return failed + self._run_step(sched_out, lambda _: future.result())
+
+    def _run_step(self, sched_out: SchedulerOutput,
+                  run: Callable[[SchedulerOutput], ModelRunnerOutput]) -> list[RequestUpdate]:
+        """Runs (or waits for) one non-empty step and applies its output to the scheduler."""
         try:
-            runner_out = self.executor.execute(sched_out)
+            runner_out = run(sched_out)
         except RankFailure:
             raise  # a lost rank is the engine's failure, not a request's: the core dies loudly
         except Exception as exc:  # noqa: BLE001 - one request's failure must not end the others
             updates = self._on_failed_step(sched_out, exc)
             self.grammars.remove(u.req_id for u in updates)
-            return failed + updates
+            return updates
         self._consecutive_failed_steps = 0
         self.num_steps += 1
         updates = self.scheduler.update_from_output(
             sched_out, runner_out.sampled_token_ids, runner_out.logprobs, runner_out.prompt_logprobs)
         self.grammars.after_step(updates, self.scheduler)
         self.num_generation_tokens_total += sum(len(u.new_token_ids) for u in updates)
-        return failed + updates
+        return updates
 
     def _on_failed_step(self, sched_out, exc: Exception) -> list[RequestUpdate]:
         """The step raised: the scheduler isolates the requests of its batch (see Scheduler.isolate_failed_step).

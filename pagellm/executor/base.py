@@ -7,13 +7,21 @@ holds, the engine takes the minimum (every worker must hold every block), checks
 max_model_len request fits, has every worker allocate that many, then warms them up (CUDA graphs).
 A multi-process, tensor/pipeline-parallel or Ray executor only supplies `collective_rpc` and
 `execute` (where the driver worker's output is the step's output).
+
+Pipeline parallelism keeps several steps in flight: `max_concurrent_batches` (the pp size) says
+how many the engine core may queue, and `execute_async(sched)` starts a step and returns a
+`StepFuture` whose `result()` blocks for its output (the last stage's). Futures resolve in the
+order the steps were started. The default runs the step at once (a done future), so an
+executor that does not pipeline needs nothing more; with one batch in flight the core never
+calls it and steps through `execute` as before.
 """
 
 from __future__ import annotations
 
 import abc
 import logging
-from typing import Any, Optional
+from concurrent.futures import Future
+from typing import Any, Optional, Protocol
 
 from pagellm.config import EngineConfig
 from pagellm.core.scheduler import SchedulerOutput
@@ -21,6 +29,12 @@ from pagellm.worker.kv_cache import check_kv_capacity, kv_cache_summary
 from pagellm.worker.outputs import ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
+
+
+class StepFuture(Protocol):
+    """A started step: `result()` blocks until its ModelRunnerOutput is there (or raises the step's error)."""
+
+    def result(self) -> ModelRunnerOutput: ...
 
 
 class Executor(abc.ABC):
@@ -32,6 +46,7 @@ class Executor(abc.ABC):
     @staticmethod
     def create(setup) -> "Executor":
         """The executor for a resolved `ModelSetup`; the one place a distributed backend would be chosen."""
+        from pagellm.distributed.pipeline import stage_layer_counts
         from pagellm.distributed.startup_checks import check_parallel_layout
         from pagellm.executor.uniproc import UniprocExecutor
 
@@ -47,7 +62,8 @@ class Executor(abc.ABC):
         # Checked before any process starts, so a bad layout fails at once and names the numbers.
         cuda_devices = torch.cuda.device_count() if config.device.startswith("cuda") else 0
         check_parallel_layout(setup.model_config, config.tensor_parallel_size, config.enable_expert_parallel,
-                              config.device, cuda_devices)
+                              config.device, cuda_devices, pipeline_parallel_size=config.pipeline_parallel_size)
+        stage_layer_counts(setup.model_config.num_hidden_layers, config.pipeline_parallel_size)
         return MultiprocExecutor(setup)
 
     @abc.abstractmethod
@@ -57,6 +73,20 @@ class Executor(abc.ABC):
     @abc.abstractmethod
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         """Runs one step on the workers; the driver worker's output."""
+
+    @property
+    def max_concurrent_batches(self) -> int:
+        """Steps the engine core may have in flight at once: one per pipeline stage."""
+        return self.config.pipeline_parallel_size
+
+    def execute_async(self, sched: SchedulerOutput) -> StepFuture:
+        """Starts one step; its output comes from the returned future. By default the step runs now."""
+        future: Future = Future()
+        try:
+            future.set_result(self.execute(sched))
+        except Exception as exc:  # noqa: BLE001 - raised again by result(), like a remote step's error
+            future.set_exception(exc)
+        return future
 
     @property
     def driver_worker(self):

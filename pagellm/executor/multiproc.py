@@ -1,8 +1,12 @@
-"""Tensor parallelism on one machine: one spawned process per rank, driven over one pipe per rank.
+"""Tensor and pipeline parallelism on one machine: one spawned process per rank, driven over one
+pipe per rank.
 
 The engine core (scheduler) stays in the calling process, which is not a rank. Each step it sends
-the SchedulerOutput to every rank and reads the ModelRunnerOutput from rank 0 only (logits are
-all-gathered and seeds equal, so every rank samples the same ids); other ranks answer an ack.
+the SchedulerOutput to every rank and reads the ModelRunnerOutput from the last pipeline stage's
+tp rank 0 only (logits are all-gathered and seeds equal, so every rank of that stage samples the
+same ids); other ranks answer an ack. With pipeline parallelism `execute_async` sends a step and
+returns at once; its future collects the replies later, while the ranks already run the next
+steps (each rank serves its pipe in order, so replies come back in step order).
 The ranks talk to each other through torch.distributed (gloo on the CPU, NCCL on CUDA).
 A rank that dies or raises makes `execute` raise `RankFailure` within about a poll interval;
 a rank whose parent pipe closes (the parent died) exits, so nothing is left behind.
@@ -11,6 +15,7 @@ a rank whose parent pipe closes (the parent died) exits, so nothing is left behi
 from __future__ import annotations
 
 import contextlib
+import collections
 import logging
 import multiprocessing
 import shutil
@@ -102,10 +107,29 @@ def _allow_children() -> Iterator[None]:
         config["daemon"] = daemon
 
 
+class _PendingStep:
+    """A step sent to every rank whose replies are not read yet (`StepFuture`)."""
+
+    def __init__(self, executor: "MultiprocExecutor") -> None:
+        self._executor = executor
+        self.done = False
+        self.output: Optional[ModelRunnerOutput] = None
+        self.error: Optional[BaseException] = None
+
+    def result(self) -> ModelRunnerOutput:
+        self._executor._collect_until(self)
+        if self.error is not None:
+            raise self.error
+        return self.output
+
+
 class MultiprocExecutor(Executor):
     def __init__(self, setup) -> None:
         super().__init__(setup.config)
         self.world_size = setup.config.world_size
+        # The rank whose output is the step's: tp rank 0 of the last pipeline stage.
+        self.output_rank = (setup.config.pipeline_parallel_size - 1) * setup.config.tensor_parallel_size
+        self._pending: collections.deque[_PendingStep] = collections.deque()  # oldest first
         self._failure: Optional[str] = None
         ctx = multiprocessing.get_context("spawn")
         rendezvous_dir = tempfile.mkdtemp(prefix="pagellm-tp-")
@@ -134,6 +158,12 @@ class MultiprocExecutor(Executor):
                     [p.pid for p in self._procs])
 
     def _call(self, method: str, args: tuple, kwargs: dict, reply_ranks) -> list[Any]:
+        if self._pending:
+            self._collect_until(self._pending[-1])  # replies come in order: earlier steps' first
+        self._send(method, args, kwargs, reply_ranks)
+        return self._gather(range(self.world_size))
+
+    def _send(self, method: str, args: tuple, kwargs: dict, reply_ranks) -> None:
         if self._failure is not None:
             raise RankFailure(self._failure)
         for rank, conn in enumerate(self._conns):
@@ -141,7 +171,19 @@ class MultiprocExecutor(Executor):
                 conn.send((method, args, kwargs, rank in reply_ranks))
             except (OSError, ValueError) as exc:
                 self._fail(f"tensor-parallel rank {rank} is unreachable ({exc})")
-        return self._gather(range(self.world_size))
+
+    def _collect_until(self, step: _PendingStep) -> None:
+        """Reads the replies of the pending steps up to `step`, oldest first."""
+        while not step.done:
+            oldest = self._pending.popleft()
+            if self._failure is not None:
+                oldest.error, oldest.done = RankFailure(self._failure), True
+                continue
+            try:
+                oldest.output = self._gather(range(self.world_size))[self.output_rank]
+            except RankFailure as exc:  # kept for whoever waits on this step; later ones fail the same way
+                oldest.error = exc
+            oldest.done = True
 
     def _gather(self, ranks, timeout: Optional[float] = None) -> list[Any]:
         """Every rank's reply; raises RankFailure when one died or raised (never waits on a dead rank).
@@ -183,8 +225,15 @@ class MultiprocExecutor(Executor):
         return self._call(method, args, kwargs or {}, reply_ranks=range(self.world_size))
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        # Rank 0's output is the step's output; the others only acknowledge.
-        return self._call("execute_model", (sched,), {}, reply_ranks=(0,))[0]
+        # The output rank's output is the step's output; the others only acknowledge.
+        return self._call("execute_model", (sched,), {}, reply_ranks=(self.output_rank,))[self.output_rank]
+
+    def execute_async(self, sched: SchedulerOutput) -> _PendingStep:
+        """Sends the step to every rank and returns; the future reads the replies when asked."""
+        self._send("execute_model", (sched,), {}, reply_ranks=(self.output_rank,))
+        step = _PendingStep(self)
+        self._pending.append(step)
+        return step
 
     def rank_pids(self) -> list[int]:
         return [p.pid for p in self._procs]

@@ -113,6 +113,9 @@ class LMHead(nn.Module):
         super().__init__()
         self.vocab_size = vocab_size
         self.tied = tied_to is not None
+        # Pipeline parallelism: tied in the checkpoint, but the embedding is on another stage, so
+        # this head holds its own copy, loaded from the embedding's tensor.
+        self.loads_tied_embedding = False
         # A tied head shares the embedding's rows, so it shares its split too.
         self.vocab = tied_to.vocab if tied_to is not None else VocabParallel(vocab_size, parallel)
         self.weight = tied_to.weight if tied_to is not None else nn.Parameter(

@@ -21,11 +21,12 @@ import torch
 from torch import nn
 
 from pagellm.attention.layer import Attention
+from pagellm.distributed.pipeline import MissingLayer, model_stage
 from pagellm.layers.activation import GeluTanhAndMul
-from pagellm.layers.embedding import LMHead, VocabEmbedding
+from pagellm.layers.embedding import VocabEmbedding
 from pagellm.layers.norm import GemmaRMSNorm
 from pagellm.layers.rotary import RotaryEmbedding
-from pagellm.models.llama import gate_up_and_down_proj, load_merged_weights, qkv_and_o_proj
+from pagellm.models.llama import gate_up_and_down_proj, load_merged_weights, qkv_and_o_proj, stage_lm_head
 from pagellm.utils import head_dim as config_head_dim
 
 _SLIDING, _FULL = "sliding_attention", "full_attention"
@@ -133,23 +134,36 @@ class Gemma3DecoderLayer(nn.Module):
 
 
 class Gemma3Model(nn.Module):
+    """Under pipeline parallelism only this stage's part (see LlamaModel); stages pass the hidden
+    states only, since a Gemma 3 layer adds its residual itself."""
+
     def __init__(self, config, max_position: int) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.stage = model_stage(config.num_hidden_layers)
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size) if self.stage.is_first \
+            else MissingLayer()
         self.embed_scale = math.sqrt(config.hidden_size)
         types = layer_types(config)
         head_dim = config_head_dim(config)
         # One cos/sin table per layer kind, shared by the layers of that kind.
         self.rotary = nn.ModuleDict({t: layer_rope(config, t, head_dim, max_position) for t in sorted(set(types))})
-        self.layers = nn.ModuleList(Gemma3DecoderLayer(config, t) for t in types)
-        self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(Gemma3DecoderLayer(config, t) if self.stage.owns(i) else MissingLayer()
+                                    for i, t in enumerate(types))
+        self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps) if self.stage.is_last else MissingLayer()
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight
-        # transformers rounds the scale to the weight dtype before multiplying (55.4256 -> 55.5 in bf16).
-        hidden = self.embed_tokens(input_ids) * torch.tensor(self.embed_scale, dtype=weight.dtype, device=weight.device)
-        for layer in self.layers:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                intermediate: dict[str, torch.Tensor] | None = None):
+        if self.stage.is_first:
+            embedding = self.embed_tokens
+            # transformers rounds the scale to the weight dtype before multiplying (55.4256 -> 55.5 in bf16).
+            scale = torch.tensor(self.embed_scale, dtype=embedding.dtype, device=input_ids.device)
+            hidden = embedding(input_ids) * scale
+        else:
+            hidden = intermediate["hidden"]
+        for layer in self.layers[self.stage.start:self.stage.end]:
             hidden = layer(positions, hidden, self.rotary[layer.layer_type])
+        if not self.stage.is_last:
+            return {"hidden": hidden}
         return self.norm(hidden)
 
 
@@ -181,16 +195,19 @@ def text_weight_name(name: str) -> str | None:
 
 
 class Gemma3ForCausalLM(nn.Module):
+    intermediate_names = ("hidden",)  # what one pipeline stage hands the next
+
     def __init__(self, config, max_position: int) -> None:
         super().__init__()
         self.config = config
         self.model = Gemma3Model(config, max_position)
-        tied = bool(getattr(config, "tie_word_embeddings", True))
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size, self.model.embed_tokens if tied else None)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
+        self.lm_head = stage_lm_head(config, self.model.stage, self.model.embed_tokens, self.tie_word_embeddings)
         self.final_logit_softcap = getattr(config, "final_logit_softcapping", None)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, positions)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                intermediate: dict[str, torch.Tensor] | None = None):
+        return self.model(input_ids, positions, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)
@@ -200,4 +217,4 @@ class Gemma3ForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         renamed = ((new, t) for name, t in weights if (new := text_weight_name(name)) is not None)
-        load_merged_weights(self, renamed, _MERGED, skip_tied_lm_head=self.lm_head.tied)
+        load_merged_weights(self, renamed, _MERGED, skip_tied_lm_head=self.tie_word_embeddings)

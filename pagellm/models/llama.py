@@ -19,6 +19,7 @@ from torch import nn
 from pagellm.attention.layer import Attention
 from pagellm.distributed.layout import HeadLayout, attention_head_layout
 from pagellm.distributed.parallel_state import get_parallel_context
+from pagellm.distributed.pipeline import MissingLayer, Stage, missing_prefixes, model_stage
 from pagellm.layers.activation import SiluAndMul
 from pagellm.layers.embedding import LMHead, VocabEmbedding
 from pagellm.layers.linear import Linear, MergedLinear, ParallelStyle
@@ -126,22 +127,39 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
+# What one pipeline stage hands the next (each [num_tokens, hidden_size]).
+INTERMEDIATE_HIDDEN_AND_RESIDUAL = ("hidden", "residual")
+
+
 class LlamaModel(nn.Module):
+    """Under pipeline parallelism only this stage's part: its decoder layers, the embedding on
+    the first stage, the final norm on the last (`MissingLayer` in the other places)."""
+
     def __init__(self, config, max_position: int,
                  attention_options: Callable[[object, int], AttentionOptions],
                  make_mlp: Callable[[object, int], nn.Module]) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.stage: Stage = model_stage(config.num_hidden_layers)
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size) if self.stage.is_first \
+            else MissingLayer()
         rope = get_rope(config, config_head_dim(config), max_position)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, LlamaAttention(config, rope, attention_options(config, i)), make_mlp(config, i))
+            if self.stage.owns(i) else MissingLayer()
             for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if self.stage.is_last else MissingLayer()
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                intermediate: dict[str, torch.Tensor] | None = None):
+        """The final hidden states on the last stage; the next stage's inputs (`intermediate`) elsewhere."""
+        if self.stage.is_first:
+            hidden, residual = self.embed_tokens(input_ids), None
+        else:
+            hidden, residual = intermediate["hidden"], intermediate["residual"]
+        for layer in self.layers[self.stage.start:self.stage.end]:
             hidden, residual = layer(positions, hidden, residual)
+        if not self.stage.is_last:
+            return {"hidden": hidden, "residual": residual}
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -157,13 +175,14 @@ class LlamaForCausalLM(nn.Module):
     """Llama; subclasses change the per-layer attention options, the MLP and the weight names."""
 
     merged_weights: dict[str, tuple[str, str]] = LLAMA_MERGED
+    intermediate_names = INTERMEDIATE_HIDDEN_AND_RESIDUAL
 
     def __init__(self, config, max_position: int) -> None:
         super().__init__()
         self.config = config
         self.model = LlamaModel(config, max_position, self.attention_options, self.make_mlp)
-        tied = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size, self.model.embed_tokens if tied else None)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = stage_lm_head(config, self.model.stage, self.model.embed_tokens, self.tie_word_embeddings)
 
     @classmethod
     def attention_options(cls, config, layer_idx: int) -> AttentionOptions:
@@ -175,14 +194,27 @@ class LlamaForCausalLM(nn.Module):
     def make_mlp(cls, config, layer_idx: int) -> nn.Module:
         return LlamaMLP(config, bias=bool(getattr(config, "mlp_bias", False)))
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, positions)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                intermediate: dict[str, torch.Tensor] | None = None):
+        return self.model(input_ids, positions, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        load_merged_weights(self, weights, self.merged_weights, skip_tied_lm_head=self.lm_head.tied)
+        load_merged_weights(self, weights, self.merged_weights, skip_tied_lm_head=self.tie_word_embeddings)
+
+
+def stage_lm_head(config, stage: Stage, embedding: nn.Module, tied: bool) -> nn.Module:
+    """The LM head on the last stage (a MissingLayer elsewhere). A tied head shares the embedding's
+    weight when the embedding is on the same stage; otherwise it holds its own copy, loaded from
+    the embedding's checkpoint tensor (`loads_tied_embedding`)."""
+    if not stage.is_last:
+        return MissingLayer()
+    shares = tied and stage.is_first
+    head = LMHead(config.vocab_size, config.hidden_size, embedding if shares else None)
+    head.loads_tied_embedding = tied and not shares
+    return head
 
 
 def layer_types_window(config, layer_idx: int) -> int | None:
@@ -195,21 +227,32 @@ def layer_types_window(config, layer_idx: int) -> int | None:
 
 def load_merged_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
                         merged: dict[str, tuple[str, str]], skip_tied_lm_head: bool,
-                        handled: Callable[[str, torch.Tensor], bool] | None = None) -> None:
+                        handled: Callable[[str, torch.Tensor], bool] | None = None,
+                        embedding_name: str = "model.embed_tokens.weight") -> None:
     """Loads HF-named tensors, routing separate q/k/v and gate/up tensors into merged layers.
 
     A merged layer may also be filled whole (Phi-3 stores qkv_proj / gate_up_proj fused).
     `handled(name, tensor)` may take tensors first (returns True when it loaded one); modules
     it fills report their own gaps through a `missing_weights()` method.
+    Under pipeline parallelism tensors of modules on other stages are skipped, and a tied LM head
+    on a stage without the embedding is filled from `embedding_name`.
     Fails loudly on unknown names and on parameters the checkpoint never filled.
     """
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
+    other_stages = missing_prefixes(model)
+    head = modules.get("lm_head")
+    head_from_embedding = getattr(head, "loads_tied_embedding", False)
     filled: set[str] = set()
     for name, tensor in weights:
         if "rotary_emb.inv_freq" in name:
             continue  # some checkpoints store rope buffers; we compute our own
         if name == "lm_head.weight" and skip_tied_lm_head:
+            continue
+        if name == embedding_name and head_from_embedding:
+            head.load("weight", tensor)
+            filled.add("lm_head.weight")
+        if other_stages and name.startswith(other_stages):
             continue
         if handled is not None and handled(name, tensor):
             continue
@@ -252,6 +295,6 @@ def load_merged_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Ten
                 missing += [f"{name}.{leaf}:{s}" for s in module.shard_offsets if f"{name}.{leaf}:{s}" not in filled]
     merged_params = {f"{n}.{leaf}" for n, m in modules.items() if isinstance(m, MergedLinear) for leaf in ("weight", "bias")}
     missing += [n for n in params if n not in filled and n not in merged_params and n not in self_checked
-                and not (skip_tied_lm_head and n == "lm_head.weight")]
+                and not (skip_tied_lm_head and n == "lm_head.weight" and not head_from_embedding)]
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:4]}")

@@ -37,5 +37,5 @@ class MixtralForCausalLM(MistralForCausalLM):
             return True
 
         renamed = ((name.replace(".block_sparse_moe.", ".mlp."), t) for name, t in weights)
-        load_merged_weights(self, renamed, self.merged_weights, skip_tied_lm_head=self.lm_head.tied,
+        load_merged_weights(self, renamed, self.merged_weights, skip_tied_lm_head=self.tie_word_embeddings,
                             handled=load_expert)

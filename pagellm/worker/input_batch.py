@@ -65,8 +65,10 @@ class StepInputs:
 
 class InputBatch:
     def __init__(self, max_num_reqs: int, max_model_len: int, block_size: int, vocab_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, samples: bool = True) -> None:
         self.block_size = block_size
+        # False on a pipeline stage that does not sample: no seeds' generators, no sampling rows.
+        self.samples = samples
         self.device = torch.device(device)
         self.requests: dict[str, CachedRequestState] = {}
         self.row_of: dict[str, int] = {}
@@ -93,7 +95,7 @@ class InputBatch:
     def add_request(self, new: NewRequestData) -> None:
         params = new.sampling_params
         generator = None
-        if params.seed is not None:
+        if params.seed is not None and self.samples:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(params.seed)
         state = CachedRequestState(new.req_id, list(new.prompt_token_ids), list(new.output_token_ids), params,
@@ -107,6 +109,8 @@ class InputBatch:
         self.block_table[row].zero_()
         self.num_blocks[row] = 0
         self._append_blocks(row, state.block_ids)
+        if not self.samples:
+            return
         # The sampling pieces read this state's output list, which grows in place each step.
         self.sampling.add_request(new.req_id, SamplingRow(params, state.prompt_token_ids, state.output_token_ids,
                                                           state.eos_token_ids, generator))
@@ -115,6 +119,11 @@ class InputBatch:
         state = self.requests[cached.req_id]
         state.block_ids.extend(cached.new_block_ids)
         state.num_computed_tokens = cached.num_computed_tokens
+        if cached.new_token_ids:
+            # Pipeline parallelism: the tokens the last stage sampled (that stage has them already).
+            # Assigned in place: the sampling row reads this list.
+            start = cached.num_output_tokens - len(cached.new_token_ids)
+            state.output_token_ids[start:] = cached.new_token_ids
         self._append_blocks(self.row_of[cached.req_id], cached.new_block_ids)
 
     def remove_request(self, req_id: str) -> None:
@@ -170,6 +179,7 @@ class InputBatch:
 
     # -- one step's inputs ----------------------------------------------------------------
     def prepare(self, sched: SchedulerOutput) -> StepInputs:
+        """The step's flat batch (without sampling tensors on a stage that does not sample)."""
         req_ids = [c.req_id for c in sched.scheduled_cached_reqs] + [n.req_id for n in sched.scheduled_new_reqs]
         states = [self.requests[r] for r in req_ids]
         query_lens = [sched.num_scheduled_tokens[r] for r in req_ids]
@@ -192,7 +202,7 @@ class InputBatch:
         sample_rows = [i for i, (s, ctx, q) in enumerate(zip(states, context_lens, query_lens))
                        if ctx + q == s.num_tokens]
         logits_indices = meta = None
-        if sample_rows:
+        if sample_rows and self.samples:
             logits_indices = torch.tensor([md.query_start_loc[i + 1] - 1 for i in sample_rows], device=self.device)
             meta = self.sampling.build([req_ids[i] for i in sample_rows])
         return StepInputs(req_ids, states, query_lens, context_lens, input_t, pos_t, md, sample_rows,

@@ -7,6 +7,11 @@ whose scheduled tokens reach their end are sampled, at their last position.
 
     execute: prepare inputs -> forward -> sample -> build output
 
+With pipeline parallelism the forward is this stage's part: a stage after the first receives
+the previous stage's hidden states (and residual) instead of embedding the ids, a stage before
+the last sends its outputs on and returns an empty output; only the last stage samples (its
+runner holds the sampling state that matters: seeds, penalties' token counts).
+
 The model comes from `model_loader.py`; the KV cache is sized and bound by the `Worker`
 (`kv_cache.py`). The runner also runs the dummy steps the CUDA memory profile measures, and
 captures the decode CUDA graphs.
@@ -23,6 +28,8 @@ import torch
 from pagellm.attention.backend import AttentionBackend, AttentionMetadata, build_metadata
 from pagellm.attention.selector import select_attention_backend
 from pagellm.config import EngineConfig
+from pagellm.distributed.communication import pp_recv_tensors, pp_send_tensors
+from pagellm.distributed.parallel_state import ParallelContext, get_parallel_context
 from pagellm.core.scheduler import SchedulerOutput
 from pagellm.forward_context import set_forward_context
 from pagellm.sample import Sampler, SamplingMetadata, SamplingRow, compute_logprobs_tensors, rows_to_lists
@@ -48,9 +55,15 @@ class ModelRunner:
         self.block_size = config.block_size
         self.backend: AttentionBackend = select_attention_backend(config.attention_backend, self.device)
         self.attn_builder = self.backend.metadata_builder(config.max_model_len, self.device)
+        # The pipeline stage this runner is (None without pipeline parallelism); built in the
+        # rank's parallel context, like the model. Only the last stage samples.
+        ctx = get_parallel_context()
+        self.stage: Optional[ParallelContext] = ctx if ctx.pp_size > 1 else None
+        self.samples = ctx.is_last_stage
+        self.hidden_size = model_config.hidden_size
         self.sampler = Sampler()
         self.input_batch = InputBatch(config.max_num_seqs, config.max_model_len, self.block_size, self.vocab_size,
-                                      self.device)
+                                      self.device, samples=self.samples)
         self.num_blocks = 0  # set by the worker once the KV cache is allocated
         self.graphs: Optional[DecodeGraphs] = None
         self.memory_profile: Optional[MemoryProfile] = None
@@ -68,7 +81,9 @@ class ModelRunner:
     # -- CUDA: memory profile and graphs ------------------------------------------------
     @property
     def uses_cuda_graphs(self) -> bool:
-        return self.device.type == "cuda" and not self.config.enforce_eager and self.backend.supports_cuda_graphs
+        # Graphs capture one whole-model forward; a pipeline stage's sends and receives are not captured.
+        return (self.device.type == "cuda" and not self.config.enforce_eager and self.backend.supports_cuda_graphs
+                and self.stage is None)
 
     def profile_cuda_memory(self) -> MemoryProfile:
         graph_batch = capture_batch_sizes(self.config.max_num_seqs)[-1] if self.uses_cuda_graphs else 0
@@ -92,12 +107,22 @@ class ModelRunner:
             md = build_metadata(lens, [0] * num_reqs, block_ids, self.block_size, self.device)
             input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
             positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
-            hidden = self._forward(input_ids, positions, md, allow_graphs=False)
-            last = torch.tensor(md.query_start_loc[1:], device=self.device) - 1
-            logits = self.model.compute_logits(hidden[last])
-            rows = [SamplingRow(SamplingParams(), [], [], set()) for _ in lens]
-            self.sampler(logits, SamplingMetadata.build(rows, self.vocab_size, self.device))
-            del hidden, logits
+            if self.stage is not None:
+                # A stage's part alone: zeros in place of the previous stage's outputs, nothing sent.
+                intermediate = None if self.stage.is_first_stage else {
+                    name: torch.zeros(num_tokens, self.hidden_size, dtype=self.dtype, device=self.device)
+                    for name in self.model.intermediate_names}
+                with set_forward_context(self.attn_builder.build(md)):
+                    hidden = self.model(input_ids, positions, intermediate)
+            else:
+                hidden = self._forward(input_ids, positions, md, allow_graphs=False)
+            if self.samples:
+                last = torch.tensor(md.query_start_loc[1:], device=self.device) - 1
+                logits = self.model.compute_logits(hidden[last])
+                rows = [SamplingRow(SamplingParams(), [], [], set()) for _ in lens]
+                self.sampler(logits, SamplingMetadata.build(rows, self.vocab_size, self.device))
+                del logits
+            del hidden
         finally:
             del caches
             kv_cache.release_kv_cache(self.model)
@@ -143,10 +168,31 @@ class ModelRunner:
         if sched.is_empty:
             return ModelRunnerOutput({})
         inputs = self.input_batch.prepare(sched)
-        hidden = self._forward(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+        if self.stage is None:
+            hidden = self._forward(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+        else:
+            hidden = self._forward_stage(inputs)
+            if hidden is None:
+                return ModelRunnerOutput({})  # sent on to the next stage
         sampled, logprobs = self._sample(hidden, inputs, sched)
         prompt_logprobs = self._prompt_logprobs(hidden, inputs)
         return ModelRunnerOutput(sampled, logprobs, prompt_logprobs)
+
+    def _forward_stage(self, inputs: StepInputs) -> Optional[torch.Tensor]:
+        """This stage's layers: the final hidden states on the last stage; elsewhere the outputs go
+        to the next stage and None is returned. The shapes are known to both sides: every rank
+        got the same SchedulerOutput (the step's token count) and the config (the hidden size)."""
+        stage = self.stage
+        intermediate = None
+        if not stage.is_first_stage:
+            shape = (inputs.input_ids.shape[0], self.hidden_size)
+            intermediate = pp_recv_tensors(self.model.intermediate_names, shape, self.dtype, self.device, stage)
+        with set_forward_context(self.attn_builder.build(inputs.attn_metadata)):
+            out = self.model(inputs.input_ids, inputs.positions, intermediate)
+        if stage.is_last_stage:
+            return out
+        pp_send_tensors(out, stage)
+        return None
 
     def _sample(self, hidden: torch.Tensor, inputs: StepInputs,
                 sched: SchedulerOutput) -> tuple[dict[str, list[int]], dict[str, LogprobsLists]]:

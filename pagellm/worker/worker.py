@@ -3,7 +3,7 @@
 Every method an executor calls on its workers (through `collective_rpc`) is a plain method
 here taking and returning picklable values, so a worker can live in this process, another
 process, or a Ray actor without changing its interface. With tensor or pipeline parallelism a
-worker would hold its shard of the layers or heads; today the one worker holds the whole model.
+worker holds its shard: its pipeline stage's layers, and of those its tensor-parallel heads/columns.
 """
 
 from __future__ import annotations
