@@ -51,6 +51,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1  # ranks each layer's heads / columns are split across
     pipeline_parallel_size: int = 1  # stages the layers are split across (each stage tp ranks)
     distributed_executor_backend: str = "auto"  # auto: uni for one rank, else mp (one process per rank)
+    enable_expert_parallel: bool = False  # MoE: whole experts split over the tp ranks instead of each expert sharded
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> None:

@@ -41,7 +41,8 @@ def _assert_model_matches(name: str, reference: dict, ranks: list[dict], kv_head
 def test_layers_and_models_at_tp2_equal_one_process(tmp_path, checkpoints):
     # Phi-3 stores qkv and gate_up fused (cut projection by projection); Mixtral's experts are split.
     names = ["llama", "llama_odd", "qwen3", "gemma3", "phi3_longrope_short", "mixtral"]
-    ranks = run_ranks(tmp_path, 2, [("layers", ())] + [("model", (checkpoints[n],)) for n in names])
+    cases = [("layers", ())] + [("model", (checkpoints[n],)) for n in names]
+    ranks = run_ranks(tmp_path, 2, cases + [("model_ep", (checkpoints["mixtral"],))])
     ref_layers = layers_case()
     for rank, (layers, *_) in enumerate(ranks):
         for key in ("column", "row", "embed", "tied_head", "untied_head"):
@@ -57,6 +58,17 @@ def test_layers_and_models_at_tp2_equal_one_process(tmp_path, checkpoints):
     # KV heads per rank at tp 2: llama_odd has 1 (replicated), the others 2 (split).
     for i, name in enumerate(names):
         _assert_model_matches(name, model_case(checkpoints[name]), [r[1 + i] for r in ranks], kv_heads=1)
+    # Each rank holds (and read from the checkpoint) about half the weights; replicated: norms, the router.
+    fulls = {name: model_case(checkpoints[name])["weight_bytes"] for name in names}
+    for i, name in enumerate(names):
+        for r in ranks:
+            assert fulls[name] / 2 <= r[1 + i]["weight_bytes"] <= 0.55 * fulls[name], (name, r[1 + i]["weight_bytes"])
+    # Expert parallel: 2 of the 4 tiny Mixtral experts per rank, each whole (gate | up rows: 2 x 96).
+    ep = [r[-1] for r in ranks]
+    _assert_model_matches("mixtral-ep", model_case(checkpoints["mixtral"]), ep, kv_heads=1)
+    assert [r["experts"][:2] for r in ep] == [(0, 2), (2, 2)]
+    assert {r["experts"][2][:2] for r in ep} == {(2, 2 * 96)}
+    assert all(r["weight_bytes"] <= 0.55 * fulls["mixtral"] for r in ep)
 
 
 def test_models_at_tp4_replicate_kv_heads(tmp_path, checkpoints):
@@ -115,3 +127,81 @@ def test_single_process_context_is_the_default_and_needs_no_group():
     with pytest.raises(ValueError, match="world_size 6 is not tensor_parallel_size 4 x pipeline_parallel_size 1"):
         init_parallel(6, 0, 4)
     assert not Linear(4, 3, parallel_style=ParallelStyle.ROW).reduces_output
+
+
+def _moe_config(**overrides):
+    from transformers import MixtralConfig
+    kwargs = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, num_local_experts=6, num_experts_per_tok=2)
+    return MixtralConfig(**{**kwargs, **overrides})
+
+
+@pytest.mark.parametrize("config,tp,kwargs,message", [
+    (_config(), 3, {}, r"num_attention_heads \(4\) is not divisible by tensor_parallel_size \(3\)"),
+    (_config(intermediate_size=66), 4, {}, r"intermediate_size \(66\) is not divisible by tensor_parallel_size \(4\)"),
+    (_config(), 4, dict(device="cuda", cuda_device_count=2),
+     r"tensor_parallel_size \(4\) x pipeline_parallel_size \(1\) = 4 ranks is more than the 2 CUDA devices"),
+    (_moe_config(), 4, dict(expert_parallel=True),
+     r"enable_expert_parallel: num_local_experts \(6\) is not divisible by tensor_parallel_size \(4\)"),
+])
+def test_layout_checked_before_any_rank_starts(config, tp, kwargs, message):
+    from pagellm.distributed.startup_checks import check_parallel_layout
+    with pytest.raises(ValueError, match=message):
+        check_parallel_layout(config, tp, **kwargs)
+
+
+def test_expert_parallel_applies_to_moe_models_only(caplog):
+    from pagellm.distributed.startup_checks import check_parallel_layout
+    # 6 experts over 2 ranks; intermediate 51 is not split under expert parallelism, so it need not divide.
+    assert check_parallel_layout(_moe_config(intermediate_size=51), 2, expert_parallel=True)
+    with pytest.raises(ValueError, match=r"intermediate_size \(51\)"):
+        check_parallel_layout(_moe_config(intermediate_size=51), 2)
+    assert check_parallel_layout(_config(vocab_size=61), 4) is False  # the vocabulary is padded: any size
+    with caplog.at_level("WARNING"):
+        assert check_parallel_layout(_config(), 2, expert_parallel=True) is False
+    assert "enable_expert_parallel is ignored" in caplog.text
+
+
+def test_gguf_blocks_split_on_block_boundaries_else_dequantize(caplog):
+    import gguf
+    import numpy as np
+
+    from pagellm.layers.quantization.gguf import GGUFQuantizedTensor
+    from pagellm.ops.gguf_cpu import load_gguf_ops
+    assert load_gguf_ops(), "the GGUF CPU kernels did not build"
+    weight = torch.randn(6, 128, generator=torch.Generator().manual_seed(20)).numpy().astype(np.float32)
+    qtype = gguf.GGMLQuantizationType.Q8_0
+    blocks = torch.from_numpy(gguf.quants.quantize(weight, qtype).copy())
+    tensor = GGUFQuantizedTensor(blocks, qtype, torch.Size((6, 128)))
+    full = tensor.dequantize()
+    rows = tensor.narrow(0, 2, 3)  # column-parallel: whole ggml rows
+    assert isinstance(rows, GGUFQuantizedTensor) and torch.equal(rows.dequantize(), full[2:5])
+    cols = tensor.narrow(1, 64, 64)  # row-parallel at tp 2: two 32-value blocks per row
+    assert isinstance(cols, GGUFQuantizedTensor) and torch.equal(cols.dequantize(), full[:, 64:])
+    with caplog.at_level("WARNING"):
+        odd = tensor.narrow(1, 48, 40)  # not on a block boundary: dequantized, then cut
+    assert not isinstance(odd, GGUFQuantizedTensor) and torch.equal(odd, full[:, 48:88])
+    assert "do not fall on 32-value block boundaries" in caplog.text
+    # A row-parallel layer on rank 1 of 2 keeps its columns quantized and computes what the dense part does.
+    row = Linear(128, 6, parallel_style=ParallelStyle.ROW, parallel=_fake_rank(1, 2))
+    row.load("weight", tensor)
+    assert row.qweight is not None and row.qweight.shape == cols.data.shape
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(21))
+    torch.testing.assert_close(row.method.apply(row, x), x @ full[:, 64:].T, atol=1e-4, rtol=1e-4)
+
+
+def test_lazy_safetensors_reads_only_the_rank_part(tmp_path):
+    from safetensors.torch import save_file
+
+    from pagellm.loader.hf import iter_safetensors_weights
+    from pagellm.loader.lazy import LazyTensor
+    full = torch.arange(60, dtype=torch.float64).reshape(6, 10)
+    save_file({"w": full}, str(tmp_path / "model.safetensors"))
+    (name, lazy), = iter_safetensors_weights(str(tmp_path), torch.float32, lazy=True)
+    assert isinstance(lazy, LazyTensor) and lazy.shape == (6, 10) and lazy.dim() == 2
+    assert torch.equal(lazy.narrow(1, 5, 5), full[:, 5:].float()) and lazy.narrow(0, 2, 2).dtype == torch.float32
+    row = Linear(10, 6, parallel_style=ParallelStyle.ROW, parallel=_fake_rank(1, 2))
+    column = Linear(10, 6, parallel_style=ParallelStyle.COLUMN, parallel=_fake_rank(1, 2))
+    row.load("weight", lazy)
+    column.load("weight", lazy)
+    assert torch.equal(row.weight, full[:, 5:].float()) and torch.equal(column.weight, full[3:].float())

@@ -104,3 +104,23 @@ def test_tp4_replicated_kv_heads_match_tp1(gqa_llama):
     core = llm4.llm_engine.core
     assert core.num_free_blocks == core.num_blocks
     core.executor.shutdown()
+
+
+def test_mixtral_expert_parallel_matches_tp1(tmp_path):
+    from pagellm.entrypoints.cli import build_parser
+    from tests.test_models import make_tiny
+
+    path = make_tiny(str(tmp_path / "mixtral"), "mixtral")[0]  # 4 experts, top 2
+    kw = dict(KW, kv_cache_memory=1 << 22)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS[1:3]]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    ref = [o.outputs[0].token_ids for o in LLM(path, **kw).generate(prompts, params)]
+    for ep in (False, True):
+        llm = LLM(path, tensor_parallel_size=2, enable_expert_parallel=ep, **kw)
+        executor = llm.llm_engine.core.executor
+        assert [r["expert_parallel"] for r in executor.collective_rpc("parallel_layout")] == [ep, ep]
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == ref, f"expert_parallel={ep}"
+        executor.shutdown()
+    args = build_parser().parse_args(["serve", "m", "--enable-expert-parallel"])
+    assert args.enable_expert_parallel is True
+

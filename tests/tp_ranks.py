@@ -3,6 +3,7 @@ import only pagellm and torch. Every case also runs in the test process at tp 1 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -19,6 +20,7 @@ from pagellm.layers.linear import Linear, MergedLinear, ParallelStyle, cpu_prepa
 from pagellm.loader import iter_weights, resolve_model_source
 from pagellm.loader.hf import load_hf_config
 from pagellm.models.registry import get_model_class
+from pagellm.worker.model_loader import model_weight_bytes
 
 BLOCK = 16
 PROMPTS = [[5, 17, 3, 99, 42, 7, 250, 11, 1, 8, 64, 33, 2, 19, 200, 77, 4, 6], [1, 2, 3], [9, 8, 7, 6, 5, 4, 3]]
@@ -102,7 +104,8 @@ def _build(path: str) -> torch.nn.Module:
     source = resolve_model_source(path)
     config = load_hf_config(source)
     model = get_model_class(config)(config, 128)
-    model.load_weights(iter_weights(source, torch.float32))
+    # Ranks read only their part of each tensor (as the workers do).
+    model.load_weights(iter_weights(source, torch.float32, lazy=get_parallel_context().tp_size > 1))
     return model.eval()
 
 
@@ -129,7 +132,20 @@ def model_case(path: str) -> dict:
     next_ids = prefill[last].argmax(-1)
     with set_forward_context(build_metadata([1] * len(lens), lens, block_ids, BLOCK, torch.device("cpu"))):
         decode = model.compute_logits(model(next_ids, torch.tensor(lens)))
-    return {"prefill": prefill, "decode": decode, "kv_heads": attns[0].kv_cache.shape[3]}
+    for a in attns:
+        a.kv_cache = None
+    return {"prefill": prefill, "decode": decode, "kv_heads": attns[0].num_kv_heads,
+            "weight_bytes": model_weight_bytes(model)}
 
 
-CASES = {"layers": layers_case, "model": model_case}
+def expert_parallel_model_case(path: str) -> dict:
+    """model_case with whole experts per rank (enable_expert_parallel); also the experts this rank holds."""
+    with set_parallel_context(dataclasses.replace(get_parallel_context(), expert_parallel=True)):
+        out = model_case(path)
+        from pagellm.layers.moe import SparseMoE
+        moe = next(m for m in _build(path).modules() if isinstance(m, SparseMoE))
+    out["experts"] = (moe.expert_range.start, moe.expert_range.size, tuple(moe.w13.shape))
+    return out
+
+
+CASES = {"layers": layers_case, "model": model_case, "model_ep": expert_parallel_model_case}

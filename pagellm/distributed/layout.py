@@ -52,3 +52,12 @@ def attention_head_layout(num_heads: int, num_kv_heads: int, tp_size: int) -> He
 def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
     """The vocabulary rounded up to a multiple of tp_size, so every rank holds as many rows."""
     return -(-vocab_size // tp_size) * tp_size
+
+
+def expert_range(num_experts: int, tp_rank: int, tp_size: int) -> ShardRange:
+    """Expert parallelism: the whole experts this rank holds, `num_experts // tp_size` consecutive ones."""
+    if num_experts % tp_size:
+        raise ValueError(f"enable_expert_parallel: num_local_experts ({num_experts}) is not divisible by "
+                         f"tensor_parallel_size ({tp_size})")
+    size = num_experts // tp_size
+    return ShardRange(tp_rank * size, size)

@@ -29,6 +29,7 @@ class ParallelContext:
     pp_group: Optional[Any] = None  # this tp_rank's ranks across the stages; None when pp_size == 1
     rank: int = 0  # global rank (pp_rank * tp_size + tp_rank)
     world_size: int = 1
+    expert_parallel: bool = False  # MoE layers place whole experts on the tp ranks (EngineConfig.enable_expert_parallel)
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp"):
@@ -69,7 +70,8 @@ def set_parallel_context(ctx: ParallelContext) -> Iterator[ParallelContext]:
 
 
 def init_parallel(world_size: int, rank: int, tp_size: int, backend: str = "gloo",
-                  init_method: str = "env://", pp_size: int = 1) -> ParallelContext:
+                  init_method: str = "env://", pp_size: int = 1,
+                  expert_parallel: bool = False) -> ParallelContext:
     """Joins the default process group and creates the tensor- and pipeline-parallel groups;
     returns this rank's context. Every rank must call it with the same sizes."""
     if tp_size < 1 or pp_size < 1 or world_size != tp_size * pp_size:
@@ -91,7 +93,7 @@ def init_parallel(world_size: int, rank: int, tp_size: int, backend: str = "gloo
             pp_group = g
     return ParallelContext(tp_rank=rank % tp_size, tp_size=tp_size, tp_group=tp_group if tp_size > 1 else None,
                            pp_rank=rank // tp_size, pp_size=pp_size, pp_group=pp_group if pp_size > 1 else None,
-                           rank=rank, world_size=world_size)
+                           rank=rank, world_size=world_size, expert_parallel=expert_parallel and tp_size > 1)
 
 
 def destroy_parallel() -> None:

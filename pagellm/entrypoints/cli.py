@@ -39,6 +39,8 @@ _HELP = {
     "load_format": "auto, or dummy: random weights from config.json only (benchmarks)",
     "cpu_weight_prepack": "CPU: pack linear weights once in oneDNN's layout (faster small-batch matmuls)",
     "cpu_fused_ops": "CPU: C++ kernels for RMSNorm (+ residual add) and SiLU-and-mul",
+    "enable_expert_parallel": "MoE models: place whole experts on the tensor-parallel ranks (attention stays "
+                              "tensor parallel); ignored, with a warning, for dense models",
     "quantization": "auto: GGUF linear weights stay quantized (CPU kernels); none: dequantize every weight at load",
 }
 

@@ -46,20 +46,24 @@ class Executor(abc.ABC):
     @staticmethod
     def create(setup) -> "Executor":
         """The executor for a resolved `ModelSetup`; the one place a distributed backend would be chosen."""
-        from pagellm.distributed.layout import attention_head_layout
         from pagellm.distributed.pipeline import stage_layer_counts
+        from pagellm.distributed.startup_checks import check_parallel_layout
         from pagellm.executor.uniproc import UniprocExecutor
 
         config = setup.config
         if config.executor_backend() == "uni":
+            if config.enable_expert_parallel:
+                logger.warning("enable_expert_parallel is ignored with one rank")
             return UniprocExecutor(setup)
+        import torch
+
         from pagellm.executor.multiproc import MultiprocExecutor
 
-        mc = setup.model_config
-        heads = mc.num_attention_heads
         # Checked before any process starts, so a bad layout fails at once and names the numbers.
-        attention_head_layout(heads, getattr(mc, "num_key_value_heads", None) or heads, config.tensor_parallel_size)
-        stage_layer_counts(mc.num_hidden_layers, config.pipeline_parallel_size)
+        cuda_devices = torch.cuda.device_count() if config.device.startswith("cuda") else 0
+        check_parallel_layout(setup.model_config, config.tensor_parallel_size, config.enable_expert_parallel,
+                              config.device, cuda_devices, pipeline_parallel_size=config.pipeline_parallel_size)
+        stage_layer_counts(setup.model_config.num_hidden_layers, config.pipeline_parallel_size)
         return MultiprocExecutor(setup)
 
     @abc.abstractmethod

@@ -29,7 +29,7 @@ def init_rank_worker(rank: int, setup, init_method: str, local_device: int = 0,
     else:
         torch.set_num_threads(threads_per_rank or max(1, torch.get_num_threads() // (tp * pp)))
     ctx = init_parallel(tp * pp, rank, tp, backend=distributed_backend(config.device), init_method=init_method,
-                        pp_size=pp)
+                        pp_size=pp, expert_parallel=config.enable_expert_parallel)
     with set_parallel_context(ctx):  # layers read the context while they are built
         worker = Worker(config, setup.model_config, rank=rank)
         worker.load_model(setup.source)

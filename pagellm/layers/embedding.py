@@ -6,9 +6,10 @@ and sums over the ranks; the LM head computes its rows' logits and gathers them,
 has the full logits (and samples the same tokens). The vocabulary is padded to a multiple of
 the rank count; padding rows are zero and their logits are sliced off.
 
-Both may hold GGUF blocks instead of a dense weight (`load` given a `GGUFQuantizedTensor`, one
-rank only): the lookup then dequantizes only the looked-up rows, and the head runs the GGUF
-matmul kernel; a tied head adopts its embedding's blocks.
+Both may hold GGUF blocks instead of a dense weight (`load` given a `GGUFQuantizedTensor`): the
+lookup then dequantizes only the looked-up rows, and the head runs the GGUF matmul kernel; a tied
+head adopts its embedding's blocks. Under tensor parallelism a rank keeps its rows' blocks (ggml
+rows are independent); padding rows are zero bytes, which every kernel type decodes as zeros.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ def _adopt_blocks(module: nn.Module, tensor: GGUFQuantizedTensor) -> None:
 
 
 def _keeps_blocks(module: nn.Module, tensor) -> bool:
-    """Whether a checkpoint tensor stays quantized here: GGUF blocks, and the vocabulary not split."""
-    return isinstance(tensor, GGUFQuantizedTensor) and module.vocab.parallel.tp_size == 1
+    """Whether a checkpoint tensor stays quantized here: GGUF blocks (split by rows like a dense one)."""
+    return isinstance(tensor, GGUFQuantizedTensor)
 
 
 class VocabParallel:
@@ -55,7 +56,12 @@ class VocabParallel:
         if self.parallel.tp_size == 1:
             return tensor
         end = min(self.start + self.rows, self.vocab_size)
-        part = tensor[self.start:end]
+        if isinstance(tensor, GGUFQuantizedTensor):
+            data = tensor.data[self.start:end]
+            if data.shape[0] < self.rows:
+                data = torch.cat([data, data.new_zeros(self.rows - data.shape[0], data.shape[1])])
+            return GGUFQuantizedTensor(data.clone(), tensor.ggml_type, torch.Size((self.rows, tensor.shape[1])))
+        part = tensor.narrow(0, self.start, max(0, end - self.start))  # a LazyTensor reads only these rows
         if part.shape[0] < self.rows:
             part = torch.cat([part, part.new_zeros(self.rows - part.shape[0], *part.shape[1:])])
         return part
@@ -72,16 +78,19 @@ class VocabEmbedding(nn.Module):
         self.register_buffer("qweight", None, persistent=False)  # GGUF blocks, once loaded quantized
         self.ggml_type = 0
 
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.qweight is None:
+            return F.embedding(ids, self.weight)
+        rows = self.qweight.index_select(0, ids.reshape(-1))
+        out = gguf_dequantize(rows, self.ggml_type, rows.shape[0], self.hidden_size)
+        return out.view(*ids.shape, self.hidden_size).to(self.dtype)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.qweight is not None:
-            rows = self.qweight.index_select(0, input_ids.reshape(-1))
-            out = gguf_dequantize(rows, self.ggml_type, rows.shape[0], self.hidden_size)
-            return out.view(*input_ids.shape, self.hidden_size).to(self.dtype)
         if self.vocab.parallel.tp_size == 1:
-            return F.embedding(input_ids, self.weight)
+            return self._lookup(input_ids)
         local = input_ids - self.vocab.start
         outside = (local < 0) | (local >= self.vocab.rows)
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = self._lookup(local.masked_fill(outside, 0))
         out.masked_fill_(outside.unsqueeze(-1), 0)
         return tensor_parallel_all_reduce(out, self.vocab.parallel)  # each id is found on exactly one rank
 
@@ -89,7 +98,7 @@ class VocabEmbedding(nn.Module):
         if name != "weight":
             raise ValueError(f"the embedding has no parameter {name!r}")
         if _keeps_blocks(self, tensor):
-            _adopt_blocks(self, tensor)
+            _adopt_blocks(self, self.vocab.shard(name, tensor))
             return
         if isinstance(tensor, GGUFQuantizedTensor):
             tensor = tensor.dequantize()
@@ -142,7 +151,7 @@ class LMHead(nn.Module):
         if name != "weight":
             raise ValueError(f"the LM head has no parameter {name!r}")
         if _keeps_blocks(self, tensor):
-            _adopt_blocks(self, tensor)
+            _adopt_blocks(self, self.vocab.shard(name, tensor))
             self.method = GGUFLinearMethod()
             return
         if isinstance(tensor, GGUFQuantizedTensor):

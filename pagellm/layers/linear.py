@@ -30,7 +30,7 @@ from pagellm.layers.linear_method import (  # noqa: F401  (re-exported: callers 
     pack_weight_for_cpu,
     packed_linear,
 )
-from pagellm.layers.utils import call_on_layers
+from pagellm.layers.utils import call_on_layers, materialize
 
 
 class ParallelStyle(enum.Enum):
@@ -91,17 +91,15 @@ class Linear(nn.Module):
         return _narrow(tensor, 0, self.tp_range, name, self.out_features)
 
     def load(self, name: str, tensor: torch.Tensor) -> None:
-        tensor = self._method_for(tensor)
-        self.method.load(self, name, self.checkpoint_shard(name, tensor))
+        tensor = self._method_for(materialize(self.checkpoint_shard(name, tensor)))
+        self.method.load(self, name, tensor)
 
     def _method_for(self, tensor):
-        """A quantized checkpoint tensor (e.g. GGUF blocks) brings its own weight method. Split
-        across tensor-parallel ranks it is dequantized instead (quantized sharding is not built)."""
+        """A quantized tensor (e.g. GGUF blocks, already cut to this rank's part, which stays
+        quantized where the cut is block-aligned) brings its own weight method."""
         make = getattr(tensor, "linear_method", None)
         if make is None:
             return tensor
-        if self.parallel.tp_size > 1:
-            return tensor.dequantize()
         if type(self.method) is UnquantizedLinearMethod:
             self.method = make(self)
         return tensor
@@ -168,16 +166,19 @@ class MergedLinear(Linear):
             full, part = self.shard_parts[shard]
             return _narrow(tensor, 0, part, f"{shard}.{name}", full)
         fulls = [full for full, _ in self.shard_parts.values()]
+        if hasattr(tensor, "dequantize"):  # a fused quantized tensor: cut its dequantized rows
+            tensor = tensor.dequantize()
+        tensor = materialize(tensor)
         if tensor.shape[0] != sum(fulls):
             raise ValueError(f"checkpoint {name} has {tensor.shape[0]} rows, expected {sum(fulls)} ({fulls})")
         pieces = tensor.split(fulls, dim=0)
         return torch.cat([p.narrow(0, part.start, part.size) for p, (_, part) in zip(pieces, self.shard_parts.values())])
 
     def load_shard(self, shard: str, name: str, tensor: torch.Tensor) -> None:
-        tensor = self._method_for(tensor)
+        tensor = self._method_for(materialize(self.checkpoint_shard(name, tensor, shard)))
         if name == "weight":
             self.loaded_shards.add(shard)
-        self.method.load(self, name, self.checkpoint_shard(name, tensor, shard), shard)
+        self.method.load(self, name, tensor, shard)
 
     def split(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return out.split([size for _, size in self.shard_offsets.values()], dim=-1)

@@ -12,3 +12,10 @@ def call_on_layers(model: nn.Module, method: str) -> int:
     for layer in layers:
         getattr(layer, method)()
     return len(layers)
+
+
+def materialize(tensor):
+    """A checkpoint tensor read whole: a lazy one (`pagellm.loader.lazy.LazyTensor`, which only
+    tensor-parallel layers cut without reading all of it) is read here; any other is returned as is."""
+    read = getattr(tensor, "materialize", None)
+    return read() if read is not None else tensor

@@ -13,12 +13,15 @@ from pagellm.loader.source import ModelSource, default_model_path, gemma3_270m_p
 from pagellm.loader.tokenizer import load_tokenizer
 
 
-def iter_weights(source: ModelSource, dtype: torch.dtype, quantization: str = "none") -> Iterator[tuple[str, torch.Tensor]]:
+def iter_weights(source: ModelSource, dtype: torch.dtype, quantization: str = "none",
+                 lazy: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF parameter name, tensor in `dtype`), one tensor at a time.
 
     quantization="auto" keeps a GGUF file's linear weights quantized (`GGUFQuantizedTensor`s in
     place of tensors, see loader/gguf.py); "none" dequantizes everything. Safetensors checkpoints
-    are not quantized, so both modes load them the same.
+    are not quantized, so both modes load them the same. lazy=True (tensor-parallel ranks) yields
+    safetensors entries as `LazyTensor`s, read only where a layer cuts its part (GGUF tensors are
+    read whole; quantized ones are cut as blocks).
 
     Names follow Hugging Face ("model.layers.3.self_attn.q_proj.weight", ...). lm_head.weight
     appears only when the checkpoint stores it (tied embeddings usually do not).
@@ -26,7 +29,7 @@ def iter_weights(source: ModelSource, dtype: torch.dtype, quantization: str = "n
     if source.kind == "gguf":
         assert source.gguf_path is not None
         return iter_gguf_weights(source.gguf_path, dtype, quantization)
-    return iter_safetensors_weights(source.path, dtype)
+    return iter_safetensors_weights(source.path, dtype, lazy)
 
 
 def resolve_model_source(model: str, load_format: str = "auto") -> ModelSource:

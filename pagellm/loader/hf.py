@@ -14,6 +14,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
 from pagellm.loader.gguf import check_gguf_file
+from pagellm.loader.lazy import LazyTensor
 from pagellm.loader.source import ModelSource
 
 _INDEX_FILE = "model.safetensors.index.json"
@@ -94,15 +95,17 @@ def safetensors_files(directory: str) -> list[str]:
     return files
 
 
-def iter_safetensors_weights(directory: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors_weights(directory: str, dtype: torch.dtype, lazy: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor in `dtype`) one tensor at a time, so peak memory stays at one tensor.
 
+    lazy=True yields `LazyTensor`s instead (valid until the next one is asked for): a
+    tensor-parallel rank then reads only its rows / columns of each tensor from the file.
     The weight files are listed here, so a missing shard fails at the call, not midway through loading.
     """
-    return _tensors(safetensors_files(directory), dtype)
+    return _tensors(safetensors_files(directory), dtype, lazy)
 
 
-def _tensors(paths: list[str], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def _tensors(paths: list[str], dtype: torch.dtype, lazy: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     for path in paths:
         try:
             handle = safe_open(path, framework="pt")
@@ -110,4 +113,4 @@ def _tensors(paths: list[str], dtype: torch.dtype) -> Iterator[tuple[str, torch.
             raise ValueError(f"{path} is not a valid safetensors file: {exc}") from exc
         with handle as f:
             for name in f.keys():
-                yield name, f.get_tensor(name).to(dtype)
+                yield name, LazyTensor(f, name, dtype) if lazy else f.get_tensor(name).to(dtype)

@@ -23,6 +23,7 @@ from pagellm.distributed.pipeline import MissingLayer, Stage, missing_prefixes, 
 from pagellm.layers.activation import SiluAndMul
 from pagellm.layers.embedding import LMHead, VocabEmbedding
 from pagellm.layers.linear import Linear, MergedLinear, ParallelStyle
+from pagellm.layers.utils import materialize
 from pagellm.layers.norm import RMSNorm
 from pagellm.layers.rotary import RotaryEmbedding, get_rope
 from pagellm.utils import head_dim as config_head_dim
@@ -276,6 +277,7 @@ def load_merged_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Ten
                 raise ValueError(f"checkpoint tensor {name}: {exc}") from exc
         else:
             param = params[name]
+            tensor = materialize(tensor)  # norms and other whole parameters
             if param.shape != tensor.shape:
                 raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
             param.data.copy_(tensor)

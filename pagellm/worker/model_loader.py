@@ -60,3 +60,15 @@ def apply_cpu_switches(model: torch.nn.Module, config: EngineConfig) -> None:
                            "using plain matmuls", config.dtype)
     if config.cpu_fused_ops and load_cpu_ops():
         logger.info("C++ CPU kernels for %d norm/activation layers", enable_cpu_kernels(model))
+
+
+def model_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the weights this process holds (parameters, buffers such as GGUF blocks, oneDNN
+    packed copies), each storage counted once: under tensor parallelism, about 1/tp of the model."""
+    seen: dict[int, int] = {}
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [m.packed for m in model.modules() if isinstance(getattr(m, "packed", None), torch.Tensor)]
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())

@@ -15,6 +15,7 @@ import torch
 
 from pagellm.config import EngineConfig
 from pagellm.core.scheduler import SchedulerOutput
+from pagellm.distributed.parallel_state import get_parallel_context
 from pagellm.loader import ModelSource, iter_weights
 from pagellm.worker import kv_cache
 from pagellm.worker.model_loader import DTYPES
@@ -33,11 +34,30 @@ class Worker:
         self.dtype = DTYPES[config.dtype]
         self.model_runner: Optional[ModelRunner] = None
         self.kv_caches: list[torch.Tensor] = []
+        self.parallel = get_parallel_context()  # the rank's context (it is built inside it)
 
     def load_model(self, source: Optional[ModelSource]) -> None:
         # Dummy weights are random: no checkpoint is read.
-        weights = None if self.config.load_format == "dummy" else iter_weights(source, self.dtype, self.config.quantization)
+        # A tensor-parallel rank reads only its part of each safetensors tensor.
+        lazy = self.parallel.tp_size > 1
+        weights = None if self.config.load_format == "dummy" else iter_weights(source, self.dtype,
+                                                                                self.config.quantization, lazy=lazy)
         self.model_runner = ModelRunner.load(self.config, self.model_config, weights)
+
+    def weight_bytes(self) -> int:
+        """Bytes of this rank's weights (its shard under tensor parallelism)."""
+        from pagellm.worker.model_loader import model_weight_bytes
+
+        return model_weight_bytes(self.model_runner.model)
+
+    def parallel_layout(self) -> dict:
+        """This rank's place in the layout (for logs and tests)."""
+        ctx = self.parallel
+        return {"tp_rank": ctx.tp_rank, "tp_size": ctx.tp_size, "expert_parallel": ctx.expert_parallel}
+
+    def quantized_linear_count(self) -> int:
+        """Layers whose weight this rank holds as quantized blocks."""
+        return sum(1 for m in self.model_runner.model.modules() if getattr(m, "qweight", None) is not None)
 
     def kv_bytes_per_token(self) -> int:
         if self.model_runner is None:

@@ -20,7 +20,7 @@ from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
 from pagellm.layers.linear_method import LinearMethod, UnquantizedLinearMethod
@@ -54,6 +54,31 @@ class GGUFQuantizedTensor:
     def linear_method(self, layer: nn.Module) -> "GGUFLinearMethod":
         return GGUFLinearMethod()
 
+    def dim(self) -> int:
+        return 2
+
+    def narrow(self, dim: int, start: int, length: int) -> Union["GGUFQuantizedTensor", torch.Tensor]:
+        """A tensor-parallel rank's part, still quantized where the cut falls on block boundaries.
+
+        ggml rows are independent, so output rows (dim 0, column-parallel) always cut cleanly. Input
+        columns (dim 1, row-parallel) cut cleanly when start and length are whole blocks (32 values
+        for the kernel types); otherwise the weight is dequantized first, with a warning. The part
+        is a copy, so the full tensor can be freed once every layer has taken its part."""
+        if dim == 0:
+            return GGUFQuantizedTensor(self.data[start:start + length].clone(), self.ggml_type,
+                                       torch.Size((length, self.shape[1])))
+        if dim != 1:
+            raise ValueError(f"a GGUF weight has 2 dims; cannot narrow dim {dim}")
+        block, block_bytes = GGML_QUANT_SIZES[self.ggml_type]
+        if start % block or length % block:
+            logger.warning("GGUF %s weight %s: input columns [%d, %d) do not fall on %d-value block boundaries; "
+                           "dequantizing it before the tensor-parallel split", self.ggml_type.name,
+                           tuple(self.shape), start, start + length, block)
+            return self.dequantize().narrow(1, start, length).clone()
+        cols = slice(start // block * block_bytes, (start + length) // block * block_bytes)
+        return GGUFQuantizedTensor(self.data[:, cols].contiguous(), self.ggml_type,
+                                   torch.Size((self.shape[0], length)))
+
 
 # One piece of a layer's output rows: quantized blocks, or a dense float weight.
 SubWeight = Union[GGUFQuantizedTensor, torch.Tensor]
@@ -79,7 +104,8 @@ class GGUFLinearMethod(LinearMethod):
         if name != "weight":  # biases stay dense
             UnquantizedLinearMethod().load(layer, name, tensor, shard)
             return
-        expected = (layer.shard_offsets[shard][1] if shard is not None else layer.out_features, layer.in_features)
+        local_out, local_in = layer.weight.shape  # this rank's part (the dense weight lives until _finish)
+        expected = (layer.shard_offsets[shard][1] if shard is not None else local_out, local_in)
         if tuple(tensor.shape) != expected:
             label = f"shard {shard}.weight" if shard is not None else "weight"
             raise ValueError(f"{label} has shape {tuple(tensor.shape)}, expected {expected}")
@@ -117,7 +143,7 @@ class GGUFLinearMethod(LinearMethod):
         if self.parts:
             out = torch.cat([self._apply_part(p, x) for p in self.parts], dim=-1)
         else:
-            out = gguf_linear(x, layer.qweight, layer.ggml_type, layer.out_features).to(x.dtype)
+            out = gguf_linear(x, layer.qweight, layer.ggml_type, layer.qweight.shape[0]).to(x.dtype)
         bias = None if skip_bias else getattr(layer, "bias", None)
         return out if bias is None else out + bias
 
