@@ -121,8 +121,8 @@ class EngineConfig:
         return self.data_parallel_size * self.world_size
 
     def layout_summary(self) -> str:
-        """One engine core's layout (every data-parallel core has the same)."""
-        return f"tp={self.tensor_parallel_size} x pp={self.pipeline_parallel_size}"
+        """The layout: one engine core's ranks (tp x pp), and how many such cores (dp) there are."""
+        return f"tp={self.tensor_parallel_size} x pp={self.pipeline_parallel_size} x dp={self.data_parallel_size}"
 
     def executor_backend(self) -> str:
         """The executor actually used: 'uni' or 'mp'."""

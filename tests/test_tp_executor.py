@@ -121,3 +121,20 @@ def test_mixtral_expert_parallel_matches_tp1(tmp_path):
     args = build_parser().parse_args(["serve", "m", "--enable-expert-parallel"])
     assert args.enable_expert_parallel is True
 
+
+
+def test_qwen3_tp2_matches_tp1(tmp_path):
+    # Qwen3's per-head q/k norms run on each rank's own heads.
+    from tests.test_models import make_tiny
+
+    path = make_tiny(str(tmp_path / "qwen3"), "qwen3")[0]
+    kw = dict(KW, kv_cache_memory=1 << 20)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    ref = [o.outputs[0].token_ids for o in LLM(path, **kw).generate(prompts, params)]
+    llm = LLM(path, tensor_parallel_size=2, **kw)
+    try:
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == ref
+        assert llm.llm_engine.core.num_free_blocks == llm.llm_engine.core.num_blocks
+    finally:
+        llm.llm_engine.core.executor.shutdown()

@@ -154,8 +154,10 @@ class MultiprocExecutor(Executor):
         except BaseException:
             self._finalizer()
             raise
-        logger.info("parallel layout: %s, executor=mp, rank pids %s", setup.config.layout_summary(),
-                    [p.pid for p in self._procs])
+        device = setup.config.device
+        devices = [f"{device}:{r}" if device.startswith("cuda") else device for r in range(self.world_size)]
+        logger.info("parallel layout: %s, executor=mp, rank devices %s, rank pids %s", setup.config.layout_summary(),
+                    devices, [p.pid for p in self._procs])
 
     def _call(self, method: str, args: tuple, kwargs: dict, reply_ranks) -> list[Any]:
         if self._pending:
