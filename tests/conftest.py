@@ -112,6 +112,21 @@ def assert_top5_near_ties(ours, theirs, max_near_ties: int = 1) -> list[tuple]:
     return near_ties
 
 
+def assert_engines_near_tie(got, ref, max_near_ties: int = 1) -> list[tuple]:
+    """Greedy parity of two pagellm engines (RequestOutputs with logprobs=5, same prompts): at a first
+    divergence each side's token must be in the other's top 5; at most `max_near_ties` prompts diverge."""
+    def near_tie(i: int, d: int) -> tuple:
+        mine, theirs = got[i].outputs[0], ref[i].outputs[0]
+        assert theirs.token_ids[d] in mine.logprobs[d] and mine.token_ids[d] in theirs.logprobs[d], \
+            f"prompt {i}: real divergence at step {d}"
+        return i, d
+
+    pairs = ((i, got[i].outputs[0].token_ids, ref[i].outputs[0].token_ids) for i in range(len(ref)))
+    near_ties = greedy_near_ties(pairs, near_tie)
+    assert len(near_ties) <= max_near_ties, f"too many divergences: {near_ties}"
+    return near_ties
+
+
 def first_divergence(a: list[int], b: list[int]) -> int | None:
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:

@@ -19,7 +19,7 @@ from pagellm import LLM, SamplingParams
 from pagellm.loader import gemma3_270m_path, iter_weights, resolve_model
 from pagellm.models.gemma3 import Gemma3ForCausalLM, layer_types, text_weight_name
 from pagellm.models.registry import get_model_class
-from tests.conftest import first_divergence, greedy_near_ties, hf_greedy
+from tests.conftest import assert_engines_near_tie, first_divergence, greedy_near_ties, hf_greedy
 
 S, F = "sliding_attention", "full_attention"
 WINDOW = 16
@@ -306,11 +306,4 @@ def test_gemma3_270m_tp2_replicated_kv_head_matches_tp1(gemma_llm):
     finally:
         llm.llm_engine.core.executor.shutdown()
 
-    def near_tie(i: int, d: int) -> tuple:
-        mine, theirs = got[i].outputs[0], ref[i].outputs[0]
-        assert theirs.token_ids[d] in mine.logprobs[d] and mine.token_ids[d] in theirs.logprobs[d], \
-            f"prompt {i}: real divergence at step {d}"
-        return i, d
-
-    pairs = ((i, got[i].outputs[0].token_ids, ref[i].outputs[0].token_ids) for i in range(len(prompts)))
-    assert len(greedy_near_ties(pairs, near_tie)) <= 1
+    assert_engines_near_tie(got, ref)

@@ -5,7 +5,7 @@ The tp=1 reference is the suite's shared quantized engine."""
 from __future__ import annotations
 
 from pagellm import LLM, SamplingParams
-from tests.conftest import greedy_near_ties
+from tests.conftest import assert_engines_near_tie
 
 PROMPTS = [[1, 504, 3458, 282, 4649, 314], [1, 12, 345, 678, 90]]
 PARAMS = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=5)
@@ -31,11 +31,4 @@ def test_smollm2_tp3_quantized_matches_tp1(smollm_llm, smollm_path):
     for b in rank_bytes:
         assert 0.95 * full_bytes / 3 <= b <= 1.05 * full_bytes / 3, (b, full_bytes)
 
-    def near_tie(i: int, d: int) -> tuple:
-        mine, theirs = got[i].outputs[0], ref[i].outputs[0]
-        assert theirs.token_ids[d] in mine.logprobs[d] and mine.token_ids[d] in theirs.logprobs[d], \
-            f"prompt {i}: real divergence at step {d}"
-        return i, d
-
-    pairs = ((i, got[i].outputs[0].token_ids, ref[i].outputs[0].token_ids) for i in range(len(PROMPTS)))
-    assert len(greedy_near_ties(pairs, near_tie)) <= 1
+    assert_engines_near_tie(got, ref)
