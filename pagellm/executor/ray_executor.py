@@ -23,7 +23,7 @@ from multiprocessing import util as mp_util
 from typing import Any, Optional, Sequence
 
 import ray
-from ray.exceptions import RayError
+from ray.exceptions import RayActorError, RayError
 from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -36,7 +36,17 @@ logger = logging.getLogger(__name__)
 
 POLL_S = 0.2  # how often a wait checks for a rank's error (a dead actor's call errors at once)
 START_TIMEOUT_S = 300.0  # starting an actor and loading a shard; a hung rank must not hang start-up
+ERROR_GRACE_S = 1.0  # after a rank's error, how long the other ranks may still report theirs
 STOP_TIMEOUT_S = 2.0  # a rank's graceful exit (leaving its process group) before it is killed
+
+
+def _describe(rank: int, world_size: int, exc: RayError) -> str:
+    """One line first (what happened to which rank), then Ray's text (a raised error's traceback)."""
+    text = str(exc).strip()
+    if isinstance(exc, RayActorError):
+        return f"rank {rank} of {world_size} (Ray actor) died: {text.splitlines()[0] if text else type(exc).__name__}"
+    last = text.splitlines()[-1] if text else type(exc).__name__
+    return f"rank {rank} of {world_size} (Ray actor) raised: {last}\n{text}"
 
 
 class RankActor:
@@ -165,22 +175,30 @@ class RayExecutor(Executor):
                       for rank, a in enumerate(actors)], timeout=START_TIMEOUT_S)
 
     def _gather(self, refs: Sequence, timeout: Optional[float] = None) -> list[Any]:
-        """Every rank's result in rank order; raises RankFailure at the first rank that died or raised."""
+        """Every rank's result in rank order; raises RankFailure soon after a rank died or raised.
+
+        After the first error the others get ERROR_GRACE_S to report too, so that the rank that died
+        is named rather than a peer whose collective it broke (peers may also never answer)."""
         index = {ref: rank for rank, ref in enumerate(refs)}
         results: dict[int, Any] = {}
+        errors: dict[int, RayError] = {}
         pending = list(refs)
-        waited = 0.0
-        while pending:
+        waited = since_error = 0.0
+        while pending and not (errors and since_error > ERROR_GRACE_S):
             ready, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
             for ref in ready:
-                rank = index[ref]
                 try:
-                    results[rank] = ray.get(ref)
+                    results[index[ref]] = ray.get(ref)
                 except RayError as exc:
-                    self._fail(f"rank {rank} of {self.world_size} (Ray actor) failed: {exc}")
+                    errors[index[ref]] = exc
             waited += POLL_S
-            if pending and timeout is not None and waited > timeout:
+            since_error += POLL_S if errors else 0.0
+            if pending and not errors and timeout is not None and waited > timeout:
                 self._fail(f"ranks {sorted(index[r] for r in pending)} did not answer within {timeout:.0f} s")
+        if errors:
+            died = [r for r, e in errors.items() if isinstance(e, RayActorError)]
+            rank = min(died or errors)
+            self._fail(_describe(rank, self.world_size, errors[rank]))
         return [results[r] for r in range(len(refs))]
 
     def _fail(self, message: str) -> None:
