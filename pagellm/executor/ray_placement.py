@@ -55,15 +55,15 @@ def connect() -> bool:
         return False
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address)
         return False
     try:
-        ray.init(address="auto", log_to_driver=False)
+        ray.init(address="auto")
         return False
     except ConnectionError:
         pass  # no cluster on this machine
     logger.info("no Ray cluster found: starting a local Ray instance for this engine")
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(include_dashboard=False)
     return True
 
 
