@@ -96,12 +96,15 @@ def test_tp2_across_two_nodes_matches_uni_then_killed_rank_fails_fast(cluster, l
     _assert_released(pids)
 
 
-def test_pp2_matches_uni_and_gc_releases(cluster, llama, reference):
+def test_pp2_matches_uni_then_ray_kill_fails_and_gc_releases(cluster, llama, reference):
     llm = LLM(llama, pipeline_parallel_size=2, distributed_executor_backend="ray", **KW)
     executor = llm.llm_engine.core.executor
     assert executor.max_concurrent_batches == 2 and executor.output_rank == 1
     assert _generate(llm) == reference
     pids = executor.rank_pids()
+    ray.kill(executor._held.actors[1])  # the last stage, through Ray this time
+    with pytest.raises(RankFailure, match="rank 1 of 2 .* died"):
+        llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY)
     del llm, executor
     gc.collect()
     _assert_released(pids)
