@@ -50,6 +50,7 @@ class EngineConfig:
     quantization: str = "auto"  # auto: GGUF linear weights stay quantized (CPU); none: dequantize at load
     tensor_parallel_size: int = 1  # ranks each layer's heads / columns are split across
     pipeline_parallel_size: int = 1  # stages the layers are split across (each stage tp ranks)
+    data_parallel_size: int = 1  # engine cores (each its own scheduler, KV cache and tp x pp ranks); server only
     distributed_executor_backend: str = "auto"  # auto: uni for one rank, else mp (one process per rank); ray: Ray actors
     enable_expert_parallel: bool = False  # MoE: whole experts split over the tp ranks instead of each expert sharded
 
@@ -85,7 +86,7 @@ class EngineConfig:
             not isinstance(self.max_num_batched_tokens, int) or self.max_num_batched_tokens < 1
         ):
             bad("max_num_batched_tokens", "must be a positive integer")
-        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, "must be a positive integer")
         if self.distributed_executor_backend not in _EXECUTOR_BACKENDS:
@@ -112,7 +113,13 @@ class EngineConfig:
         """Ranks one engine core drives: tensor x pipeline parallel."""
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
+    @property
+    def total_world_size(self) -> int:
+        """Ranks of every engine core together: dp x tp x pp (the devices a CUDA layout needs)."""
+        return self.data_parallel_size * self.world_size
+
     def layout_summary(self) -> str:
+        """One engine core's layout (every data-parallel core has the same)."""
         return f"tp={self.tensor_parallel_size} x pp={self.pipeline_parallel_size}"
 
     def executor_backend(self) -> str:
@@ -125,13 +132,19 @@ class EngineConfig:
     def field_names(cls) -> set[str]:
         return {f.name for f in dataclasses.fields(cls)}
 
-    def resolve(self, *, model_max_len: int, cuda_available: bool) -> "EngineConfig":
-        """Fills the model- and machine-dependent defaults; validates the result."""
+    def resolve(self, *, model_max_len: int, cuda_available: bool,
+                cuda_device_count: Optional[int] = None) -> "EngineConfig":
+        """Fills the model- and machine-dependent defaults; validates the result (the CUDA device
+        count, when given, against every engine core's ranks)."""
         device = self.device
         if device == "auto":
             device = "cuda" if cuda_available else "cpu"
         if device == "cuda" and not cuda_available:
             raise ValueError("EngineConfig.device: 'cuda' was asked for but no CUDA device is available")
+        if device == "cuda" and cuda_device_count is not None and self.total_world_size > cuda_device_count:
+            raise ValueError(f"EngineConfig.data_parallel_size: {self.data_parallel_size} engine cores x "
+                             f"{self.world_size} ranks each ({self.layout_summary()}) = {self.total_world_size} "
+                             f"devices, more than the {cuda_device_count} CUDA devices visible (one device per rank)")
         dtype = self.dtype
         if dtype == "auto":
             dtype = "bfloat16" if device == "cuda" else "float32"

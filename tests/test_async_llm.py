@@ -201,6 +201,16 @@ def test_bad_input_raises_value_error_and_engine_keeps_serving(engine, reference
     assert not engine.output_processor.requests
 
 
+# What the engine core reports carries its data-parallel rank as an `engine` label ("0" here).
+_CORE_METRICS = {"pagellm:num_requests_running", "pagellm:num_requests_waiting", "pagellm:kv_cache_usage_perc",
+                 "pagellm:num_preemptions_total", "pagellm:prefix_cache_queries_total", "pagellm:prefix_cache_hits_total"}
+
+
+def _labels(name: str, model_name: str, extra=()) -> tuple:
+    engine = (("engine", "0"),) if name in _CORE_METRICS else ()
+    return tuple(sorted((("model_name", model_name),) + engine + tuple(extra)))
+
+
 def _samples(text: str) -> dict[tuple[str, tuple], float]:
     out = {}
     for family in text_string_to_metric_families(text):
@@ -226,13 +236,12 @@ def test_metrics_after_requests(engine):
     asyncio.run(main())
     text = engine.metrics.render().decode()
     after = _samples(text)
-    model = (("model_name", engine.metrics.model_name),)
 
     def value(name, extra=()):
-        return after[(name, tuple(sorted(model + extra)))]
+        return after[(name, _labels(name, engine.metrics.model_name, extra))]
 
     def delta(name, extra=()):
-        key = (name, tuple(sorted(model + extra)))
+        key = (name, _labels(name, engine.metrics.model_name, extra))
         return after[key] - before.get(key, 0.0)
 
     for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prompt_tokens_total",
@@ -289,10 +298,9 @@ def test_prefix_cache_hits_metrics_and_reset(engine):
     assert cached >= 16
     assert (first.num_cached_tokens, second.num_cached_tokens, third.num_cached_tokens) == (0, cached, 0)
     assert second.outputs[0].finish_reason == "length"
-    model = (("model_name", engine.metrics.model_name),)
-
     def delta(name):
-        return after[(name, model)] - before.get((name, model), 0.0)
+        key = (name, _labels(name, engine.metrics.model_name))
+        return after[key] - before.get(key, 0.0)
 
     assert delta("pagellm:prefix_cache_queries_total") == 3 * num_prompt
     assert delta("pagellm:prefix_cache_hits_total") == 2 * cached  # the second and the aborted one

@@ -200,28 +200,34 @@ def test_enable_cpu_kernels_switches_norms_and_activations():
 
 
 FAST_PATHS_OFF = dict(attention_backend="torch", cpu_weight_prepack=False, cpu_fused_ops=False)
+FAST_PATH_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Write a haiku about the sea.",
+                     "List three prime numbers:" * 8]
+
+
+@pytest.fixture(scope="module")
+def fast_path_tokens(smollm_llm_fp32) -> list[list[int]]:
+    """The shared engine's greedy tokens with every fast path on, computed once for the switches below."""
+    from pagellm import SamplingParams
+
+    assert smollm_llm_fp32.llm_engine.core.runner.backend.name == "cpu"  # every fast path on
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in smollm_llm_fp32.generate(FAST_PATH_PROMPTS, params, use_tqdm=False)]
 
 
 @pytest.mark.parametrize("switch", ["all", "attention_backend", "cpu_weight_prepack", "cpu_fused_ops"])
-def test_engine_greedy_identical_with_fast_paths_on_and_off(smollm_path, smollm_llm_fp32, switch):
+def test_engine_greedy_identical_with_fast_paths_on_and_off(smollm_path, fast_path_tokens, switch):
     """Every CPU fast path on (the default engine) vs off: the same greedy tokens on the real model,
-    over a batched prefill and 48 decode steps (the engines differ only in the switch). Both run the
+    over a batched prefill and 32 decode steps (the engines differ only in the switch). Both run the
     full-precision weights: prepacking is a path of plain linear weights, not of GGUF blocks."""
-    smollm_llm = smollm_llm_fp32
     from pagellm import LLM, SamplingParams
 
     off = FAST_PATHS_OFF if switch == "all" else {switch: FAST_PATHS_OFF[switch]}
-    prompts = ["The capital of France is", "def fibonacci(n):", "Write a haiku about the sea.",
-               "List three prime numbers:" * 8]
-    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
-    runner = smollm_llm.llm_engine.core.runner
-    assert runner.backend.name == "cpu"  # the shared engine runs with every fast path on
-    fast = [o.outputs[0].token_ids for o in smollm_llm.generate(prompts, params, use_tqdm=False)]
-    slow_llm = LLM(smollm_path, max_model_len=2048, kv_cache_memory=128 << 20, quiet=True, quantization="none", **off)
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    slow_llm = LLM(smollm_path, max_model_len=512, kv_cache_memory=32 << 20, quiet=True, quantization="none", **off)
     slow_runner = slow_llm.llm_engine.core.runner
     assert (slow_runner.backend.name == "torch") == ("attention_backend" in off)
     layers = slow_runner.model.model.layers
     assert (layers[0].mlp.down_proj.packed is None) == ("cpu_weight_prepack" in off)
     assert layers[0].input_layernorm.use_cpu_kernel == ("cpu_fused_ops" not in off)
-    slow = [o.outputs[0].token_ids for o in slow_llm.generate(prompts, params, use_tqdm=False)]
-    assert slow == fast
+    slow = [o.outputs[0].token_ids for o in slow_llm.generate(FAST_PATH_PROMPTS, params, use_tqdm=False)]
+    assert slow == fast_path_tokens

@@ -289,3 +289,28 @@ def test_gemma3_270m_greedy_matches_hf(gemma_llm, hf_gemma):
         return i, d, gap
 
     greedy_near_ties(((i, mine[i], reference[i][0]) for i in range(len(mine))), near_tie)
+
+
+@pytest.mark.slow
+def test_gemma3_270m_tp2_replicated_kv_head_matches_tp1(gemma_llm):
+    """At tp=2 Gemma's one KV head is held whole by both ranks; greedy tokens equal the module's tp=1 engine."""
+    prompts = REAL_PROMPTS[:3]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=5)
+    ref = gemma_llm.generate(prompts, params, use_tqdm=False)
+    (ref_kv,) = gemma_llm.llm_engine.core.executor.collective_rpc("kv_bytes_per_token")
+    llm = LLM(gemma3_270m_path(), tensor_parallel_size=2, max_model_len=256, kv_cache_memory=48 << 20, quiet=True,
+              quantization="none")
+    try:
+        got = llm.generate(prompts, params, use_tqdm=False)
+        assert llm.llm_engine.core.executor.collective_rpc("kv_bytes_per_token") == [ref_kv, ref_kv]
+    finally:
+        llm.llm_engine.core.executor.shutdown()
+
+    def near_tie(i: int, d: int) -> tuple:
+        mine, theirs = got[i].outputs[0], ref[i].outputs[0]
+        assert theirs.token_ids[d] in mine.logprobs[d] and mine.token_ids[d] in theirs.logprobs[d], \
+            f"prompt {i}: real divergence at step {d}"
+        return i, d
+
+    pairs = ((i, got[i].outputs[0].token_ids, ref[i].outputs[0].token_ids) for i in range(len(prompts)))
+    assert len(greedy_near_ties(pairs, near_tie)) <= 1

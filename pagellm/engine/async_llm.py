@@ -33,6 +33,8 @@ from pagellm.engine.admission import AdmissionLimits
 from pagellm.engine.core_interface import (AbortRequests, AddRequest, CoreOutputs, FinishOnStop, ResetPrefixCache,
                                            StatsRequest)
 from pagellm.engine.core_process import ProcessCoreClient, ThreadCoreClient
+from pagellm.engine.dp_client import DPCoreClient
+from pagellm.engine.dp_router import combine_stats
 from pagellm.engine.exceptions import EngineDeadError, EngineOverloadedError, RequestFailedError
 from pagellm.engine.async_streams import OutputStream, call_soon, merge_deltas, put_all, resolve, wait_until
 from pagellm.engine.intake import PreparedRequest, RequestIntake, load_front_end_tokenizer
@@ -43,7 +45,7 @@ from pagellm.engine.setup import ModelSetup, resolve_setup
 from pagellm.outputs import RequestOutput
 from pagellm.sampling_params import SamplingParams
 
-CoreClient = Union[ProcessCoreClient, ThreadCoreClient]
+CoreClient = Union[ProcessCoreClient, ThreadCoreClient, DPCoreClient]
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
@@ -83,12 +85,13 @@ class AsyncLLM:
         self.processor = self.intake.processor
         self.output_processor = self.intake.output_processor
         self._intake_pool = ThreadPoolExecutor(max_workers=INTAKE_WORKERS, thread_name_prefix="pagellm-intake")
-        self.metrics = EngineMetrics(model_name or default_model_name(setup))
+        self.metrics = EngineMetrics(model_name or default_model_name(setup),
+                                     num_engines=self.config.data_parallel_size)
         # Guards the OutputProcessor and the tables below: the event loop and the reader thread both use them.
         self._lock = threading.Lock()
         self._streams: dict[str, OutputStream] = {}
         self._tracking: dict[str, _Tracking] = {}
-        self._stats: Optional[SchedulerStats] = None
+        self._stats: dict[int, SchedulerStats] = {}  # engine core (data-parallel rank) -> its latest snapshot
         # Answers the core owes us (stats snapshots, prefix-cache resets), by request token.
         self._waiters: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._tokens = itertools.count()
@@ -103,15 +106,19 @@ class AsyncLLM:
                     restart_on_failure: bool = False) -> "AsyncLLM":
         """Starts the engine and returns once the model is loaded.
 
-        engine_process: run the core in a child process (default) or in a thread of this one.
+        engine_process: run the core in a child process (default) or in a thread of this one;
+        with data_parallel_size > 1, one child process per core (DPCoreClient).
         model_name: the `model_name` label of the metrics (default: the model file/directory name).
         admission: the queue limit (default: none). restart_on_failure: reload a core that dies.
         """
+        if config.data_parallel_size > 1 and not engine_process:
+            raise ValueError(f"EngineConfig.data_parallel_size: {config.data_parallel_size} engine cores run in "
+                             "child processes; engine_process=False (one in-process core) needs 1")
         setup = resolve_setup(config)
         client: Optional[CoreClient] = None
         try:
             if engine_process:
-                client = ProcessCoreClient(setup)  # the child loads the weights ...
+                client = _new_process_client(setup)  # the children load the weights ...
                 tokenizer = load_front_end_tokenizer(setup)  # ... while this process loads the tokenizer
                 ready = client.wait_ready()
                 if not quiet:
@@ -187,8 +194,9 @@ class AsyncLLM:
     def _admit(self, num_sequences: int) -> None:
         """Admission control (under self._lock): refuses what would overfill the queue."""
         try:
+            # Every data-parallel core runs a batch of max_num_seqs.
             self.admission.check(len(self.output_processor.core_to_completion), num_sequences,
-                                 self.config.max_num_seqs)
+                                 self.config.max_num_seqs * self.config.data_parallel_size)
         except EngineOverloadedError:
             self.metrics.record_rejected("queue_full")
             raise
@@ -216,11 +224,16 @@ class AsyncLLM:
 
     # -- stats and state ----------------------------------------------------------------
     def get_stats(self) -> Optional[SchedulerStats]:
-        """The latest snapshot the core sent (None before its first step)."""
-        return self._stats
+        """The latest snapshot the core sent (None before its first step); with data parallelism,
+        every core's latest combined (None until each has sent one)."""
+        stats = dict(self._stats)
+        if len(stats) < self.config.data_parallel_size:
+            return None
+        return combine_stats(stats[i] for i in sorted(stats))
 
     async def wait_for_stats(self) -> SchedulerStats:
-        """A snapshot the core takes after this call (after everything sent before it, aborts included)."""
+        """A snapshot the core takes after this call (after everything sent before it, aborts included);
+        with data parallelism every core's, combined."""
         return await self._ask_core(StatsRequest)
 
     async def reset_prefix_cache(self) -> bool:
@@ -313,15 +326,15 @@ class AsyncLLM:
                 if stream is not None:
                     deliveries.append((stream, out))
             orphans = self._fail_requests(failed, deliveries)
-            answers = [(t, message.stats) for t in message.stats_tokens]
+            answers = [(t, message.stats) for t in message.stats_tokens] + list(message.stats_answers.items())
             answers += message.reset_results
             waiters = [(self._waiters.pop(t), value) for t, value in answers if t in self._waiters]
         if stops:
             self._send_quietly(FinishOnStop(stops))  # first: the core keeps generating until it hears this
         if orphans:
             self._send_quietly(AbortRequests(orphans))  # siblings of a failed sample
-        self._stats = message.stats
-        self.metrics.record_scheduler_stats(message.stats)
+        self._stats[message.engine_index] = message.stats
+        self.metrics.record_scheduler_stats(message.stats, message.engine_index)
         self._deliver(deliveries)
         for (loop, future), value in waiters:
             call_soon(loop, resolve, future, value, None)
@@ -456,8 +469,13 @@ class AsyncLLM:
                 call_soon(loop, put_all, batch)
 
 
-def _start_process_core(setup: ModelSetup) -> ProcessCoreClient:
-    client = ProcessCoreClient(setup)
+def _new_process_client(setup: ModelSetup) -> Union[ProcessCoreClient, DPCoreClient]:
+    """One core process, or with data parallelism a group of them behind a router."""
+    return DPCoreClient(setup) if setup.config.data_parallel_size > 1 else ProcessCoreClient(setup)
+
+
+def _start_process_core(setup: ModelSetup) -> Union[ProcessCoreClient, DPCoreClient]:
+    client = _new_process_client(setup)
     try:
         client.wait_ready()
     except BaseException:

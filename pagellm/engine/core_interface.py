@@ -114,8 +114,14 @@ class CoreOutputs:
     rejected: list[tuple[str, str]] = field(default_factory=list)
     # StatsRequest tokens answered by `stats`
     stats_tokens: list[int] = field(default_factory=list)
+    # StatsRequest tokens answered by other snapshots (the data-parallel client: every core's, combined)
+    stats_answers: dict[int, SchedulerStats] = field(default_factory=dict)
     # (ResetPrefixCache token, whether the cache was reset)
     reset_results: list[tuple[int, bool]] = field(default_factory=list)
+    # user request ids of AddRequests admitted this iteration (the data-parallel router's pending counts)
+    added: list[str] = field(default_factory=list)
+    # the data-parallel rank of the core that sent this (0 without data parallelism)
+    engine_index: int = 0
 
 
 @dataclass

@@ -11,6 +11,7 @@ dedicated reader thread, so the caller's event loop never blocks on the core.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import queue
 import signal
 import threading
@@ -40,16 +41,18 @@ if TYPE_CHECKING:  # the front end imports this module; only the core process lo
 class CoreLoop:
     """Drains input, steps while there is work, reports each iteration; blocks when idle."""
 
-    def __init__(self, core: EngineCore, inputs: "queue.Queue", send: Callable[[object], None]) -> None:
+    def __init__(self, core: EngineCore, inputs: "queue.Queue", send: Callable[[object], None],
+                 engine_index: int = 0) -> None:
         self.core = core
         self.inputs = inputs
         self.send = send
+        self.engine_index = engine_index  # data-parallel rank, stamped on every CoreOutputs
 
     def run(self) -> None:
         while True:
             # Idle: sleep on the input queue (no busy spin). Busy: only take what is already there.
             messages = self._drain(block=not self.core.has_unfinished_requests())
-            out = CoreOutputs([], self.core.stats())
+            out = CoreOutputs([], self.core.stats(), engine_index=self.engine_index)
             for message in messages:
                 if isinstance(message, Shutdown):
                     return
@@ -74,6 +77,8 @@ class CoreLoop:
                 admit_all_or_none(message.children, self.core.add_request, self.core.abort_requests)
             except ValueError as e:
                 out.rejected.append((message.request_id, str(e)))
+            else:
+                out.added.append(message.request_id)
         elif isinstance(message, AbortRequests):
             self.core.abort_requests(message.core_request_ids)
         elif isinstance(message, FinishOnStop):
@@ -89,10 +94,16 @@ class CoreLoop:
 
 
 # -- running it in a child process --------------------------------------------------------
-def run_core_process(setup: ModelSetup, conn_in, conn_out) -> None:
-    """Entry point of the engine core process."""
+def run_core_process(setup: ModelSetup, conn_in, conn_out, dp_rank: int = 0,
+                     cuda_visible_devices: Optional[str] = None) -> None:
+    """Entry point of the engine core process (`dp_rank`: its data-parallel rank)."""
     # Ctrl-C reaches the whole process group; the front end decides how to shut down.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if cuda_visible_devices is not None:
+        # Before anything initializes CUDA: this core and its rank processes see only their devices.
+        os.environ["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
+    if setup.config.device == "cpu" and setup.config.data_parallel_size > 1:
+        _share_cpu_threads(setup.config.data_parallel_size)
     from pagellm.engine.core import EngineCore
 
     try:
@@ -106,7 +117,7 @@ def run_core_process(setup: ModelSetup, conn_in, conn_out) -> None:
     # A pump thread keeps the pipe drained while the loop steps, so the front end never blocks on a send.
     threading.Thread(target=_pump, args=(conn_in, inputs), name="pagellm-core-input", daemon=True).start()
     try:
-        CoreLoop(core, inputs, conn_out.send).run()
+        CoreLoop(core, inputs, conn_out.send, engine_index=dp_rank).run()
     except (BrokenPipeError, ConnectionResetError, EOFError):
         return  # the front end is gone; nobody to report to
     except BaseException as e:  # noqa: BLE001
@@ -115,6 +126,17 @@ def run_core_process(setup: ModelSetup, conn_in, conn_out) -> None:
         except OSError:
             pass
         raise
+
+
+def _share_cpu_threads(num_cores: int) -> None:
+    """Data-parallel cores on one CPU split its threads (an OMP_NUM_THREADS the user set wins)."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    import torch
+
+    threads = max(1, torch.get_num_threads() // num_cores)
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # this core's tp/pp rank processes split it further
 
 
 def _pump(conn_in, inputs: queue.Queue) -> None:
@@ -143,14 +165,17 @@ def _picklable(error: BaseException) -> BaseException:
 class ProcessCoreClient:
     """The front end's handle on an engine core in a child process."""
 
-    def __init__(self, setup: ModelSetup) -> None:
+    def __init__(self, setup: ModelSetup, dp_rank: int = 0, cuda_visible_devices: Optional[str] = None) -> None:
+        """dp_rank / cuda_visible_devices: set by the data-parallel client for each of its cores."""
         # spawn, not fork: a fresh interpreter that inherits only the two pipe ends passed to it
         # (no server sockets, no torch thread pools or locks copied mid-use).
         ctx = multiprocessing.get_context("spawn")
         child_in, self._to_core = ctx.Pipe(duplex=False)
         self._from_core, child_out = ctx.Pipe(duplex=False)
-        self._process = ctx.Process(target=run_core_process, args=(setup, child_in, child_out),
-                                    name="pagellm-engine-core", daemon=True)
+        name = "pagellm-engine-core" if dp_rank == 0 else f"pagellm-engine-core-{dp_rank}"
+        self._process = ctx.Process(target=run_core_process,
+                                    args=(setup, child_in, child_out, dp_rank, cuda_visible_devices),
+                                    name=name, daemon=True)
         self._process.start()
         # Drop our copies of the child's ends: EOF on a pipe then means the other side is gone.
         child_in.close()

@@ -22,6 +22,11 @@ from pagellm.sampling_params import SamplingParams
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, quiet: bool = False) -> None:
+        if config.data_parallel_size > 1:
+            # As in vLLM, offline inference is one engine core; several cores need a router in front.
+            raise ValueError(f"EngineConfig.data_parallel_size: the offline LLM runs one engine core, got "
+                             f"{config.data_parallel_size}; use `pagellm serve MODEL -dp "
+                             f"{config.data_parallel_size}` (or one LLM per device group)")
         self.setup: ModelSetup = resolve_setup(config)
         self.config = self.setup.config
         self.tokenizer = load_front_end_tokenizer(self.setup)

@@ -4,6 +4,11 @@ Each engine owns its own `CollectorRegistry` (not the process-wide default), so 
 engines can live in one process (tests, benchmarks) without clashing metric names.
 All metric objects are thread-safe: the front end's output thread updates them while
 the HTTP server renders them.
+
+What an engine core reports (running / waiting / KV usage gauges, preemption and prefix-cache
+counters) carries an `engine` label as well, the core's data-parallel rank ("0" without data
+parallelism), as vLLM labels them; the front end's own metrics (tokens, latencies, requests) are
+for the whole server.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pagellm.core.scheduler import SchedulerStats
 
 _LABELS = ["model_name"]
+_CORE_LABELS = ["model_name", "engine"]
 
 # Bucket edges in seconds. CPU serving is slow, so the upper ends reach minutes.
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -29,10 +35,21 @@ _REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.
 class EngineMetrics:
     CONTENT_TYPE = CONTENT_TYPE_LATEST
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, num_engines: int = 1) -> None:
         self.model_name = model_name
+        self.num_engines = num_engines
         self.registry = CollectorRegistry()
         r = self.registry
+
+        def per_core(metric) -> list:
+            # Every core's child exists from the start, so each shows 0 before its first report.
+            return [metric.labels(model_name, str(i)) for i in range(num_engines)]
+
+        def core_gauge(name: str, doc: str) -> list:
+            return per_core(Gauge(name, doc, _CORE_LABELS, registry=r))
+
+        def core_counter(name: str, doc: str) -> list:
+            return per_core(Counter(name, doc, _CORE_LABELS, registry=r))
 
         def gauge(name: str, doc: str):
             return Gauge(name, doc, _LABELS, registry=r).labels(model_name)
@@ -43,19 +60,22 @@ class EngineMetrics:
         def histogram(name: str, doc: str, buckets):
             return Histogram(name, doc, _LABELS, buckets=buckets, registry=r).labels(model_name)
 
-        self.num_requests_running = gauge("pagellm:num_requests_running", "Number of requests in the running batch.")
-        self.num_requests_waiting = gauge("pagellm:num_requests_waiting", "Number of requests waiting to be scheduled.")
-        self.kv_cache_usage_perc = gauge("pagellm:kv_cache_usage_perc",
-                                         "Fraction of KV cache blocks in use (0 = empty, 1 = full).")
+        # One child per engine core (index = its data-parallel rank).
+        self.num_requests_running = core_gauge("pagellm:num_requests_running",
+                                               "Number of requests in the running batch.")
+        self.num_requests_waiting = core_gauge("pagellm:num_requests_waiting",
+                                               "Number of requests waiting to be scheduled.")
+        self.kv_cache_usage_perc = core_gauge("pagellm:kv_cache_usage_perc",
+                                              "Fraction of KV cache blocks in use (0 = empty, 1 = full).")
         self.prompt_tokens = counter("pagellm:prompt_tokens_total", "Number of prefill (prompt) tokens processed.")
         self.generation_tokens = counter("pagellm:generation_tokens_total", "Number of generated tokens.")
-        self.num_preemptions = counter("pagellm:num_preemptions_total", "Cumulative number of preemptions.")
+        self.num_preemptions = core_counter("pagellm:num_preemptions_total", "Cumulative number of preemptions.")
         # Hit rate = hits / queries. In tokens: every prompt token of an admitted request is a query,
         # and those found in the prefix cache are hits.
-        self.prefix_cache_queries = counter("pagellm:prefix_cache_queries",
-                                            "Prompt tokens looked up in the prefix cache.")
-        self.prefix_cache_hits = counter("pagellm:prefix_cache_hits",
-                                         "Prompt tokens found in the prefix cache.")
+        self.prefix_cache_queries = core_counter("pagellm:prefix_cache_queries",
+                                                 "Prompt tokens looked up in the prefix cache.")
+        self.prefix_cache_hits = core_counter("pagellm:prefix_cache_hits",
+                                              "Prompt tokens found in the prefix cache.")
         # Labelled by finish reason as well, so kept unbound.
         self.request_success = Counter("pagellm:request_success_total", "Number of finished requests, by reason.",
                                        _LABELS + ["finished_reason"], registry=r)
@@ -73,23 +93,27 @@ class EngineMetrics:
                                         _LABELS + ["reason"], registry=r)
         self.engine_restarts = counter("pagellm:engine_restarts_total",
                                        "Times the engine core was restarted after it died.")
-        # The core reports running totals; counters move forward by the difference.
-        self._last_totals = {"preemptions": 0, "queries": 0, "hits": 0}
+        # Each core reports running totals; counters move forward by the difference (per core).
+        self._last_totals = [{"preemptions": 0, "queries": 0, "hits": 0} for _ in range(num_engines)]
 
     # -- updates ----------------------------------------------------------------------
-    def record_scheduler_stats(self, stats: SchedulerStats) -> None:
-        self.num_requests_running.set(stats.num_running)
-        self.num_requests_waiting.set(stats.num_waiting)
-        self.kv_cache_usage_perc.set(stats.kv_cache_usage)
-        self._advance(self.num_preemptions, "preemptions", stats.num_preemptions_total)
-        self._advance(self.prefix_cache_queries, "queries", stats.prefix_cache_queries)
-        self._advance(self.prefix_cache_hits, "hits", stats.prefix_cache_hits)
+    def record_scheduler_stats(self, stats: SchedulerStats, engine: int = 0) -> None:
+        """Core `engine`'s snapshot (each core's reports come from one thread, so per-core state needs no lock)."""
+        self.num_requests_running[engine].set(stats.num_running)
+        self.num_requests_waiting[engine].set(stats.num_waiting)
+        self.kv_cache_usage_perc[engine].set(stats.kv_cache_usage)
+        totals = self._last_totals[engine]
+        self._advance(self.num_preemptions[engine], totals, "preemptions", stats.num_preemptions_total)
+        self._advance(self.prefix_cache_queries[engine], totals, "queries", stats.prefix_cache_queries)
+        self._advance(self.prefix_cache_hits[engine], totals, "hits", stats.prefix_cache_hits)
 
-    def _advance(self, counter, key: str, total: int) -> None:
-        delta = total - self._last_totals[key]
+    @staticmethod
+    def _advance(counter, totals: dict, key: str, total: int) -> None:
+        delta = total - totals[key]
         if delta > 0:
             counter.inc(delta)
-            self._last_totals[key] = total
+        # A restarted core counts from 0 again: follow it down, so its next increments count.
+        totals[key] = total
 
     def record_first_token(self, ttft: float, num_prompt_tokens: int) -> None:
         self.time_to_first_token.observe(max(ttft, 0.0))

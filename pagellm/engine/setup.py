@@ -36,5 +36,8 @@ def resolve_setup(config: EngineConfig) -> ModelSetup:
     source = resolve_model_source(config.model or default_model_path(), config.load_format)
     model_config = text_config(load_hf_config(source))
     max_len = getattr(model_config, "max_position_embeddings", None) or 2048
-    resolved = config.resolve(model_max_len=max_len, cuda_available=torch.cuda.is_available())
+    cuda = torch.cuda.is_available()
+    # The front end checks dp x tp x pp against the devices; each core's executor checks its own slice.
+    count = torch.cuda.device_count() if cuda and config.data_parallel_size > 1 else None
+    resolved = config.resolve(model_max_len=max_len, cuda_available=cuda, cuda_device_count=count)
     return ModelSetup(resolved, source, model_config)

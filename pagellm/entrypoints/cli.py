@@ -41,6 +41,8 @@ _HELP = {
     "cpu_fused_ops": "CPU: C++ kernels for RMSNorm (+ residual add) and SiLU-and-mul",
     "enable_expert_parallel": "MoE models: place whole experts on the tensor-parallel ranks (attention stays "
                               "tensor parallel); ignored, with a warning, for dense models",
+    "data_parallel_size": "engine cores behind one server, each with its own scheduler, KV cache and tp x pp "
+                          "ranks (pagellm serve only)",
     "quantization": "auto: GGUF linear weights stay quantized (CPU kernels); none: dequantize every weight at load",
 }
 
@@ -53,7 +55,8 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-_SHORT_FLAGS = {"tensor_parallel_size": ("-tp",), "pipeline_parallel_size": ("-pp",)}  # vLLM's short forms
+_SHORT_FLAGS = {"tensor_parallel_size": ("-tp",), "pipeline_parallel_size": ("-pp",),
+                "data_parallel_size": ("-dp",)}  # vLLM's short forms
 
 
 def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = True) -> None:

@@ -377,7 +377,8 @@ def run_server(args: argparse.Namespace) -> int:
     served_name = args.served_model_name or default_served_name(config.model)
 
     engine = AsyncLLM.from_config(config, engine_process=not args.engine_in_process, model_name=served_name,
-                                  admission=admission_limits(args, config.max_num_seqs),
+                                  # every data-parallel core runs its own batch of max_num_seqs
+                                  admission=admission_limits(args, config.max_num_seqs * config.data_parallel_size),
                                   restart_on_failure=args.restart_engine_on_failure)
     app = None
     engine_died = threading.Event()
