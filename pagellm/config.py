@@ -51,7 +51,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1  # ranks each layer's heads / columns are split across
     pipeline_parallel_size: int = 1  # stages the layers are split across (each stage tp ranks)
     data_parallel_size: int = 1  # engine cores (each its own scheduler, KV cache and tp x pp ranks); server only
-    distributed_executor_backend: str = "auto"  # auto: uni for one rank, else mp (one process per rank)
+    distributed_executor_backend: str = "auto"  # auto: uni for one rank, else mp (one process per rank); ray: Ray actors
     enable_expert_parallel: bool = False  # MoE: whole experts split over the tp ranks instead of each expert sharded
 
     def __post_init__(self) -> None:
@@ -91,8 +91,6 @@ class EngineConfig:
                 bad(name, "must be a positive integer")
         if self.distributed_executor_backend not in _EXECUTOR_BACKENDS:
             bad("distributed_executor_backend", f"must be one of {_EXECUTOR_BACKENDS}")
-        if self.distributed_executor_backend == "ray":
-            bad("distributed_executor_backend", "'ray' is not supported yet (use 'mp' on one machine)")
         if self.distributed_executor_backend == "uni" and self.world_size > 1:
             bad("distributed_executor_backend",
                 f"'uni' runs one worker, but the layout has {self.world_size} ranks ({self.layout_summary()}); use 'mp'")
@@ -125,7 +123,7 @@ class EngineConfig:
         return f"tp={self.tensor_parallel_size} x pp={self.pipeline_parallel_size} x dp={self.data_parallel_size}"
 
     def executor_backend(self) -> str:
-        """The executor actually used: 'uni' or 'mp'."""
+        """The executor actually used: 'uni', 'mp' or 'ray' (auto never picks ray: it needs a cluster)."""
         if self.distributed_executor_backend == "auto":
             return "uni" if self.world_size == 1 else "mp"
         return self.distributed_executor_backend

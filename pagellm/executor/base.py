@@ -31,6 +31,10 @@ from pagellm.worker.outputs import ModelRunnerOutput
 logger = logging.getLogger(__name__)
 
 
+class RankFailure(RuntimeError):
+    """A rank (process or Ray actor) died or raised; the executor cannot run another step."""
+
+
 class StepFuture(Protocol):
     """A started step: `result()` blocks until its ModelRunnerOutput is there (or raises the step's error)."""
 
@@ -45,7 +49,7 @@ class Executor(abc.ABC):
 
     @staticmethod
     def create(setup) -> "Executor":
-        """The executor for a resolved `ModelSetup`; the one place a distributed backend would be chosen."""
+        """The executor for a resolved `ModelSetup`; the one place the backend (uni, mp, ray) is chosen."""
         from pagellm.distributed.pipeline import stage_layer_counts
         from pagellm.distributed.startup_checks import check_parallel_layout
         from pagellm.executor.uniproc import UniprocExecutor
@@ -57,13 +61,20 @@ class Executor(abc.ABC):
             return UniprocExecutor(setup)
         import torch
 
-        from pagellm.executor.multiproc import MultiprocExecutor
-
-        # Checked before any process starts, so a bad layout fails at once and names the numbers.
+        ray = config.executor_backend() == "ray"
+        # Checked before any process starts, so a bad layout fails at once and names the numbers. Ray
+        # ranks use the cluster's devices, not this machine's: its placement group checks those.
         cuda_devices = torch.cuda.device_count() if config.device.startswith("cuda") else 0
         check_parallel_layout(setup.model_config, config.tensor_parallel_size, config.enable_expert_parallel,
-                              config.device, cuda_devices, pipeline_parallel_size=config.pipeline_parallel_size)
+                              config.device, config.world_size if ray else cuda_devices,
+                              pipeline_parallel_size=config.pipeline_parallel_size)
         stage_layer_counts(setup.model_config.num_hidden_layers, config.pipeline_parallel_size)
+        if ray:
+            from pagellm.executor.ray_executor import RayExecutor
+
+            return RayExecutor(setup)
+        from pagellm.executor.multiproc import MultiprocExecutor
+
         return MultiprocExecutor(setup)
 
     @abc.abstractmethod

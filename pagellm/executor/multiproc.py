@@ -26,17 +26,13 @@ from multiprocessing import util as mp_util
 from typing import Any, Iterator, Optional
 
 from pagellm.core.scheduler import SchedulerOutput
-from pagellm.executor.base import Executor
+from pagellm.executor.base import Executor, RankFailure
 from pagellm.worker.outputs import ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.2  # how often a waiting driver checks that every rank is still alive
 START_TIMEOUT_S = 300.0  # loading a shard: generous, but a hung rank must not hang start-up forever
-
-
-class RankFailure(RuntimeError):
-    """A tensor-parallel rank died or raised; the executor cannot run another step."""
 
 
 def _rank_main(rank: int, setup, init_method: str, conn) -> None:
