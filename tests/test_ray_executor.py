@@ -96,14 +96,17 @@ def test_tp2_across_two_nodes_matches_uni_then_killed_rank_fails_fast(cluster, l
     _assert_released(pids)
 
 
-def test_pp2_matches_uni_then_ray_kill_fails_and_gc_releases(cluster, llama, reference):
-    llm = LLM(llama, pipeline_parallel_size=2, distributed_executor_backend="ray", **KW)
+def test_tp2_pp2_over_both_nodes_matches_uni_then_ray_kill_fails_and_gc_releases(cluster, llama, reference):
+    # 4 ranks of 1 CPU on 2 nodes of 2 CPUs: PACK (the default) has to fill both nodes.
+    llm = LLM(llama, tensor_parallel_size=2, pipeline_parallel_size=2, distributed_executor_backend="ray", **KW)
     executor = llm.llm_engine.core.executor
-    assert executor.max_concurrent_batches == 2 and executor.output_rank == 1
+    assert executor.max_concurrent_batches == 2 and executor.output_rank == 2
+    nodes = executor.rank_nodes()
+    assert sorted(nodes.count(n) for n in set(nodes)) == [2, 2], nodes
     assert _generate(llm) == reference
     pids = executor.rank_pids()
-    ray.kill(executor._held.actors[1])  # the last stage, through Ray this time
-    with pytest.raises(RankFailure, match="rank 1 of 2 .* died"):
+    ray.kill(executor._held.actors[2])  # the last stage's tp rank 0, through Ray this time
+    with pytest.raises(RankFailure, match="rank 2 of 4 .* died"):
         llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY)
     del llm, executor
     gc.collect()
