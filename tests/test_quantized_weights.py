@@ -24,7 +24,7 @@ from tests.test_loader import tiny_model_for, write_gguf
 from tests.test_smollm_parity import MAX_NEW, PROMPTS
 
 Q = GGMLQuantizationType
-TYPES = sorted(GGUF_KERNEL_TYPES, key=lambda t: t.value)
+TYPES = sorted((t for t in GGUF_KERNEL_TYPES if GGML_QUANT_SIZES[t][0] == 32), key=lambda t: t.value)  # K-quants: test_gguf_kquants.py
 ISAS = list(gguf_cpu.ISA_NAMES)
 
 
