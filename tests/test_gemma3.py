@@ -314,3 +314,47 @@ def test_gemma3_270m_tp2_replicated_kv_head_matches_tp1(gemma_llm):
 
     pairs = ((i, got[i].outputs[0].token_ids, ref[i].outputs[0].token_ids) for i in range(len(prompts)))
     assert len(greedy_near_ties(pairs, near_tie)) <= 1
+
+
+def _model_bytes(llm) -> int:
+    model = llm.llm_engine.core.runner.model
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:  # the tied head shares the embedding's storage
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+@pytest.mark.slow
+def test_gemma3_270m_quantized_matches_dequantized(gemma_llm):
+    """The default load keeps the Q4_K/Q6_K/Q5_0/Q8_0 weights (and the Q8_0 embedding, tied head) as
+    blocks; greedy tokens equal the module's dequantized engine up to float32 near-ties."""
+    from pagellm.layers.linear import Linear
+    from pagellm.layers.quantization import GGUFLinearMethod
+
+    prompts = REAL_PROMPTS[:3]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=5)
+    ref = gemma_llm.generate(prompts, params, use_tqdm=False)
+    llm = LLM(gemma3_270m_path(), max_model_len=256, kv_cache_memory=16 << 20, quiet=True)
+    model = llm.llm_engine.core.runner.model
+    layers = [m for m in model.modules() if isinstance(m, Linear) and isinstance(m.method, GGUFLinearMethod)]
+    assert len(layers) == 18 * 4  # qkv (mixed Q5_0/Q8_0 parts), o (Q4_K), gate_up (Q5_0), down (Q6_K)
+    types = {m.ggml_type for m in layers if m.qweight is not None}
+    types |= {int(p.ggml_type) for m in layers for p in m.method.parts if hasattr(p, "ggml_type")}
+    assert {12, 14} <= types, types  # Q4_K and Q6_K really stay quantized
+    embedding = model.model.embed_tokens
+    assert embedding.qweight is not None and model.lm_head.qweight is embedding.qweight
+    quantized, dense = _model_bytes(llm), _model_bytes(gemma_llm)
+    print(f"weights: quantized {quantized / 2**20:.1f} MiB vs dequantized {dense / 2**20:.1f} MiB")
+    assert quantized < 0.4 * dense
+    got = llm.generate(prompts, params, use_tqdm=False)
+
+    def near_tie(i: int, d: int) -> tuple:
+        mine, theirs = got[i].outputs[0], ref[i].outputs[0]
+        assert theirs.token_ids[d] in mine.logprobs[d] and mine.token_ids[d] in theirs.logprobs[d], \
+            f"prompt {i}: real divergence at step {d}"
+        return i, d
+
+    pairs = ((i, got[i].outputs[0].token_ids, ref[i].outputs[0].token_ids) for i in range(len(prompts)))
+    assert len(greedy_near_ties(pairs, near_tie)) <= 1
