@@ -316,22 +316,13 @@ def test_gemma3_270m_tp2_replicated_kv_head_matches_tp1(gemma_llm):
     assert len(greedy_near_ties(pairs, near_tie)) <= 1
 
 
-def _model_bytes(llm) -> int:
-    model = llm.llm_engine.core.runner.model
-    seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
-        if t.data_ptr() not in seen:  # the tied head shares the embedding's storage
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
-
-
 @pytest.mark.slow
 def test_gemma3_270m_quantized_matches_dequantized(gemma_llm):
     """The default load keeps the Q4_K/Q6_K/Q5_0/Q8_0 weights (and the Q8_0 embedding, tied head) as
     blocks; greedy tokens equal the module's dequantized engine up to float32 near-ties."""
     from pagellm.layers.linear import Linear
     from pagellm.layers.quantization import GGUFLinearMethod
+    from pagellm.worker.model_loader import model_weight_bytes
 
     prompts = REAL_PROMPTS[:3]
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=5)
@@ -345,7 +336,7 @@ def test_gemma3_270m_quantized_matches_dequantized(gemma_llm):
     assert {12, 14} <= types, types  # Q4_K and Q6_K really stay quantized
     embedding = model.model.embed_tokens
     assert embedding.qweight is not None and model.lm_head.qweight is embedding.qweight
-    quantized, dense = _model_bytes(llm), _model_bytes(gemma_llm)
+    quantized, dense = model_weight_bytes(model), model_weight_bytes(gemma_llm.llm_engine.core.runner.model)
     print(f"weights: quantized {quantized / 2**20:.1f} MiB vs dequantized {dense / 2**20:.1f} MiB")
     assert quantized < 0.4 * dense
     got = llm.generate(prompts, params, use_tqdm=False)
