@@ -37,15 +37,35 @@ PAGELLM_INLINE void scale_min_k4(int j, const uint8_t* q, int* sc, int* m) {
   }
 }
 
-// A super-block as 256 int8 codes plus a scale and min per 16-value group. Plain integer code:
-// always inlined into each ISA's function, where the compiler vectorizes it for that ISA.
+// The scale and min of each 16-value group of a super-block (Q4_K/Q5_K: each 32-group twice).
+// Always inlined into each ISA's function, so it is compiled for that ISA.
 template <int64_t T>
-PAGELLM_INLINE void unpack_super(const uint8_t* b, int8_t* q, float* scale, float* minv) {
+PAGELLM_INLINE void unpack_scales(const uint8_t* b, float* scale, float* minv) {
+  if constexpr (T == Q6_K) {
+    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+    const float d = half_at(b + 208);
+    for (int g = 0; g < 16; ++g) {
+      scale[g] = d * static_cast<float>(sc[g]);
+      minv[g] = 0.f;
+    }
+  } else {
+    const float d = half_at(b), dmin = half_at(b + 2);
+    for (int j = 0; j < 8; ++j) {
+      int sc, m;
+      scale_min_k4(j, b + 4, &sc, &m);
+      scale[2 * j] = scale[2 * j + 1] = d * static_cast<float>(sc);
+      minv[2 * j] = minv[2 * j + 1] = dmin * static_cast<float>(m);
+    }
+  }
+}
+
+// A super-block's 256 codes as int8 (Q6_K: -32..31, the others 0..15 / 0..31). Plain integer code,
+// the scalar path's; the AVX2 path has its own below.
+template <int64_t T>
+PAGELLM_INLINE void unpack_codes(const uint8_t* b, int8_t* q) {
   if constexpr (T == Q6_K) {
     const uint8_t* ql = b;
     const uint8_t* qh = b + 128;
-    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
-    const float d = half_at(b + 208);
     for (int n = 0; n < 2; ++n, ql += 64, qh += 32) {
       int8_t* o = q + n * 128;
       for (int l = 0; l < 32; ++l) {
@@ -55,27 +75,16 @@ PAGELLM_INLINE void unpack_super(const uint8_t* b, int8_t* q, float* scale, floa
         o[l + 96] = static_cast<int8_t>(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
       }
     }
-    for (int g = 0; g < 16; ++g) {
-      scale[g] = d * static_cast<float>(sc[g]);
-      minv[g] = 0.f;
-    }
   } else {
-    const float d = half_at(b), dmin = half_at(b + 2);
-    const uint8_t* scales = b + 4;
-    const uint8_t* qh = b + 16;                          // Q5_K only: bit j of qh[l] is group j's fifth bit
+    const uint8_t* qh = b + 16;  // Q5_K only: bit j of qh[l] is the fifth bit of group j's value l
     const uint8_t* qs = b + (T == Q5_K ? 48 : 16);
     for (int j = 0; j < 8; ++j) {
-      int sc, m;
-      scale_min_k4(j, scales, &sc, &m);
-      scale[2 * j] = scale[2 * j + 1] = d * static_cast<float>(sc);
-      minv[2 * j] = minv[2 * j + 1] = dmin * static_cast<float>(m);
       const uint8_t* p = qs + (j / 2) * 32;
       const int shift = (j & 1) * 4;
-      int8_t* o = q + j * 32;
       for (int l = 0; l < 32; ++l) {
         int v = (p[l] >> shift) & 0xF;
         if constexpr (T == Q5_K) v |= ((qh[l] >> j) & 1) << 4;
-        o[l] = static_cast<int8_t>(v);
+        q[j * 32 + l] = static_cast<int8_t>(v);
       }
     }
   }
@@ -87,7 +96,8 @@ template <int64_t T>
 void dequant_super_scalar(const uint8_t* b, float* y) {
   int8_t q[kSuper];
   float scale[16], minv[16];
-  unpack_super<T>(b, q, scale, minv);
+  unpack_scales<T>(b, scale, minv);
+  unpack_codes<T>(b, q);
   for (int i = 0; i < kSuper; ++i) y[i] = scale[i / 16] * static_cast<float>(q[i]) - minv[i / 16];
 }
 
@@ -112,11 +122,52 @@ void dot_rows_scalar(const uint8_t* w, int64_t nb, const float* x, int64_t ldx, 
 // ---- AVX2 + FMA: a 16-value group is 2 vectors of 8 floats -------------------------------
 #define AVX2_FN __attribute__((target("avx2,fma,f16c")))
 
+AVX2_FN inline __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+AVX2_FN inline void store32(int8_t* p, __m256i v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+AVX2_FN inline __m256i lo4(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi8(0xF)); }
+AVX2_FN inline __m256i hi4(__m256i v) { return lo4(_mm256_srli_epi16(v, 4)); }
+// Bits shift and shift+1 of each byte, moved to bits 4 and 5 (the 16-bit shift leaks across
+// bytes; the mask keeps only the wanted bits).
+AVX2_FN inline __m256i two_bits_at4(__m256i v, int shift) {
+  const __m256i bits = _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(shift)), _mm256_set1_epi8(3));
+  return _mm256_slli_epi16(bits, 4);
+}
+
+// unpack_codes with 32 bytes at a time.
+template <int64_t T>
+AVX2_FN inline void unpack_codes_avx2(const uint8_t* b, int8_t* q) {
+  if constexpr (T == Q6_K) {
+    const __m256i bias = _mm256_set1_epi8(32);
+    for (int n = 0; n < 2; ++n) {
+      const __m256i a = load32(b + n * 64), c = load32(b + n * 64 + 32), h = load32(b + 128 + n * 32);
+      store32(q + n * 128, _mm256_sub_epi8(_mm256_or_si256(lo4(a), two_bits_at4(h, 0)), bias));
+      store32(q + n * 128 + 32, _mm256_sub_epi8(_mm256_or_si256(lo4(c), two_bits_at4(h, 2)), bias));
+      store32(q + n * 128 + 64, _mm256_sub_epi8(_mm256_or_si256(hi4(a), two_bits_at4(h, 4)), bias));
+      store32(q + n * 128 + 96, _mm256_sub_epi8(_mm256_or_si256(hi4(c), two_bits_at4(h, 6)), bias));
+    }
+  } else {
+    const __m256i qh = load32(b + 16), one = _mm256_set1_epi8(1);
+    for (int p = 0; p < 4; ++p) {
+      const __m256i raw = load32(b + (T == Q5_K ? 48 : 16) + p * 32);
+      __m256i lo = lo4(raw), hi = hi4(raw);
+      if constexpr (T == Q5_K) {  // as in two_bits_at4, the mask drops what the 16-bit shift leaks
+        const __m256i b0 = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * p)), one);
+        const __m256i b1 = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * p + 1)), one);
+        lo = _mm256_or_si256(lo, _mm256_slli_epi16(b0, 4));
+        hi = _mm256_or_si256(hi, _mm256_slli_epi16(b1, 4));
+      }
+      store32(q + 2 * p * 32, lo);
+      store32(q + (2 * p + 1) * 32, hi);
+    }
+  }
+}
+
 template <int64_t T>
 AVX2_FN void dequant_super_avx2(const uint8_t* b, float* y) {
   alignas(32) int8_t q[kSuper];
   float scale[16], minv[16];
-  unpack_super<T>(b, q, scale, minv);
+  unpack_scales<T>(b, scale, minv);
+  unpack_codes_avx2<T>(b, q);
   for (int g = 0; g < 16; ++g) {
     const __m256 vs = _mm256_set1_ps(scale[g]), vm = _mm256_set1_ps(minv[g]);
     for (int h = 0; h < 2; ++h) {
@@ -159,7 +210,8 @@ template <int64_t T>
 AVX512_FN void dequant_super_avx512(const uint8_t* b, float* y) {
   alignas(64) int8_t q[kSuper];
   float scale[16], minv[16];
-  unpack_super<T>(b, q, scale, minv);
+  unpack_scales<T>(b, scale, minv);
+  unpack_codes_avx2<T>(b, q);  // AVX-512 includes AVX2
   for (int g = 0; g < 16; ++g) {
     const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * 16));
     const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c));
