@@ -8,6 +8,7 @@ so sliding layers really drop context, in prefill, in chunked prefill and in dec
 
 from __future__ import annotations
 
+import math
 import os
 import random
 
@@ -291,12 +292,20 @@ def test_gemma3_270m_greedy_matches_hf(gemma_llm, hf_gemma):
     greedy_near_ties(((i, mine[i], reference[i][0]) for i in range(len(mine))), near_tie)
 
 
+# The fp32 engine's tokens (with top 5) that other layouts and loads of the real model are held to.
+ENGINE_PROMPTS = REAL_PROMPTS[:3]
+ENGINE_PARAMS = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=5)
+
+
+@pytest.fixture(scope="module")
+def gemma_ref_outputs(gemma_llm):
+    return gemma_llm.generate(ENGINE_PROMPTS, ENGINE_PARAMS, use_tqdm=False)
+
+
 @pytest.mark.slow
-def test_gemma3_270m_tp2_replicated_kv_head_matches_tp1(gemma_llm):
+def test_gemma3_270m_tp2_replicated_kv_head_matches_tp1(gemma_llm, gemma_ref_outputs):
     """At tp=2 Gemma's one KV head is held whole by both ranks; greedy tokens equal the module's tp=1 engine."""
-    prompts = REAL_PROMPTS[:3]
-    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=5)
-    ref = gemma_llm.generate(prompts, params, use_tqdm=False)
+    prompts, params, ref = ENGINE_PROMPTS, ENGINE_PARAMS, gemma_ref_outputs
     (ref_kv,) = gemma_llm.llm_engine.core.executor.collective_rpc("kv_bytes_per_token")
     llm = LLM(gemma3_270m_path(), tensor_parallel_size=2, max_model_len=256, kv_cache_memory=48 << 20, quiet=True,
               quantization="none")
@@ -307,3 +316,31 @@ def test_gemma3_270m_tp2_replicated_kv_head_matches_tp1(gemma_llm):
         llm.llm_engine.core.executor.shutdown()
 
     assert_engines_near_tie(got, ref)
+
+
+@pytest.mark.slow
+def test_gemma3_270m_quantized_matches_dequantized(gemma_ref_outputs):
+    """The default load keeps the Q4_K/Q6_K/Q5_0/Q8_0 weights (and the Q8_0 embedding, tied head) as
+    blocks; greedy tokens equal the module's dequantized engine up to float32 near-ties."""
+    from pagellm.layers.linear import Linear
+    from pagellm.layers.quantization import GGUFLinearMethod
+    from pagellm.loader.gguf import read_gguf_header
+    from pagellm.worker.model_loader import model_weight_bytes
+
+    llm = LLM(gemma3_270m_path(), max_model_len=256, kv_cache_memory=16 << 20, quiet=True)
+    model = llm.llm_engine.core.runner.model
+    layers = [m for m in model.modules() if isinstance(m, Linear) and isinstance(m.method, GGUFLinearMethod)]
+    assert len(layers) == 18 * 4  # qkv (mixed Q5_0/Q8_0 parts), o (Q4_K), gate_up (Q5_0), down (Q6_K)
+    types = {m.ggml_type for m in layers if m.qweight is not None}
+    types |= {int(p.ggml_type) for m in layers for p in m.method.parts if hasattr(p, "ggml_type")}
+    assert {12, 14} <= types, types  # Q4_K and Q6_K really stay quantized
+    embedding = model.model.embed_tokens
+    assert embedding.qweight is not None and model.lm_head.qweight is embedding.qweight
+    # The dense engine's oneDNN-packed weights are opaque tensors (no storage to count): compare
+    # with the float32 bytes of every tensor in the file instead.
+    quantized = model_weight_bytes(model)
+    dense = 4 * sum(math.prod(t.shape) for t in read_gguf_header(gemma3_270m_path()).tensors)
+    print(f"weights: quantized {quantized / 2**20:.1f} MiB vs dequantized {dense / 2**20:.1f} MiB")
+    assert quantized < 0.4 * dense
+    got = llm.generate(ENGINE_PROMPTS, ENGINE_PARAMS, use_tqdm=False)
+    assert_engines_near_tie(got, gemma_ref_outputs)

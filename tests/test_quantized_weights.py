@@ -24,7 +24,7 @@ from tests.test_loader import tiny_model_for, write_gguf
 from tests.test_smollm_parity import MAX_NEW, PROMPTS
 
 Q = GGMLQuantizationType
-TYPES = sorted(GGUF_KERNEL_TYPES, key=lambda t: t.value)
+TYPES = sorted((t for t in GGUF_KERNEL_TYPES if GGML_QUANT_SIZES[t][0] == 32), key=lambda t: t.value)  # K-quants: test_gguf_kquants.py
 ISAS = list(gguf_cpu.ISA_NAMES)
 
 
@@ -212,13 +212,26 @@ def test_tiny_engine_quantized_matches_dequantized(tiny_quantized_gguf):
 
 
 def test_unsupported_type_is_dequantized_with_a_warning(tmp_path, caplog):
-    """Q4_K has no kernel yet: its weights are dequantized at load and the warning names the type."""
-    from pagellm.loader import gemma3_270m_path
+    """Q2_K has no kernel: its weights are dequantized at load and the warning names the type."""
+    import gguf
 
+    path = str(tmp_path / "q2k.gguf")
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_uint32("llama.attention.head_count", 1)
+    _, type_size = GGML_QUANT_SIZES[Q.Q2_K]
+    blocks = np.random.default_rng(0).integers(0, 256, size=(4, type_size), dtype=np.uint8)
+    blocks[:, -4:] = np.full((4, 2), 0.01, dtype=np.float16).view(np.uint8)  # finite d, dmin
+    writer.add_tensor("blk.0.ffn_down.weight", blocks, raw_dtype=Q.Q2_K)  # (4, 256) values
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     with caplog.at_level("WARNING", logger="pagellm.loader.gguf"):
-        weights = iter_weights(resolve_model(gemma3_270m_path()), torch.float32, quantization="auto")
-    assert "Q4_K" in caplog.text and "dequantized at load" in caplog.text
-    del weights
+        weights = dict(iter_weights(resolve_model(path), torch.float32, quantization="auto"))
+    assert "Q2_K" in caplog.text and "dequantized at load" in caplog.text
+    (tensor,) = weights.values()
+    assert isinstance(tensor, torch.Tensor) and tensor.shape == (4, 256)
+    torch.testing.assert_close(tensor, torch.from_numpy(dequantize(blocks, Q.Q2_K).reshape(4, 256)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -296,10 +296,11 @@ def _raw_tensor(blob: np.ndarray, info: GGUFTensorInfo) -> np.ndarray:
 
 # The linear layers' weights (llama.cpp names); norms and biases are always dequantized.
 _LINEAR_WEIGHT = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|attn_qkv|attn_output|ffn_gate|ffn_up|ffn_down)\.weight")
-# Embeddings and the LM head stay quantized where the model uses the embedding only for lookups
-# (Gemma scales by the weight's dtype, so its architectures dequantize them).
+# Embeddings and the LM head stay quantized where the model uses the embedding only for lookups.
+# Gemma 3 scales the looked-up rows by sqrt(hidden) rounded to the embedding's output dtype
+# (`VocabEmbedding.dtype`, kept once quantized), so it qualifies; other gemmas still dequantize them.
 _EMBEDDING_WEIGHT = re.compile(r"(token_embd|output)\.weight")
-_QUANTIZED_EMBEDDING_ARCHS = {"llama", "qwen2", "qwen3", "phi3"}
+_QUANTIZED_EMBEDDING_ARCHS = {"llama", "qwen2", "qwen3", "phi3", "gemma3"}
 _FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
 QUANTIZATION_MODES = ("auto", "none")
 

@@ -1,4 +1,6 @@
-"""The GGUF block-format matmul kernels (`csrc/gguf_ops.cpp`): built on first use, called via torch.ops.
+"""The GGUF block-format matmul kernels (`csrc/gguf_ops.cpp`, K-quants in `csrc/gguf_kquant_ops.cpp`).
+
+Built on first use, called via torch.ops.
 
 Unlike `cpu.py`'s kernels this file is compiled without -march=native: each ISA path (AVX-512,
 AVX2+FMA, scalar) carries its own target attributes and the C++ picks one at run time from cpuid,
@@ -15,8 +17,10 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "gguf_ops.cpp"
-CFLAGS = ["-O3", "-fopenmp"]
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / "gguf_ops.cpp", CSRC / "gguf_kquant_ops.cpp"]  # 32-value block types; K-quants
+# No fp contraction: the K-quant expansion must round like gguf's reference (mul, then sub).
+CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
 ISA_NAMES = ("scalar", "avx2", "avx512")  # the C++ Isa enum, in order
 ISA_ENV = "PAGELLM_CPU_ISA"
 
@@ -29,7 +33,7 @@ def load_gguf_ops() -> bool:
     try:
         from torch.utils.cpp_extension import load
 
-        load(name="pagellm_gguf_ops", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+        load(name="pagellm_gguf_ops", sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
              is_python_module=False, verbose=False)
     except Exception as exc:  # no compiler or a broken toolchain: GGUF weights get dequantized at load
         lines = str(exc).strip().splitlines() or [""]

@@ -2,7 +2,8 @@
 
 The loader yields a `GGUFQuantizedTensor` (the raw blocks of a weight, its ggml type and logical
 shape) instead of a dequantized tensor; a `Linear` that is handed one switches itself to
-`GGUFLinearMethod`. The matmul (`pagellm/ops/gguf_cpu.py`) expands each 32-value block to float32
+`GGUFLinearMethod`. The matmul (`pagellm/ops/gguf_cpu.py`) expands each 32-value block (256 for
+the K-quants) to float32
 in registers where it is used: activations and accumulation stay float32, only the weight bytes
 read per step shrink (Q4_1: 0.625 bytes per weight instead of 4).
 
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 GGUF_KERNEL_TYPES = frozenset({
     GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q5_0,
     GGMLQuantizationType.Q5_1, GGMLQuantizationType.Q8_0,
+    GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K,  # 256-value super-blocks
 })
 
 
@@ -62,7 +64,7 @@ class GGUFQuantizedTensor:
 
         ggml rows are independent, so output rows (dim 0, column-parallel) always cut cleanly. Input
         columns (dim 1, row-parallel) cut cleanly when start and length are whole blocks (32 values
-        for the kernel types); otherwise the weight is dequantized first, with a warning. The part
+        for the 32-value types, 256 for the K-quants); otherwise the weight is dequantized first, with a warning. The part
         is a copy, so the full tensor can be freed once every layer has taken its part."""
         if dim == 0:
             return GGUFQuantizedTensor(self.data[start:start + length].clone(), self.ggml_type,

@@ -1,4 +1,5 @@
-// Weight-only matmuls on GGUF block-quantized weights (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0).
+// Weight-only matmuls on GGUF block-quantized weights (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; the K-quants
+// Q4_K, Q5_K, Q6_K live in gguf_kquant_ops.cpp and are dispatched from here).
 //
 // The weight stays in its on-disk blocks of 32 values (a float16 scale, maybe a float16 min,
 // 4/5/8-bit codes); each block is expanded to float32 in registers right where it is multiplied,
@@ -10,31 +11,20 @@
 // one (an error when the CPU lacks it). Built by pagellm/ops/gguf_cpu.py, registered as
 // torch.ops.pagellm_gguf.*.
 
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <string>
+#include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#define PAGELLM_X86 1
-#include <immintrin.h>
-#endif
+#include "gguf_common.h"
 
 namespace {
+using namespace pagellm_gguf;
 
 // ggml type ids (gguf.GGMLQuantizationType) and their block sizes in bytes (32 values each).
 enum GgmlType : int64_t { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8 };
 constexpr int64_t kBlock = 32;
-enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
-// Activation rows up to this count take the fused path (each weight row read once per 4 rows);
-// above it, expanding the weight once and using a float32 GEMM is faster.
-constexpr int64_t kFusedMaxRows = 8;
 
 int64_t block_bytes(int64_t type) {
   switch (type) {
@@ -44,18 +34,13 @@ int64_t block_bytes(int64_t type) {
     case Q5_1: return 24;
     case Q8_0: return 34;
   }
-  TORCH_CHECK(false, "ggml type ", type, " has no GGUF CPU kernel (supported: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0)");
+  TORCH_CHECK(false, "ggml type ", type,
+              " has no GGUF CPU kernel (supported: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)");
 }
 
 // Bytes of one block of type T, at compile time for the inner loops.
 template <int64_t T>
 constexpr int64_t kBytes = T == Q4_0 ? 18 : T == Q4_1 ? 20 : T == Q5_0 ? 22 : T == Q5_1 ? 24 : 34;
-
-inline float half_at(const uint8_t* p) {
-  uint16_t bits;
-  std::memcpy(&bits, p, 2);
-  return c10::detail::fp16_ieee_to_fp32_value(bits);
-}
 
 inline uint32_t u32_at(const uint8_t* p) {
   uint32_t v;
@@ -263,31 +248,6 @@ AVX512_FN void dequant_row_avx512(const uint8_t* w, int64_t nb, float* y) {
 
 // ---- run-time dispatch --------------------------------------------------------------------
 
-int64_t supported_isas() {  // bit i set: Isa i runs on this CPU
-  int64_t mask = 1 << kScalar;
-#if PAGELLM_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) mask |= 1 << kAvx2;
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl"))
-    mask |= 1 << kAvx512;
-#endif
-  return mask;
-}
-
-// The best path the CPU has, or the one PAGELLM_CPU_ISA names (read per call, so tests can switch).
-int64_t active_isa() {
-  const int64_t mask = supported_isas();
-  const char* env = std::getenv("PAGELLM_CPU_ISA");
-  if (env == nullptr || *env == '\0' || std::string(env) == "auto")
-    return (mask >> kAvx512 & 1) ? kAvx512 : (mask >> kAvx2 & 1) ? kAvx2 : kScalar;
-  const std::string want(env);
-  const int64_t isa = want == "scalar" ? kScalar : want == "avx2" ? kAvx2 : want == "avx512" ? kAvx512 : -1;
-  TORCH_CHECK(isa >= 0, "PAGELLM_CPU_ISA=", want, " is not one of auto, scalar, avx2, avx512");
-  TORCH_CHECK(mask >> isa & 1, "PAGELLM_CPU_ISA=", want, " but this CPU does not support it");
-  return isa;
-}
-
 // Rows [r0, r0 + rows) of x (rows <= kFusedMaxRows) times weight row n, written down column n.
 template <int64_t T>
 void dot_rows(int64_t isa, const uint8_t* w, int64_t nb, const float* x, int64_t ldx, int64_t rows, float* out,
@@ -370,9 +330,11 @@ void linear_typed(const at::Tensor& x, const at::Tensor& w, at::Tensor& out) {
 void check_weight(const at::Tensor& w, int64_t type, int64_t out_features, int64_t in_features) {
   TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.is_contiguous(),
               "GGUF weight must be a contiguous CPU uint8 tensor");
-  TORCH_CHECK(in_features % kBlock == 0, "in_features ", in_features, " is not a multiple of ", kBlock);
-  TORCH_CHECK(w.numel() == out_features * (in_features / kBlock) * block_bytes(type), "GGUF weight has ",
-              w.numel(), " bytes, expected ", out_features * (in_features / kBlock) * block_bytes(type));
+  const int64_t kbytes = kquant_block_bytes(type);
+  const int64_t block = kbytes ? 256 : kBlock, bytes = kbytes ? kbytes : block_bytes(type);
+  TORCH_CHECK(in_features % block == 0, "in_features ", in_features, " is not a multiple of ", block);
+  TORCH_CHECK(w.numel() == out_features * (in_features / block) * bytes, "GGUF weight has ", w.numel(),
+              " bytes, expected ", out_features * (in_features / block) * bytes);
 }
 
 #define GGUF_TYPE_SWITCH(TYPE, FN, ...)                   \
@@ -392,7 +354,13 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& w, int64_t type, i
   TORCH_CHECK(x.device().is_cpu(), "gguf_linear runs on the CPU");
   const at::Tensor x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();
   at::Tensor out = at::empty({x2.size(0), out_features}, x2.options());
-  if (x2.size(0) > 0) GGUF_TYPE_SWITCH(type, linear_typed, x2, w, out);
+  if (x2.size(0) > 0) {
+    if (kquant_block_bytes(type)) {
+      kquant_linear(x2, w, type, out);
+    } else {
+      GGUF_TYPE_SWITCH(type, linear_typed, x2, w, out);
+    }
+  }
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = out_features;
   return out.view(shape);
@@ -402,6 +370,10 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& w, int64_t type, i
 at::Tensor gguf_dequantize(const at::Tensor& w, int64_t type, int64_t out_features, int64_t in_features) {
   check_weight(w, type, out_features, in_features);
   at::Tensor y = at::empty({out_features, in_features}, at::kFloat);
+  if (kquant_block_bytes(type)) {
+    kquant_dequantize(w, type, out_features, in_features, y.data_ptr<float>());
+    return y;
+  }
   const int64_t nb = in_features / kBlock, isa = active_isa();
   GGUF_TYPE_SWITCH(type, dequant_rows, isa, w.data_ptr<uint8_t>(), nb * block_bytes(type), nb, 0, out_features,
                    y.data_ptr<float>());
