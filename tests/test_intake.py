@@ -116,7 +116,7 @@ def test_a_huge_prompt_is_refused_without_blocking_the_event_loop(smollm_path):
     setup = resolve_setup(EngineConfig(model=smollm_path, max_model_len=2048))
     client = _IdleCoreClient()
     engine = AsyncLLM(setup, load_front_end_tokenizer(setup), client)
-    prompt = "hello world, " * (10_000_000 // 13)  # ~10 MB of text
+    prompt = "hello world, " * (3_000_000 // 13)  # ~3 MB of text: seconds of tokenizing
 
     async def main() -> tuple[float, int]:
         refusal = asyncio.ensure_future(anext(engine.generate(prompt, SamplingParams(max_tokens=4), "huge")))
