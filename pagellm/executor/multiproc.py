@@ -168,7 +168,7 @@ class MultiprocExecutor(Executor):
             try:
                 conn.send((method, args, kwargs, rank in reply_ranks))
             except (OSError, ValueError) as exc:
-                self._fail(f"tensor-parallel rank {rank} is unreachable ({exc})")
+                self._fail(f"rank {rank} of {self.world_size} is unreachable ({exc})")
 
     def _collect_until(self, step: _PendingStep) -> None:
         """Reads the replies of the pending steps up to `step`, oldest first."""
@@ -197,7 +197,7 @@ class MultiprocExecutor(Executor):
                 try:
                     status, value = conn.recv()
                 except (EOFError, OSError):
-                    self._fail(f"tensor-parallel rank {rank} (pid {self._procs[rank].pid}) closed its pipe")
+                    self._fail(f"rank {rank} of {self.world_size} (pid {self._procs[rank].pid}) closed its pipe")
                 if status == "error":
                     errors.append(value)
                 results[rank] = value
@@ -205,11 +205,11 @@ class MultiprocExecutor(Executor):
             for rank in pending.values():
                 proc = self._procs[rank]
                 if not proc.is_alive():
-                    self._fail(f"tensor-parallel rank {rank} (pid {proc.pid}) died with exit code {proc.exitcode}")
+                    self._fail(f"rank {rank} of {self.world_size} (pid {proc.pid}) died with exit code {proc.exitcode}")
             if errors and waited > 2.0:
                 break  # the peers of a failed rank may never answer
             if timeout is not None and waited > timeout:
-                self._fail(f"tensor-parallel ranks {sorted(pending.values())} did not answer within {timeout:.0f} s")
+                self._fail(f"ranks {sorted(pending.values())} did not answer within {timeout:.0f} s")
         if errors:
             self._fail(errors[0])
         return [results[r] for r in ranks]
