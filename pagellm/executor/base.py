@@ -44,6 +44,9 @@ class StepFuture(Protocol):
 class Executor(abc.ABC):
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        self.world_size = config.world_size
+        # The rank whose output is the step's: tp rank 0 of the last pipeline stage.
+        self.output_rank = (config.pipeline_parallel_size - 1) * config.tensor_parallel_size
         self.num_blocks = 0
         self.kv_cache_summary = ""  # the start-up line, once initialize() has run
 

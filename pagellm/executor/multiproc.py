@@ -122,9 +122,6 @@ class _PendingStep:
 class MultiprocExecutor(Executor):
     def __init__(self, setup) -> None:
         super().__init__(setup.config)
-        self.world_size = setup.config.world_size
-        # The rank whose output is the step's: tp rank 0 of the last pipeline stage.
-        self.output_rank = (setup.config.pipeline_parallel_size - 1) * setup.config.tensor_parallel_size
         self._pending: collections.deque[_PendingStep] = collections.deque()  # oldest first
         self._failure: Optional[str] = None
         ctx = multiprocessing.get_context("spawn")

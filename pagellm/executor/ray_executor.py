@@ -138,9 +138,6 @@ class RayExecutor(Executor):
         super().__init__(setup.config)
         config = setup.config
         settings = placement_settings()
-        self.world_size = config.world_size
-        # The rank whose output is the step's: tp rank 0 of the last pipeline stage.
-        self.output_rank = (config.pipeline_parallel_size - 1) * config.tensor_parallel_size
         self._failure: Optional[str] = None
         self._held = _Held(connect())
         # Runs on shutdown(), on garbage collection, or at exit, also in an engine-core child process.
