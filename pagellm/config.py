@@ -16,7 +16,9 @@ _DEVICES = ("auto", "cpu", "cuda")
 _ATTENTION_BACKENDS = ("auto", "torch", "triton", "cpu")
 _LOAD_FORMATS = ("auto", "dummy")
 _SCHEDULING_POLICIES = ("fcfs", "priority")
-_QUANTIZATION = ("auto", "none")
+# auto: what the checkpoint is; none: dequantize at load; a format: must be the checkpoint's;
+# fp8 / int8 on a full-precision checkpoint: online W8A8 (pagellm/layers/quantization/registry.py)
+_QUANTIZATION = ("auto", "none", "gguf", "gptq", "awq", "compressed-tensors", "fp8", "int8")
 _EXECUTOR_BACKENDS = ("auto", "uni", "mp", "ray")
 
 DEFAULT_KV_CACHE_MEMORY = 1 << 30  # 1 GiB of KV cache on the CPU unless told otherwise
@@ -47,7 +49,7 @@ class EngineConfig:
     load_format: str = "auto"  # dummy: random weights from config.json alone (benchmarks)
     cpu_weight_prepack: bool = True  # CPU: linear weights in oneDNN's packed layout (faster matmuls)
     cpu_fused_ops: bool = True  # CPU: C++ RMSNorm(+residual) and SiLU-and-mul instead of torch expressions
-    quantization: str = "auto"  # auto: GGUF linear weights stay quantized (CPU); none: dequantize at load
+    quantization: str = "auto"  # auto: weights stay as the checkpoint stores them; none: dequantize at load
     tensor_parallel_size: int = 1  # ranks each layer's heads / columns are split across
     pipeline_parallel_size: int = 1  # stages the layers are split across (each stage tp ranks)
     data_parallel_size: int = 1  # engine cores (each its own scheduler, KV cache and tp x pp ranks); server only
@@ -155,8 +157,6 @@ class EngineConfig:
             raise ValueError(
                 f"EngineConfig.max_model_len: {max_model_len} is more than the model's limit of {model_max_len} tokens"
             )
-        # The quantized GGUF kernels are CPU kernels; elsewhere "auto" loads full precision.
-        quantization = self.quantization if device == "cpu" else "none"
         batched = self.max_num_batched_tokens
         if batched is None:
             batched = 2048 if self.enable_chunked_prefill else max_model_len
@@ -166,6 +166,5 @@ class EngineConfig:
             dtype=dtype,
             max_model_len=max_model_len,
             max_num_batched_tokens=batched,
-            quantization=quantization,
             kv_cache_memory=self.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY,
         )

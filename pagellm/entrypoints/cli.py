@@ -43,7 +43,9 @@ _HELP = {
                               "tensor parallel); ignored, with a warning, for dense models",
     "data_parallel_size": "engine cores behind one server, each with its own scheduler, KV cache and tp x pp "
                           "ranks (pagellm serve only)",
-    "quantization": "auto: GGUF linear weights stay quantized (CPU kernels); none: dequantize every weight at load",
+    "quantization": "auto: weights stay as the checkpoint stores them (GGUF blocks, or config.json's "
+                    "quantization_config: gptq, awq, compressed-tensors, fp8); none: dequantize every weight at load; "
+                    "fp8 / int8 on a full-precision checkpoint: quantize linear weights at load (W8A8)",
 }
 
 

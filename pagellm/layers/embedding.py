@@ -100,7 +100,7 @@ class VocabEmbedding(nn.Module):
         if _keeps_blocks(self, tensor):
             _adopt_blocks(self, self.vocab.shard(name, tensor))
             return
-        if isinstance(tensor, GGUFQuantizedTensor):
+        if hasattr(tensor, "dequantize"):  # quantized, but not in blocks this layer keeps
             tensor = tensor.dequantize()
         self.weight.data.copy_(self.vocab.shard(name, tensor))
 
@@ -154,7 +154,7 @@ class LMHead(nn.Module):
             _adopt_blocks(self, self.vocab.shard(name, tensor))
             self.method = GGUFLinearMethod()
             return
-        if isinstance(tensor, GGUFQuantizedTensor):
+        if hasattr(tensor, "dequantize"):  # quantized, but not in blocks this layer keeps
             tensor = tensor.dequantize()
         self.weight.data.copy_(self.vocab.shard(name, tensor))
 

@@ -108,6 +108,17 @@ class Linear(nn.Module):
         """The method's post-load step (none for plain weights)."""
         self.method.process_after_loading(self)
 
+    def quantize_online(self, online) -> bool:
+        """Quantizes the loaded dense weight with `online` (an `OnlineQuantization`); False when the
+        weight is already quantized. The quantized weight brings its method, as a checkpoint's does."""
+        if type(self.method) is not UnquantizedLinearMethod:
+            return False
+        weight = online.quantize(self.weight.data)
+        self.method = weight.linear_method(self)
+        self.method.install(self, weight)
+        self.weight = None
+        return True
+
     def prepack_for_cpu(self) -> None:
         """Switches to the oneDNN-packed method: packs the loaded weight and drops the plain copy.
         Quantized weights keep their own method."""
@@ -182,6 +193,12 @@ class MergedLinear(Linear):
 
     def split(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return out.split([size for _, size in self.shard_offsets.values()], dim=-1)
+
+
+def quantize_linear_layers(model: nn.Module, online) -> int:
+    """Quantizes every dense linear layer's weight with `online` (the LM head and embeddings stay
+    as they are, as in vLLM); returns how many were quantized."""
+    return sum(layer.quantize_online(online) for layer in model.modules() if isinstance(layer, Linear))
 
 
 def prepack_cpu_weights(model: nn.Module) -> int:

@@ -10,7 +10,9 @@ from typing import Iterable, Optional
 import torch
 
 from pagellm.config import EngineConfig
-from pagellm.layers.linear import cpu_prepack_available, prepack_cpu_weights
+from pagellm.layers.linear import cpu_prepack_available, prepack_cpu_weights, quantize_linear_layers
+from pagellm.layers.quantization.base import OnlineQuantization
+from pagellm.layers.utils import call_on_layers
 from pagellm.loader.dummy import initialize_dummy_weights
 from pagellm.models.registry import get_model_class
 from pagellm.ops.cpu import enable_cpu_kernels, load_cpu_ops
@@ -20,8 +22,13 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def load_model(config: EngineConfig, model_config, weights: Optional[Iterable]) -> torch.nn.Module:
+def load_model(config: EngineConfig, model_config, weights: Optional[Iterable],
+               online: Optional[OnlineQuantization] = None) -> torch.nn.Module:
     """The model for `model_config`, filled from `weights` (HF-named tensors), on `config.device`, in eval mode.
+
+    Quantized weights arrive as such from `weights`; `online` quantizes the dense linear weights
+    after loading (`--quantization fp8 | int8`). Every layer's `process_after_loading` then runs
+    on the device (repacking quantized weights for its kernels).
 
     With `load_format="dummy"` the weights are random (seeded by `config.seed`) and `weights`
     is not read (it may be None): benchmarks of large shapes without checkpoint files.
@@ -43,7 +50,10 @@ def load_model(config: EngineConfig, model_config, weights: Optional[Iterable]) 
         initialize_dummy_weights(model, config.seed)
     else:
         model.load_weights(weights)
+        if online is not None:
+            logger.info("quantized %d linear layers online (%s)", quantize_linear_layers(model, online), online.name)
         model = model.to(torch.device(config.device)).eval()
+        call_on_layers(model, "process_after_loading")
     if config.device == "cpu":
         apply_cpu_switches(model, config)
     return model

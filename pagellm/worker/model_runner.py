@@ -70,9 +70,10 @@ class ModelRunner:
         self.graph_summary = ""  # one line for the start-up log once graphs are captured
 
     @classmethod
-    def load(cls, config: EngineConfig, model_config, weights: Optional[Iterable]) -> "ModelRunner":
-        """A runner over the model built and filled by `model_loader.load_model`."""
-        return cls(config, model_config, load_model(config, model_config, weights))
+    def load(cls, config: EngineConfig, model_config, weights: Optional[Iterable], online=None) -> "ModelRunner":
+        """A runner over the model built and filled by `model_loader.load_model` (`online`: an
+        `OnlineQuantization` applied to the loaded linear weights)."""
+        return cls(config, model_config, load_model(config, model_config, weights, online))
 
     @property
     def requests(self) -> dict[str, CachedRequestState]:

@@ -16,6 +16,7 @@ import torch
 from pagellm.config import EngineConfig
 from pagellm.core.scheduler import SchedulerOutput
 from pagellm.distributed.parallel_state import get_parallel_context
+from pagellm.layers.quantization.registry import plan_quantization
 from pagellm.loader import ModelSource, iter_weights
 from pagellm.worker import kv_cache
 from pagellm.worker.model_loader import DTYPES
@@ -40,9 +41,13 @@ class Worker:
         # Dummy weights are random: no checkpoint is read.
         # A tensor-parallel rank reads only its part of each safetensors tensor.
         lazy = self.parallel.tp_size > 1
-        weights = None if self.config.load_format == "dummy" else iter_weights(source, self.dtype,
-                                                                                self.config.quantization, lazy=lazy)
-        self.model_runner = ModelRunner.load(self.config, self.model_config, weights)
+        plan = None
+        if source is not None and self.config.load_format != "dummy":
+            plan = plan_quantization(self.config.quantization, source.kind,
+                                     getattr(self.model_config, "quantization_config", None), self.config.device)
+        weights = None if plan is None else iter_weights(source, self.dtype, plan, lazy=lazy)
+        self.model_runner = ModelRunner.load(self.config, self.model_config, weights,
+                                             online=None if plan is None else plan.online)
 
     def weight_bytes(self) -> int:
         """Bytes of this rank's weights (its shard under tensor parallelism)."""
@@ -57,7 +62,11 @@ class Worker:
 
     def quantized_linear_count(self) -> int:
         """Layers whose weight this rank holds as quantized blocks."""
-        return sum(1 for m in self.model_runner.model.modules() if getattr(m, "qweight", None) is not None)
+        from pagellm.layers.quantization.base import QuantizedLinearMethod
+
+        return sum(1 for m in self.model_runner.model.modules()
+                   if getattr(m, "qweight", None) is not None
+                   or (isinstance(getattr(m, "method", None), QuantizedLinearMethod) and not m.method.dense))
 
     def kv_bytes_per_token(self) -> int:
         if self.model_runner is None:
