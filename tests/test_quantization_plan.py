@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from pagellm.layers.quantization.base import CheckpointFormat, QuantizedWeight
 from pagellm.layers.quantization.registry import CHECKPOINT_FORMATS, ONLINE_METHODS, plan_quantization
 from pagellm.loader.quantized import iter_quantized_safetensors
+from pagellm.quantization_rules import CHECKPOINT_FORMAT_NAMES, ONLINE_METHOD_NAMES
 
 
 def test_gguf_plans():
@@ -35,8 +36,9 @@ def test_unsupported_and_mismatched_checkpoint_methods():
         plan_quantization("awq", "hf", {"quant_method": "gptq", "bits": 4})
     with pytest.raises(ValueError, match="no quant_method"):
         plan_quantization("auto", "hf", {"bits": 4})
-    assert set(CHECKPOINT_FORMATS) == {"gptq", "awq", "compressed-tensors", "fp8"}
-    assert set(ONLINE_METHODS) == {"fp8", "int8"}
+    # the front end's name rules and the worker's registry name the same methods
+    assert tuple(CHECKPOINT_FORMATS) == CHECKPOINT_FORMAT_NAMES == ("gptq", "awq", "compressed-tensors", "fp8")
+    assert tuple(ONLINE_METHODS) == ONLINE_METHOD_NAMES == ("fp8", "int8")
 
 
 class _ToyWeight(QuantizedWeight):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from pagellm.config import EngineConfig
-from pagellm.layers.quantization.registry import plan_quantization
+from pagellm.quantization_rules import choose_quantization
 from pagellm.loader import ModelSource, default_model_path, load_hf_config, resolve_model_source
 
 
@@ -42,6 +42,6 @@ def resolve_setup(config: EngineConfig) -> ModelSetup:
     count = torch.cuda.device_count() if cuda and config.data_parallel_size > 1 else None
     resolved = config.resolve(model_max_len=max_len, cuda_available=cuda, cuda_device_count=count)
     if resolved.load_format != "dummy":  # a mismatch with the checkpoint fails here, before any worker starts
-        plan_quantization(resolved.quantization, source.kind, getattr(model_config, "quantization_config", None),
+        choose_quantization(resolved.quantization, source.kind, getattr(model_config, "quantization_config", None),
                           resolved.device)
     return ModelSetup(resolved, source, model_config)
