@@ -49,6 +49,9 @@ class EngineConfig:
     load_format: str = "auto"  # dummy: random weights from config.json alone (benchmarks)
     cpu_weight_prepack: bool = True  # CPU: linear weights in oneDNN's packed layout (faster matmuls)
     cpu_fused_ops: bool = True  # CPU: C++ RMSNorm(+residual) and SiLU-and-mul instead of torch expressions
+    # CPU: GGUF layers (32-value block types) quantize decode activations to int8 per block and use
+    # integer dot products, as llama.cpp does: faster, no longer exact (off: weight-only, fp32 math)
+    cpu_int8_activations: bool = False
     quantization: str = "auto"  # auto: weights stay as the checkpoint stores them; none: dequantize at load
     tensor_parallel_size: int = 1  # ranks each layer's heads / columns are split across
     pipeline_parallel_size: int = 1  # stages the layers are split across (each stage tp ranks)

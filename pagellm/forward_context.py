@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from dataclasses import dataclass
-from typing import Any, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
 
 _CURRENT: contextvars.ContextVar["ForwardContext | None"] = contextvars.ContextVar("pagellm_forward_context", default=None)
 
@@ -14,6 +14,9 @@ _CURRENT: contextvars.ContextVar["ForwardContext | None"] = contextvars.ContextV
 @dataclass
 class ForwardContext:
     attn_metadata: Any  # the backend's metadata object for this step
+    # Values every layer would otherwise recompute identically in this step (e.g. the rotary
+    # cos/sin rows of the step's positions), keyed by their owner; gone with the step.
+    step_cache: dict = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -30,3 +33,8 @@ def get_forward_context() -> ForwardContext:
     if ctx is None:
         raise RuntimeError("attention was called outside set_forward_context(); run the model through the ModelRunner")
     return ctx
+
+
+def current_forward_context() -> Optional[ForwardContext]:
+    """The step's context, or None outside a model run (a layer called on its own)."""
+    return _CURRENT.get()

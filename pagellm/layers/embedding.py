@@ -158,6 +158,10 @@ class LMHead(nn.Module):
             tensor = tensor.dequantize()
         self.weight.data.copy_(self.vocab.shard(name, tensor))
 
+    def enable_int8_activations(self) -> None:
+        """As `Linear.enable_int8_activations`: a quantized head (GGUF blocks) may use int8 activations."""
+        self.int8_activations = True
+
     def prepack_for_cpu(self) -> None:
         """The LM head is the largest matmul of a small model, and the slowest through MKL.
         A tied head keeps the embedding's weight (the lookup needs it) next to the packed copy.

@@ -108,6 +108,10 @@ class Linear(nn.Module):
         """The method's post-load step (none for plain weights)."""
         self.method.process_after_loading(self)
 
+    def enable_int8_activations(self) -> None:
+        """Lets a quantized method that can (GGUF blocks) quantize decode activations to int8."""
+        self.int8_activations = True
+
     def quantize_online(self, online) -> bool:
         """Quantizes the loaded dense weight with `online` (an `OnlineQuantization`); False when the
         weight is already quantized. The quantized weight brings its method, as a checkpoint's does."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pagellm.forward_context import current_forward_context
+
 
 def _default_inv_freq(base: float, dim: int) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
@@ -43,13 +45,24 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, Hq, D], k: [T, Hkv, D]; positions: [T]."""
-        cos = self.cos_cache[positions].to(q.dtype).unsqueeze(1)
-        sin = self.sin_cache[positions].to(q.dtype).unsqueeze(1)
+        cos, sin = self._rows(positions, q.dtype)
         d = self.rotary_dim
         if d == q.shape[-1]:
             return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
         return (torch.cat((self._rotate(q[..., :d], cos, sin), q[..., d:]), dim=-1),
                 torch.cat((self._rotate(k[..., :d], cos, sin), k[..., d:]), dim=-1))
+
+    def _rows(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cos/sin rows of `positions`, gathered once per step: every layer shares this table
+        and the step's positions (30 gathers a step for SmolLM2 otherwise)."""
+        ctx = current_forward_context()
+        key = (id(self), dtype)
+        if ctx is not None and key in ctx.step_cache:
+            return ctx.step_cache[key]
+        rows = (self.cos_cache[positions].to(dtype).unsqueeze(1), self.sin_cache[positions].to(dtype).unsqueeze(1))
+        if ctx is not None:
+            ctx.step_cache[key] = rows
+        return rows
 
     @classmethod
     def _rotate(cls, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

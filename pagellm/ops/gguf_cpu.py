@@ -18,7 +18,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "gguf_ops.cpp", CSRC / "gguf_kquant_ops.cpp"]  # 32-value block types; K-quants
+# 32-value block types; K-quants; int8-activation variants of the 32-value types
+SOURCES = [CSRC / "gguf_ops.cpp", CSRC / "gguf_kquant_ops.cpp", CSRC / "gguf_int8act_ops.cpp"]
 # No fp contraction: the K-quant expansion must round like gguf's reference (mul, then sub).
 CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
 ISA_NAMES = ("scalar", "avx2", "avx512")  # the C++ Isa enum, in order
@@ -54,9 +55,14 @@ def active_isa() -> str:
     return ISA_NAMES[int(torch.ops.pagellm_gguf.isa())]
 
 
-def gguf_linear(x: torch.Tensor, weight: torch.Tensor, ggml_type: int, out_features: int) -> torch.Tensor:
-    """x (..., K) times the (out_features, K) block-quantized weight (uint8 bytes); float32 out."""
-    return torch.ops.pagellm_gguf.linear(x, weight, ggml_type, out_features)
+def gguf_linear(x: torch.Tensor, weight: torch.Tensor, ggml_type: int, out_features: int,
+                int8_activations: bool = False) -> torch.Tensor:
+    """x (..., K) times the (out_features, K) block-quantized weight (uint8 bytes); float32 out.
+
+    int8_activations: up to 8 rows of a 32-value block type (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0) quantize x
+    per 32-value block to int8 and use integer dot products (llama.cpp's trade: faster, no longer
+    exact); other types and larger batches ignore it."""
+    return torch.ops.pagellm_gguf.linear(x, weight, ggml_type, out_features, int8_activations)
 
 
 def gguf_dequantize(weight: torch.Tensor, ggml_type: int, out_features: int, in_features: int) -> torch.Tensor:

@@ -68,6 +68,9 @@ def apply_cpu_switches(model: torch.nn.Module, config: EngineConfig) -> None:
         else:
             logger.warning("cpu_weight_prepack: oneDNN cannot pack %s weights with this torch build and CPU; "
                            "using plain matmuls", config.dtype)
+    if config.cpu_int8_activations:
+        call_on_layers(model, "enable_int8_activations")
+        logger.info("int8 decode activations on for the layers with GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks")
     if config.cpu_fused_ops and load_cpu_ops():
         logger.info("C++ CPU kernels for %d norm/activation layers", enable_cpu_kernels(model))
 

@@ -142,17 +142,18 @@ class GGUFLinearMethod(LinearMethod):
         layer.weight = None
 
     def apply(self, layer: nn.Module, x: torch.Tensor, skip_bias: bool = False) -> torch.Tensor:
+        int8 = getattr(layer, "int8_activations", False)  # EngineConfig.cpu_int8_activations
         if self.parts:
-            out = torch.cat([self._apply_part(p, x) for p in self.parts], dim=-1)
+            out = torch.cat([self._apply_part(p, x, int8) for p in self.parts], dim=-1)
         else:
-            out = gguf_linear(x, layer.qweight, layer.ggml_type, layer.qweight.shape[0]).to(x.dtype)
+            out = gguf_linear(x, layer.qweight, layer.ggml_type, layer.qweight.shape[0], int8).to(x.dtype)
         bias = None if skip_bias else getattr(layer, "bias", None)
         return out if bias is None else out + bias
 
     @staticmethod
-    def _apply_part(part: SubWeight, x: torch.Tensor) -> torch.Tensor:
+    def _apply_part(part: SubWeight, x: torch.Tensor, int8_activations: bool) -> torch.Tensor:
         if isinstance(part, GGUFQuantizedTensor):
-            return gguf_linear(x, part.data, int(part.ggml_type), part.shape[0]).to(x.dtype)
+            return gguf_linear(x, part.data, int(part.ggml_type), part.shape[0], int8_activations).to(x.dtype)
         return F.linear(x, part)
 
     def weight_bytes(self, layer: nn.Module) -> int:

@@ -59,4 +59,8 @@ void kquant_linear(const at::Tensor& x, const at::Tensor& w, int64_t type, at::T
 // Rows [0, N) of the weight as float32 into y (N, K).
 void kquant_dequantize(const at::Tensor& w, int64_t type, int64_t N, int64_t K, float* y);
 
+// int8 activations (gguf_int8act_ops.cpp): the 32-value block types, decode-sized row counts.
+bool int8act_supported(int64_t type);
+void int8act_linear(const at::Tensor& x, const at::Tensor& w, int64_t type, at::Tensor& out);
+
 }  // namespace pagellm_gguf

@@ -347,8 +347,10 @@ void check_weight(const at::Tensor& w, int64_t type, int64_t out_features, int64
     default: block_bytes(TYPE); /* raises */              \
   }
 
-// x (..., K) float32 times the (N, K) quantized weight -> (..., N) float32.
-at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t out_features) {
+// x (..., K) float32 times the (N, K) quantized weight -> (..., N) float32. With int8_activations,
+// decode-sized batches of the 32-value types quantize x per block and use integer dot products.
+at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t out_features,
+                       bool int8_activations) {
   const int64_t K = x.size(-1);
   check_weight(w, type, out_features, K);
   TORCH_CHECK(x.device().is_cpu(), "gguf_linear runs on the CPU");
@@ -357,6 +359,8 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& w, int64_t type, i
   if (x2.size(0) > 0) {
     if (kquant_block_bytes(type)) {
       kquant_linear(x2, w, type, out);
+    } else if (int8_activations && x2.size(0) <= kFusedMaxRows && int8act_supported(type)) {
+      int8act_linear(x2, w, type, out);
     } else {
       GGUF_TYPE_SWITCH(type, linear_typed, x2, w, out);
     }
@@ -386,7 +390,7 @@ int64_t gguf_supported_isas() { return supported_isas(); }
 }  // namespace
 
 TORCH_LIBRARY(pagellm_gguf, m) {
-  m.def("linear(Tensor x, Tensor w, int ggml_type, int out_features) -> Tensor");
+  m.def("linear(Tensor x, Tensor w, int ggml_type, int out_features, bool int8_activations=False) -> Tensor");
   m.def("dequantize(Tensor w, int ggml_type, int out_features, int in_features) -> Tensor");
   m.def("isa() -> int", &gguf_isa);
   m.def("supported_isas() -> int", &gguf_supported_isas);
