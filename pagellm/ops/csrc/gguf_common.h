@@ -5,18 +5,23 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#define PAGELLM_X86 1
-#include <immintrin.h>
-#endif
+#include "cpu_isa.h"  // PAGELLM_X86, <immintrin.h>, the ISA enum and its run-time choice
 
 namespace pagellm_gguf {
 
-enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+using pagellm_isa::active_isa;
+using pagellm_isa::cpu_has_avx2_fma;
+using pagellm_isa::cpu_has_avx512;
+using pagellm_isa::cpu_has_avx512_bf16;
+using pagellm_isa::cpu_has_avx512_vnni;
+using pagellm_isa::Isa;
+using pagellm_isa::kAvx2;
+using pagellm_isa::kAvx512;
+using pagellm_isa::kScalar;
+using pagellm_isa::supported_isas;
+
 // Activation rows up to this count take the fused path (each weight row read once per 4 rows);
 // above it, expanding the weight once and using a float32 GEMM is faster.
 constexpr int64_t kFusedMaxRows = 8;
@@ -25,31 +30,6 @@ inline float half_at(const uint8_t* p) {
   uint16_t bits;
   std::memcpy(&bits, p, 2);
   return c10::detail::fp16_ieee_to_fp32_value(bits);
-}
-
-inline int64_t supported_isas() {  // bit i set: Isa i runs on this CPU
-  int64_t mask = 1 << kScalar;
-#if PAGELLM_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) mask |= 1 << kAvx2;
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl"))
-    mask |= 1 << kAvx512;
-#endif
-  return mask;
-}
-
-// The best path the CPU has, or the one PAGELLM_CPU_ISA names (read per call, so tests can switch).
-inline int64_t active_isa() {
-  const int64_t mask = supported_isas();
-  const char* env = std::getenv("PAGELLM_CPU_ISA");
-  if (env == nullptr || *env == '\0' || std::string(env) == "auto")
-    return (mask >> kAvx512 & 1) ? kAvx512 : (mask >> kAvx2 & 1) ? kAvx2 : kScalar;
-  const std::string want(env);
-  const int64_t isa = want == "scalar" ? kScalar : want == "avx2" ? kAvx2 : want == "avx512" ? kAvx512 : -1;
-  TORCH_CHECK(isa >= 0, "PAGELLM_CPU_ISA=", want, " is not one of auto, scalar, avx2, avx512");
-  TORCH_CHECK(mask >> isa & 1, "PAGELLM_CPU_ISA=", want, " but this CPU does not support it");
-  return isa;
 }
 
 // K-quants (gguf_kquant_ops.cpp): 256-value super-blocks. Bytes per super-block, 0 for other types.
