@@ -2,9 +2,11 @@
 
 - C++ paged decode attention (`attention_backend="cpu"`) vs the torch backend: ragged contexts,
   random block tables, GQA 1/3/4/8, head sizes 64/128/256 (and an odd 40), block sizes 16/32,
-  sliding window, softcap, fp32/bf16, batches big and small (the kernel splits small ones by head),
-  and steps that mix decodes with prompt chunks.
+  sliding window, softcap, fp32/bf16/fp16, batches big and small (the kernel splits small ones by
+  head), and steps that mix decodes with prompt chunks.
 - C++ RMSNorm / fused residual-add RMSNorm / SiLU-and-mul vs the torch expressions.
+- Each kernel test runs on every ISA path the CPU has (scalar, AVX2, AVX-512), forced with
+  PAGELLM_CPU_ISA through the real run-time dispatch.
 - oneDNN-prepacked linear layers vs F.linear.
 - Engine: greedy tokens identical with every fast path off and on, on the real SmolLM2.
 """
@@ -23,8 +25,8 @@ from pagellm.layers.activation import SiluAndMul
 from pagellm.layers.embedding import LMHead, VocabEmbedding
 from pagellm.layers.linear import Linear, MergedLinear, cpu_prepack_available, prepack_cpu_weights
 from pagellm.layers.norm import RMSNorm
+from pagellm.ops import cpu as cpu_ops
 from pagellm.ops.cpu import enable_cpu_kernels, load_cpu_ops
-
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +35,19 @@ def cpu_ops_built():
     # failure must fail these tests rather than quietly test the torch fallback against itself.
     assert load_cpu_ops(), "the C++ CPU kernels failed to build (see the warning logged above)"
 
-TOLERANCE = {torch.float32: dict(atol=2e-5, rtol=1e-5), torch.bfloat16: dict(atol=1.5e-2, rtol=1e-2)}
+TOLERANCE = {torch.float32: dict(atol=2e-5, rtol=1e-5), torch.bfloat16: dict(atol=1.5e-2, rtol=1e-2),
+             torch.float16: dict(atol=2e-3, rtol=2e-3)}
+
+
+@pytest.fixture(params=cpu_ops.ISA_NAMES)
+def isa(request, monkeypatch) -> str:
+    """Forces one kernel path through the real dispatch (the C++ reads PAGELLM_CPU_ISA on every
+    call); only a path this CPU lacks is skipped."""
+    if request.param not in cpu_ops.supported_isas():
+        pytest.skip(f"this CPU has no {request.param}")
+    monkeypatch.setenv(cpu_ops.ISA_ENV, request.param)
+    assert cpu_ops.active_isa() == request.param
+    return request.param
 
 
 def _paged_batch(gen, query_lens, context_lens, block_size, hq, hkv, d, dtype):
@@ -66,21 +80,21 @@ RAGGED_CONTEXTS = [0, 4, 15, 16, 17, 63, 130, 300]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (8, 8, 128), (8, 2, 256), (4, 1, 40), (16, 2, 64)])
 @pytest.mark.parametrize("block_size", [16, 32])
-def test_decode_kernel_matches_torch(dtype, hq, hkv, d, block_size):
+def test_decode_kernel_matches_torch(isa, dtype, hq, hkv, d, block_size):
     gen = torch.Generator().manual_seed(hq * 1000 + d + block_size)
     batch = _paged_batch(gen, [1] * len(RAGGED_CONTEXTS), RAGGED_CONTEXTS, block_size, hq, hkv, d, dtype)
     _compare(*batch, None, None, dtype)
 
 
 @pytest.mark.parametrize("window,softcap", [(40, None), (1, None), (None, 30.0), (50, 20.0)])
-def test_decode_kernel_window_and_softcap(window, softcap):
+def test_decode_kernel_window_and_softcap(isa, window, softcap):
     gen = torch.Generator().manual_seed(7)
     batch = _paged_batch(gen, [1] * len(RAGGED_CONTEXTS), RAGGED_CONTEXTS, 16, 8, 2, 64, torch.float32)
     _compare(*batch, window, softcap, torch.float32)
 
 
 @pytest.mark.parametrize("num_reqs", [1, 2, 3, 40])
-def test_decode_kernel_small_and_large_batches(num_reqs):
+def test_decode_kernel_small_and_large_batches(isa, num_reqs):
     # Below 2 requests per thread the kernel gives each kv head its own task; above, one per request.
     gen = torch.Generator().manual_seed(num_reqs)
     contexts = torch.randint(0, 200, (num_reqs,), generator=gen).tolist()
@@ -89,11 +103,43 @@ def test_decode_kernel_small_and_large_batches(num_reqs):
 
 
 @pytest.mark.parametrize("window", [None, 24])
-def test_mixed_prefill_and_decode_step(window):
+def test_mixed_prefill_and_decode_step(isa, window):
     # Prompt chunks (with and without cached context) around decodes: the kernel serves only the decodes.
     gen = torch.Generator().manual_seed(3)
     batch = _paged_batch(gen, [1, 37, 1, 1, 16, 1], [90, 0, 5, 0, 48, 250], 16, 8, 2, 64, torch.float32)
     _compare(*batch, window, None, torch.float32)
+
+
+@pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (4, 1, 40), (8, 2, 24)])  # 40, 24: narrower paths' widths
+def test_decode_kernel_float16(isa, hq, hkv, d):
+    gen = torch.Generator().manual_seed(d)
+    batch = _paged_batch(gen, [1] * len(RAGGED_CONTEXTS), RAGGED_CONTEXTS, 16, hq, hkv, d, torch.float16)
+    _compare(*batch, None, None, torch.float16)
+
+
+def test_empty_context_gives_zeros(isa):
+    q = torch.randn(2, 4, 64)
+    cache = torch.randn(3, 16, 2, 64)
+    out = torch.full_like(q, float("nan"))
+    torch.ops.pagellm_cpu.paged_decode_attention(out, q, cache, cache, torch.zeros(2, 1, dtype=torch.int32),
+                                                 torch.tensor([0, 3], dtype=torch.int32), 0.125, 0, 0.0)
+    assert torch.equal(out[0], torch.zeros(4, 64))
+    weights = torch.softmax(torch.einsum("hd,thd->ht", q[1] * 0.125, cache[0, :3].repeat_interleave(2, 1)), -1)
+    torch.testing.assert_close(out[1], torch.einsum("ht,thd->hd", weights, cache[0, :3].repeat_interleave(2, 1)),
+                               **TOLERANCE[torch.float32])
+
+
+def test_isa_switch_rejects_unknown_and_unsupported(monkeypatch):
+    x, w = torch.randn(2, 8), torch.ones(8)
+    monkeypatch.setenv(cpu_ops.ISA_ENV, "sse9")
+    with pytest.raises(RuntimeError, match="PAGELLM_CPU_ISA=sse9"):
+        torch.ops.pagellm_cpu.rms_norm(torch.empty_like(x), x, w, 1e-6)
+    for name in (n for n in cpu_ops.ISA_NAMES if n not in cpu_ops.supported_isas()):
+        monkeypatch.setenv(cpu_ops.ISA_ENV, name)
+        with pytest.raises(RuntimeError, match="does not support"):
+            cpu_ops.active_isa()
+    monkeypatch.setenv(cpu_ops.ISA_ENV, "auto")
+    assert cpu_ops.active_isa() == cpu_ops.supported_isas()[-1]
 
 
 def test_kernel_rejects_bad_arguments():
@@ -112,9 +158,9 @@ def test_kernel_rejects_bad_arguments():
                                                      tables, lens, 0.1, 0, 0.0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hidden", [576, 67])  # 67: the loops' scalar tails
-def test_fused_norm_and_activation_match_torch(dtype, hidden):
+def test_fused_norm_and_activation_match_torch(isa, dtype, hidden):
     gen = torch.Generator().manual_seed(hidden)
     x, residual = (torch.randn(9, hidden, generator=gen).to(dtype) for _ in range(2))
     reference, fused = RMSNorm(hidden, 1e-5).to(dtype), RMSNorm(hidden, 1e-5).to(dtype)

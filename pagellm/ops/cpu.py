@@ -1,17 +1,20 @@
 """The engine's C++ CPU kernels (`csrc/cpu_ops.cpp`): built on first use, then called via torch.ops.
 
 torch.utils.cpp_extension compiles the file with the machine's C++ compiler (about 30 s once;
-the result is cached under ~/.cache/torch_extensions, keyed by the source). Where the build
-fails (no compiler), `load_cpu_ops()` says why once and returns False; callers fall back to
-the pure-torch code, which stays the reference these kernels are tested against.
+the result is cached under ~/.cache/torch_extensions, rebuilt when the source or its headers
+change). Where the build fails (no compiler), `load_cpu_ops()` says why once and returns False;
+callers fall back to the pure-torch code, which stays the reference these kernels are tested against.
+
+Like the GGUF kernels the file is compiled without -march=native: the AVX-512, AVX2+FMA and
+scalar paths carry their own target attributes and each call picks one from cpuid
+(`csrc/cpu_isa.h`), so one build runs on any x86-64 CPU. `PAGELLM_CPU_ISA=scalar|avx2|avx512`
+(read on every call) forces a path.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
-import platform
 from pathlib import Path
 
 import torch
@@ -21,21 +24,10 @@ from pagellm.layers.utils import call_on_layers
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_ops.cpp"
-# -march=native: the build runs on the machine that uses it. OpenMP gives at::parallel_for its
-# threads (torch's own runtime, already loaded).
-CFLAGS = ["-O3", "-march=native", "-fopenmp"]
-
-
-def _cpu_signature() -> str:
-    """A short hash of the CPU's feature flags. torch caches builds by source and flags only, and a
-    -march=native build loaded on a CPU without the same instructions dies with SIGILL."""
-    flags = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags += next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        pass
-    return hashlib.sha256(flags.encode()).hexdigest()[:10]
+# OpenMP gives at::parallel_for its threads (torch's own runtime, already loaded).
+CFLAGS = ["-O3", "-fopenmp"]
+ISA_NAMES = ("scalar", "avx2", "avx512")  # cpu_isa.h's Isa enum, in order
+ISA_ENV = "PAGELLM_CPU_ISA"
 
 
 @functools.cache
@@ -46,7 +38,7 @@ def load_cpu_ops() -> bool:
     try:
         from torch.utils.cpp_extension import load
 
-        load(name=f"pagellm_cpu_ops_{_cpu_signature()}", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+        load(name="pagellm_cpu_ops", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
              is_python_module=False, verbose=False)
     except Exception as exc:  # no compiler, no ninja, a broken toolchain: run on the torch code instead
         lines = str(exc).strip().splitlines() or [""]
@@ -55,6 +47,17 @@ def load_cpu_ops() -> bool:
                        type(exc).__name__, why.strip())
         return False
     return True
+
+
+def supported_isas() -> list[str]:
+    """The kernel paths this CPU can run, e.g. ["scalar", "avx2"]."""
+    mask = int(torch.ops.pagellm_cpu.supported_isas())
+    return [name for i, name in enumerate(ISA_NAMES) if mask >> i & 1]
+
+
+def active_isa() -> str:
+    """The path the next call will take (the best supported one unless PAGELLM_CPU_ISA says otherwise)."""
+    return ISA_NAMES[int(torch.ops.pagellm_cpu.isa())]
 
 
 def enable_cpu_kernels(model: torch.nn.Module) -> int:
