@@ -84,6 +84,23 @@ def test_linear_matches_dequantize_then_matmul(isa, ggml_type, rows):
         assert_matmul_close(out, x, w)
 
 
+@pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_int8_activation_linear_matches_quantized_reference(isa, ggml_type, rows):
+    """int8 activations: x quantized per 32 values (scale amax / 127, codes rounded half to even,
+    an all-zero block kept at zero) then multiplied exactly; on every path."""
+    n, k = 33, 160
+    blocks = random_blocks(ggml_type, n, k, seed=rows * 100 + ggml_type.value)
+    w = dequantize(blocks, ggml_type).reshape(n, k)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+    x[0, 32:64] = 0.0
+    xb = x.view(rows, k // 32, 32)
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    codes = torch.round(xb * torch.where(d > 0, 1 / d, torch.zeros_like(d)))
+    out = gguf_cpu.gguf_linear(x, torch.from_numpy(blocks), int(ggml_type), n, int8_activations=True)
+    assert_matmul_close(out, (codes * d).view(rows, k), w)
+
+
 def test_linear_keeps_leading_dims_and_other_dtypes(isa):
     blocks = random_blocks(Q.Q8_0, 9, 64, seed=1)
     w = dequantize(blocks, Q.Q8_0).reshape(9, 64)

@@ -39,23 +39,64 @@ struct QuantizedRows {
   std::vector<float> d, ds;
 };
 
-QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
+// One 32-value block of x: codes into q, returns the sum of the codes; *d gets the block's scale.
+// nearbyint rounds half to even, as the SIMD paths' cvtps do.
+inline int quantize_block_scalar(const float* xb, int8_t* q, float* d) {
+  float amax = 0.f;
+  for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(xb[i]));
+  *d = amax / 127.f;
+  const float inv = *d > 0.f ? 1.f / *d : 0.f;
+  int sum = 0;
+  for (int i = 0; i < kBlock; ++i) {
+    const int v = static_cast<int>(std::nearbyint(xb[i] * inv));
+    q[i] = static_cast<int8_t>(v);
+    sum += v;
+  }
+  return sum;
+}
+
+#if PAGELLM_X86
+// The same block with AVX2: |x| max, x * (1 / d) rounded to nearest even, packed to 32 bytes.
+// The same float operations as the scalar block, so the codes and scales are bit-identical.
+__attribute__((target("avx2,fma,f16c"))) inline int quantize_block_avx2(const float* xb, int8_t* q, float* d) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 v[4];
+  for (int j = 0; j < 4; ++j) v[j] = _mm256_loadu_ps(xb + 8 * j);
+  __m256 amax = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                              _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  *d = _mm_cvtss_f32(m) / 127.f;
+  const __m256 inv = _mm256_set1_ps(*d > 0.f ? 1.f / *d : 0.f);
+  __m256i c[4];
+  for (int j = 0; j < 4; ++j) c[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));  // MXCSR: nearest even
+  // int32 -> int16 -> int8 packs work per 128-bit lane; the permute puts the 32 codes back in order.
+  const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
+                      _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  const __m256i s = _mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3]));
+  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+  return _mm_cvtsi128_si32(t);
+}
+#endif
+
+QuantizedRows quantize_rows(int64_t isa, const float* x, int64_t M, int64_t K) {
   const int64_t nb = K / kBlock;
   QuantizedRows r{std::vector<int8_t>(M * K), std::vector<float>(M * nb), std::vector<float>(M * nb)};
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t b = 0; b < nb; ++b) {
       const float* xb = x + m * K + b * kBlock;
-      float amax = 0.f;
-      for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(xb[i]));
-      const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
-      int sum = 0;
-      for (int i = 0; i < kBlock; ++i) {
-        const int v = static_cast<int>(std::nearbyint(xb[i] * inv));
-        r.q[m * K + b * kBlock + i] = static_cast<int8_t>(v);
-        sum += v;
-      }
-      r.d[m * nb + b] = d;
-      r.ds[m * nb + b] = d * static_cast<float>(sum);
+      int8_t* q = r.q.data() + m * K + b * kBlock;
+      float* d = r.d.data() + m * nb + b;
+#if PAGELLM_X86
+      const int sum = isa != kScalar ? quantize_block_avx2(xb, q, d) : quantize_block_scalar(xb, q, d);
+#else
+      const int sum = quantize_block_scalar(xb, q, d);
+#endif
+      r.ds[m * nb + b] = *d * static_cast<float>(sum);
     }
   }
   return r;
@@ -212,7 +253,7 @@ template <int64_t T>
 void linear_typed(const at::Tensor& x, const at::Tensor& w, at::Tensor& out) {
   const int64_t isa = active_isa();
   const int64_t M = x.size(0), K = x.size(1), N = out.size(1), nb = K / kBlock;
-  const QuantizedRows xq = quantize_rows(x.data_ptr<float>(), M, K);
+  const QuantizedRows xq = quantize_rows(isa, x.data_ptr<float>(), M, K);
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, N, 8, [&](int64_t a, int64_t e) {
