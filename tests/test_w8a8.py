@@ -213,3 +213,192 @@ def test_linear_reports_quantized_bytes():
     layer = Linear(64, 32)
     layer.load("weight", Int8Weight(torch.zeros(32, 64, dtype=torch.int8), torch.ones(32)))
     assert layer.method.weight_bytes(layer) == 32 * 64 + 4 * 32
+
+
+# ---- checkpoints in each format's on-disk layout, loaded by the engine ---------------------------
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from pagellm import LLM, SamplingParams  # noqa: E402
+from pagellm.layers.embedding import LMHead  # noqa: E402
+from tests.conftest import assert_engines_near_tie, make_tiny_llama  # noqa: E402
+
+PROMPTS = [{"prompt_token_ids": [1, 5 + 3 * i, 17, 30 + 2 * i, 9]} for i in range(3)]
+GREEDY = SamplingParams(temperature=0, max_tokens=6, logprobs=5, ignore_eos=True)
+ENGINE = dict(skip_tokenizer_init=True, quiet=True, max_model_len=64, kv_cache_memory=2 << 20)
+
+
+def _row_amax(w: torch.Tensor) -> torch.Tensor:
+    return w.abs().amax(1).clamp(min=1e-8)
+
+
+def _quantize_tensors(kind: str, prefix: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One linear weight as the format's writer stores it."""
+    N, K = w.shape
+    if kind.startswith("fp8"):
+        if kind == "fp8-block":  # 32 x 48 blocks: ragged last column block (K = 64, 128)
+            bn, bk = 32, 48
+            blocks = torch.nn.functional.pad(w, (0, -K % bk, 0, -N % bn)).reshape(-(-N // bn), bn, -(-K // bk), bk)
+            s = (blocks.abs().amax((1, 3)) / 448).clamp(min=1e-8)
+            full = s.repeat_interleave(bn, 0)[:N].repeat_interleave(bk, 1)[:, :K]
+            return {f"{prefix}.weight": (w / full).to(torch.float8_e4m3fn), f"{prefix}.weight_scale_inv": s}
+        per_tensor = kind in ("fp8-tensor",)
+        s = (w.abs().amax() if per_tensor else _row_amax(w)) / 448
+        out = {f"{prefix}.weight": (w / (s if per_tensor else s[:, None])).to(torch.float8_e4m3fn),
+               f"{prefix}.weight_scale": s.reshape(()) if per_tensor else s[:, None]}
+        if kind == "fp8-tensor":  # static activations
+            out[f"{prefix}.input_scale"] = torch.tensor([0.02])
+        return out
+    if kind == "ct-fp8":  # float-quantized, channel strategy, dynamic per-token activations
+        s = _row_amax(w) / 448
+        return {f"{prefix}.weight": (w / s[:, None]).to(torch.float8_e4m3fn),
+                f"{prefix}.weight_scale": s[:, None].to(torch.bfloat16)}
+    if kind == "ct-w8a16":  # int-quantized, group strategy (32 columns), weight-only
+        g = w.reshape(N, K // 32, 32)
+        s = (g.abs().amax(-1) / 127).clamp(min=1e-8).to(torch.bfloat16)
+        codes = torch.round(g / s.float()[..., None]).clamp(-128, 127).to(torch.int8).reshape(N, K)
+        return {f"{prefix}.weight": codes, f"{prefix}.weight_scale": s,
+                f"{prefix}.weight_zero_point": torch.zeros(N, K // 32, dtype=torch.int8)}
+    s = (_row_amax(w) / 127).to(torch.bfloat16)  # ct-int8: int-quantized, channel strategy
+    codes = torch.round(w / s.float()[:, None]).clamp(-128, 127).to(torch.int8)
+    return {f"{prefix}.weight": codes, f"{prefix}.weight_scale": s[:, None]}
+
+
+def _ct_config(kind: str) -> dict:
+    weights = {"num_bits": 8, "type": "float" if kind == "ct-fp8" else "int", "symmetric": True,
+               "strategy": "group" if kind == "ct-w8a16" else "channel",
+               "group_size": 32 if kind == "ct-w8a16" else None, "dynamic": False, "block_structure": None}
+    acts = None if kind == "ct-w8a16" else {"num_bits": 8, "type": weights["type"], "symmetric": True,
+                                            "dynamic": True, "strategy": "token"}
+    return {"quant_method": "compressed-tensors", "format": "float-quantized" if kind == "ct-fp8" else "int-quantized",
+            "quantization_status": "compressed", "ignore": ["lm_head"], "kv_cache_scheme": None, "sparsity_config": {},
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts,
+                                          "output_activations": None}}}
+
+
+def _quant_config(kind: str) -> dict:
+    if kind == "fp8-tensor":
+        return {"quant_method": "fp8", "activation_scheme": "static"}
+    if kind == "fp8-channel":
+        return {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    if kind == "fp8-block":
+        return {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": [32, 48]}
+    return _ct_config(kind)
+
+
+def write_quantized_checkpoint(src: str, dst: Path, kind: str, quant_config: dict | None = None) -> str:
+    """The tiny Llama at `src` re-saved with its decoder linear weights in `kind`'s layout."""
+    dst.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, t in load_file(f"{src}/model.safetensors").items():
+        if name.endswith("_proj.weight"):
+            tensors.update(_quantize_tensors(kind, name.rpartition(".")[0], t.float()))
+        else:
+            tensors[name] = t
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads(Path(src, "config.json").read_text())
+    config["quantization_config"] = quant_config if quant_config is not None else _quant_config(kind)
+    (dst / "config.json").write_text(json.dumps(config))
+    return str(dst)
+
+
+@pytest.fixture(scope="module")
+def tiny_fp32(tmp_path_factory) -> str:
+    return make_tiny_llama(str(tmp_path_factory.mktemp("w8-tiny")), seed=5, vocab_size=256, hidden=64, tie=False)
+
+
+def _methods(llm) -> set[str]:
+    model = llm.llm_engine.core.runner.model
+    return {type(m.method).__name__ for m in model.modules() if isinstance(m, (Linear, LMHead))}
+
+
+def assert_logprobs_match(got, ref, tol: float, margin: float) -> None:
+    """Shared top-5 logprobs within `tol`; greedy tokens identical up to a first divergence where
+    the reference's top-2 logprobs are within `margin` (a near-tie; later steps are not compared)."""
+    for g, r in zip(got, ref):
+        a, b = g.outputs[0], r.outputs[0]
+        for step, (la, lb) in enumerate(zip(a.logprobs, b.logprobs)):
+            for token in set(la) & set(lb):
+                assert abs(la[token].logprob - lb[token].logprob) < tol, (step, token)
+            if a.token_ids[step] != b.token_ids[step]:
+                top2 = sorted((lp.logprob for lp in lb.values()), reverse=True)[:2]
+                assert top2[0] - top2[1] < margin, f"real divergence at step {step}: {top2}"
+                break
+
+
+# kind -> (the method the layers get, logprob tolerance, near-tie margin); W8A8 int8 also
+# quantizes activations, so it is further from the dequantized model than weight-only kinds.
+KINDS = {
+    "fp8-tensor": ("FP8LinearMethod", 1e-4, 1e-3),  # measured: 3e-6 (float summation order)
+    "fp8-channel": ("FP8LinearMethod", 1e-4, 1e-3),
+    "fp8-block": ("FP8LinearMethod", 1e-4, 1e-3),
+    "ct-int8": ("Int8LinearMethod", 0.15, 0.2),  # measured: 0.1
+    "ct-w8a16": ("Int8LinearMethod", 1e-4, 1e-3),
+    "ct-fp8": ("FP8LinearMethod", 1e-4, 1e-3),
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_checkpoint_formats_match_their_dequantized_model(tiny_fp32, tmp_path, kind):
+    method, tol, margin = KINDS[kind]
+    path = write_quantized_checkpoint(tiny_fp32, tmp_path / kind, kind)
+    llm = LLM(path, **ENGINE)
+    assert _methods(llm) == {method, "CpuPackedLinearMethod"}  # the LM head stays dense
+    got = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    ref_llm = LLM(path, quantization="none", **ENGINE)
+    assert "FP8LinearMethod" not in _methods(ref_llm) and "Int8LinearMethod" not in _methods(ref_llm)
+    assert_logprobs_match(got, ref_llm.generate(PROMPTS, GREEDY, use_tqdm=False), tol, margin)
+
+
+BAD_CONFIGS = [
+    ({"quant_method": "fp8", "activation_scheme": "sometimes"}, "activation_scheme 'sometimes' is not supported"),
+    ({"quant_method": "fp8", "weight_block_size": [128]}, "weight_block_size must be two positive integers"),
+    ({"quant_method": "fp8", "fmt": "e5m2"}, "fmt 'e5m2' is not supported"),
+    ({**_ct_config("ct-int8"), "sparsity_config": {"format": "sparse-24-bitmask"}}, "2:4 sparsity"),
+    ({**_ct_config("ct-int8"), "format": "marlin-24"}, "format 'marlin-24'.*supported: int-quantized"),
+    ({**_ct_config("ct-int8"), "config_groups": {"g": {"weights": {"num_bits": 3, "type": "int"},
+                                                       "format": "pack-quantized"}}}, "3-bit int"),
+    ({**_ct_config("ct-int8"), "config_groups": {}}, "no config_groups"),
+    ({**_ct_config("ct-w8a16"), "config_groups": {"g": {"weights": {"num_bits": 8, "strategy": "group"}}}},
+     "strategy group but group_size None"),
+]
+
+
+@pytest.mark.parametrize("config,message", BAD_CONFIGS)
+def test_bad_quantization_configs_raise_clear_errors(config, message):
+    from pagellm.layers.quantization.registry import plan_quantization
+
+    with pytest.raises(ValueError, match=message):
+        plan_quantization("auto", "hf", config)
+
+
+def test_bad_checkpoint_tensors_name_the_layer(tiny_fp32, tmp_path):
+    path = write_quantized_checkpoint(tiny_fp32, tmp_path / "bad", "fp8-channel",
+                                      {"quant_method": "fp8", "activation_scheme": "static"})
+    with pytest.raises(ValueError, match=r"fp8 weight model\.layers\.\d\.\w+\.\w+_proj: .*no input_scale"):
+        LLM(path, **ENGINE)
+
+
+def test_pack_quantized_dispatches_to_its_builder(monkeypatch):
+    import sys
+    import types
+
+    from pagellm.layers.quantization.compressed_tensors import CompressedTensorsFormat
+
+    config = {**_ct_config("ct-w8a16"), "format": "pack-quantized"}
+    config["config_groups"]["group_0"]["weights"].update(num_bits=4, strategy="group", group_size=32)
+    fmt = CompressedTensorsFormat.from_config(config)
+    assert {"weight_packed", "weight_shape", "weight_g_idx", "weight_zero_point"} <= set(fmt.part_suffixes())
+    calls = []
+    fake = types.ModuleType("pagellm.layers.quantization.compressed_pack")
+    fake.build_pack_quantized = lambda parts, *args: calls.append((sorted(parts), args)) or "built"
+    monkeypatch.setitem(sys.modules, "pagellm.layers.quantization.compressed_pack", fake)
+    assert fmt.build("model.layers.0.mlp.up_proj", {"weight_packed": torch.zeros(1), "weight_scale": torch.ones(1)}) == "built"
+    assert calls == [(["weight_packed", "weight_scale"], (4, 32, True, "group", None))]
+    monkeypatch.setitem(sys.modules, "pagellm.layers.quantization.compressed_pack", None)  # import fails
+    with pytest.raises(ValueError, match="pack-quantized weights need pagellm.layers.quantization.compressed_pack"):
+        fmt.build("model.layers.0.mlp.up_proj", {"weight_packed": torch.zeros(1)})
+

@@ -62,20 +62,31 @@ def quantize_rows_int8(x: torch.Tensor, input_scale: Optional[torch.Tensor] = No
 
 
 class Int8Weight(QuantizedWeight):
-    """int8 codes (N, K) with float32 per-row scales (N,)."""
+    """int8 codes (N, K) with float32 scales per output row (N,), or, weight-only, per group of
+    `group_size` input columns (N, ceil(K / group_size))."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, activation: Optional[str] = None,
-                 input_scale: Optional[torch.Tensor] = None) -> None:
+                 input_scale: Optional[torch.Tensor] = None, group_size: Optional[int] = None) -> None:
         if codes.dtype != torch.int8 or codes.dim() != 2:
             raise ValueError(f"int8 weight codes must be a 2-D int8 tensor, got {codes.dtype} {tuple(codes.shape)}")
-        scale = scale.float().reshape(-1)
-        if scale.numel() == 1:
-            scale = scale.expand(codes.shape[0])
-        if scale.numel() != codes.shape[0]:
-            raise ValueError(f"int8 weight of shape {tuple(codes.shape)} has {scale.numel()} scales; "
-                             f"expected one per output row ({codes.shape[0]}) or one per tensor")
+        N, K = codes.shape
+        scale = scale.float()
+        if group_size is not None:
+            if activation is not None:
+                raise ValueError("int8 weights with group scales are weight-only (W8A16): the int8 activation "
+                                 "kernels need one scale per output row")
+            if tuple(scale.shape) != (N, math.ceil(K / group_size)):
+                raise ValueError(f"int8 weight {tuple(codes.shape)} with group_size {group_size} needs scales of "
+                                 f"shape {(N, math.ceil(K / group_size))}, got {tuple(scale.shape)}")
+        else:
+            scale = scale.reshape(-1)
+            if scale.numel() == 1:
+                scale = scale.expand(N)
+            if scale.numel() != N:
+                raise ValueError(f"int8 weight of shape {tuple(codes.shape)} has {scale.numel()} scales; "
+                                 f"expected one per output row ({N}) or one per tensor")
         _check_activation(activation, input_scale)
-        self.codes, self.scale = codes.contiguous(), scale.contiguous()
+        self.codes, self.scale, self.group_size = codes.contiguous(), scale.contiguous(), group_size
         self.activation = activation
         self.input_scale = None if input_scale is None else input_scale.float().reshape(())
         self.shape = codes.shape
@@ -84,15 +95,34 @@ class Int8Weight(QuantizedWeight):
     def nbytes(self) -> int:
         return self.codes.numel() + 4 * self.scale.numel() + (4 if self.input_scale is not None else 0)
 
-    def dequantize(self) -> torch.Tensor:
-        return self.codes.float() * self.scale[:, None]
+    def row_scales(self) -> torch.Tensor:
+        """(N, G) float32 scales over groups of `kernel_group_size()` columns (the kernels' layout)."""
+        return self.scale if self.group_size is not None else self.scale.reshape(-1, 1)
 
-    def narrow(self, dim: int, start: int, length: int) -> "Int8Weight":
+    def kernel_group_size(self) -> int:
+        return self.group_size if self.group_size is not None else self.shape[1]
+
+    def dequantize(self) -> torch.Tensor:
+        scales = self.row_scales().repeat_interleave(self.kernel_group_size(), dim=1)[:, :self.shape[1]]
+        return self.codes.float() * scales
+
+    def narrow(self, dim: int, start: int, length: int) -> Union["Int8Weight", torch.Tensor]:
         if dim not in (0, 1):
             raise ValueError(f"an int8 weight has 2 dims; cannot narrow dim {dim}")
         codes = self.codes.narrow(dim, start, length).clone()
-        scale = self.scale.narrow(0, start, length).clone() if dim == 0 else self.scale
-        return Int8Weight(codes, scale, self.activation, self.input_scale)
+        if dim == 0:
+            scale = self.scale.narrow(0, start, length).clone()
+        elif self.group_size is None:
+            scale = self.scale
+        else:
+            gs = self.group_size
+            if start % gs or (length % gs and start + length != self.shape[1]):
+                logger.warning("int8 weight %s: input columns [%d, %d) do not fall on %d-column groups; "
+                               "dequantizing it before the tensor-parallel split", tuple(self.shape), start,
+                               start + length, gs)
+                return self.dequantize().narrow(1, start, length).clone()
+            scale = self.scale.narrow(1, start // gs, math.ceil(length / gs)).clone()
+        return Int8Weight(codes, scale, self.activation, self.input_scale, self.group_size)
 
     def linear_method(self, layer: nn.Module) -> "Int8LinearMethod":
         return Int8LinearMethod()
@@ -137,18 +167,18 @@ class FP8Weight(QuantizedWeight):
         return self.codes.numel() + 4 * self.scale.numel() + (4 if self.input_scale is not None else 0)
 
     def row_scales(self) -> torch.Tensor:
-        """(N, G) float32 scales over groups of `group_size()` input columns (the kernels' layout)."""
+        """(N, G) float32 scales over groups of `kernel_group_size()` input columns (the kernels' layout)."""
         N, K = self.shape
         if self.block is None:
             return self.scale.reshape(-1, 1).expand(N, 1).contiguous()
         return self.scale.repeat_interleave(self.block[0], dim=0)[:N].contiguous()
 
-    def group_size(self) -> int:
+    def kernel_group_size(self) -> int:
         return self.block[1] if self.block is not None else self.shape[1]
 
     def dequantize(self) -> torch.Tensor:
         K = self.shape[1]
-        scales = self.row_scales().repeat_interleave(self.group_size(), dim=1)[:, :K]
+        scales = self.row_scales().repeat_interleave(self.kernel_group_size(), dim=1)[:, :K]
         return self.codes.float() * scales
 
     def narrow(self, dim: int, start: int, length: int) -> Union["FP8Weight", torch.Tensor]:
@@ -223,16 +253,16 @@ def _cpu_rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
 
 
 class Int8LinearMethod(QuantizedLinearMethod):
-    """Buffers: `qweight` int8 (N, K), `weight_scale` float32 (N,), `input_scale` (static only);
-    on the CPU also `weight_row_sums` (int32, for the VNNI dots) and `weight_scale_2d`."""
+    """Buffers: `qweight` int8 (N, K), `weight_scale` float32 (N,) or (N, G), `input_scale` (static
+    only); on the CPU also `weight_row_sums` (int32, for the VNNI dots) and `weight_scale_2d`."""
 
     def fuse(self, parts: list[QuantizedWeight]) -> Optional[QuantizedWeight]:
-        if not all(isinstance(p, Int8Weight) for p in parts) or len({p.activation for p in parts}) != 1:
+        if not all(isinstance(p, Int8Weight) for p in parts) or len({(p.activation, p.group_size) for p in parts}) != 1:
             return None
         if len(parts) == 1:
             return parts[0]
         return Int8Weight(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
-                          parts[0].activation, _fused_input_scale(parts))
+                          parts[0].activation, _fused_input_scale(parts), parts[0].group_size)
 
     def install(self, layer: nn.Module, weight: QuantizedWeight) -> None:
         assert isinstance(weight, Int8Weight)
@@ -240,13 +270,20 @@ class Int8LinearMethod(QuantizedLinearMethod):
         layer.register_buffer("weight_scale", weight.scale.clone(), persistent=False)
         layer.register_buffer("input_scale", weight.input_scale, persistent=False)
         layer.activation_scheme = weight.activation
+        layer.weight_group_size = weight.group_size
         self.prepared = False
+
+    def installed(self, layer: nn.Module) -> Int8Weight:
+        return Int8Weight(layer.qweight, layer.weight_scale, layer.activation_scheme, layer.input_scale,
+                          layer.weight_group_size)
 
     def process_after_loading(self, layer: nn.Module) -> None:
         if getattr(layer, "qweight", None) is None or layer.qweight.is_cuda:
             return
+        weight = self.installed(layer)
         layer.register_buffer("weight_row_sums", layer.qweight.sum(1, dtype=torch.int32), persistent=False)
-        layer.register_buffer("weight_scale_2d", layer.weight_scale.reshape(-1, 1).contiguous(), persistent=False)
+        layer.register_buffer("weight_scale_2d", weight.row_scales().contiguous(), persistent=False)
+        self.group_size = weight.kernel_group_size()
         self.has_min_code = bool((layer.qweight == -128).any())
         self.kernels = w8_cpu.load_w8_ops()
         self.prepared = True
@@ -257,13 +294,15 @@ class Int8LinearMethod(QuantizedLinearMethod):
         scheme = layer.activation_scheme
         static = layer.input_scale if scheme == "static" else None
         if x.is_cuda:
+            if layer.weight_group_size is not None:  # group scales: expanded per call (a kernel is future work)
+                return F.linear(x, self.installed(layer).dequantize().to(x.dtype))
             return _cuda_int8_linear(x.reshape(-1, K), codes, scale, scheme, static).reshape(*x.shape[:-1], N)
         if not self.prepared:
             self.process_after_loading(layer)
         x2 = _cpu_rows(x, K)
         if scheme is None:
-            out = (w8_cpu.w8a16_linear(x2, codes, layer.weight_scale_2d, K) if self.kernels
-                   else F.linear(x2, codes.float() * layer.weight_scale_2d))
+            out = (w8_cpu.w8a16_linear(x2, codes, layer.weight_scale_2d, self.group_size) if self.kernels
+                   else F.linear(x2, self.installed(layer).dequantize()))
         elif self.kernels and x2.shape[0] <= W8A8_KERNEL_MAX_ROWS:
             out = w8_cpu.w8a8_linear(x2, codes, scale, layer.weight_row_sums, self.has_min_code,
                                      None if static is None else float(static))
@@ -318,7 +357,7 @@ class FP8LinearMethod(QuantizedLinearMethod):
             return
         weight = self.installed(layer)
         layer.register_buffer("weight_scale_2d", weight.row_scales(), persistent=False)
-        self.group_size = weight.group_size()
+        self.group_size = weight.kernel_group_size()
         self.kernels = w8_cpu.load_w8_ops()
         self.prepared = True
 
