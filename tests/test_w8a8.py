@@ -402,3 +402,30 @@ def test_pack_quantized_dispatches_to_its_builder(monkeypatch):
     with pytest.raises(ValueError, match="pack-quantized weights need pagellm.layers.quantization.compressed_pack"):
         fmt.build("model.layers.0.mlp.up_proj", {"weight_packed": torch.zeros(1)})
 
+
+# ---- online quantization of a full-precision checkpoint ---------------------------------------
+
+def _linear_weight_bytes(llm) -> tuple[int, int]:
+    """(bytes the decoder linear layers hold, their fp32 bytes)."""
+    model = llm.llm_engine.core.runner.model
+    layers = [m for m in model.modules() if type(m).__name__ in ("Linear", "MergedLinear")]
+    held = sum(m.method.weight_bytes(m) if hasattr(m.method, "weight_bytes") else m.weight.numel() * 4 for m in layers)
+    return held, sum(m.in_features * sum(m.shard_offsets[s][1] for s in m.shard_offsets) * 4
+                     if hasattr(m, "shard_offsets") else m.in_features * m.out_features * 4 for m in layers)
+
+
+@pytest.mark.parametrize("method,dtype", [("int8", "float32"), ("fp8", "float32"), ("int8", "bfloat16"),
+                                          ("fp8", "bfloat16")])
+def test_online_quantization_is_close_to_full_precision(tiny_fp32, method, dtype):
+    ref = LLM(tiny_fp32, dtype=dtype, **ENGINE).generate(PROMPTS, GREEDY, use_tqdm=False)
+    llm = LLM(tiny_fp32, dtype=dtype, quantization=method, **ENGINE)
+    assert _methods(llm) == {"Int8LinearMethod" if method == "int8" else "FP8LinearMethod", "CpuPackedLinearMethod"}
+    held, fp32 = _linear_weight_bytes(llm)
+    assert 0.25 <= held / fp32 <= 0.27, (held, fp32)  # 1 byte per weight + a float32 scale per row
+    assert_engines_near_tie(llm.generate(PROMPTS, GREEDY, use_tqdm=False), ref, max_near_ties=2)
+
+
+def test_online_quantization_is_for_full_precision_checkpoints(tiny_fp32, tmp_path):
+    path = write_quantized_checkpoint(tiny_fp32, tmp_path / "fp8", "fp8-channel")
+    with pytest.raises(ValueError, match="--quantization int8 does not match the checkpoint"):
+        LLM(path, quantization="int8", **ENGINE)
