@@ -33,8 +33,9 @@ logger = logging.getLogger(__name__)
 
 ACTIVATION_SCHEMES = ("dynamic", "static", None)
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-# Activation rows up to which the int8 C++ kernel beats quantize + torch._int_mm (scripts/bench_w8.py).
-W8A8_KERNEL_MAX_ROWS = 4
+# Activation rows up to which the int8 C++ kernel is at least as fast as quantize + torch._int_mm
+# (oneDNN; scripts/bench_w8.py: 3-4x faster at 1 row, even at 8, slower from 16).
+W8A8_KERNEL_MAX_ROWS = 8
 
 
 def _check_activation(activation: Optional[str], input_scale: Optional[torch.Tensor]) -> None:

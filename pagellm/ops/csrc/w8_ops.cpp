@@ -282,19 +282,26 @@ W8_AVX2 void idot4_wide_avx2(const int8_t* q, const int8_t* w, int64_t K, int64_
   for (int j = 0; j < nr; ++j) out[j] = hsum_epi32_avx2(acc[j]) + idot_scalar(q + k, w + j * K + k, K - k);
 }
 
-// VNNI: u = q ^ 0x80 = q + 128 as u8; dot(u, w) = dot(q, w) + 128 * sum(w). The tail is a masked
-// load (bytes past K read as 0 on both sides), so no scalar loop and no read past the row.
-W8_VNNI void idot4_vnni(const uint8_t* u, const int8_t* w, int64_t K, int64_t nr, const int32_t* wsum,
-                        int32_t* out) {
-  __m512i acc[kRowsPerTile];
-  for (int j = 0; j < kRowsPerTile; ++j) acc[j] = _mm512_setzero_si512();
+// VNNI: u = q ^ 0x80 = q + 128 as u8; dot(u, w) = dot(q, w) + 128 * sum(w). MR activation rows
+// share each weight load. The tail is a masked load (bytes past K read as 0 on both sides), so no
+// scalar loop and no read past the row. out[i * kRowsPerTile + j]: row i with weight row j.
+template <int MR>
+W8_VNNI void idot_tile_vnni(const uint8_t* u, int64_t K, const int8_t* w, int64_t nr, const int32_t* wsum,
+                            int32_t* out) {
+  __m512i acc[MR][kRowsPerTile];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < kRowsPerTile; ++j) acc[i][j] = _mm512_setzero_si512();
   for (int64_t k = 0; k < K; k += 64) {
     const __mmask64 mask = K - k >= 64 ? ~0ULL : ((1ULL << (K - k)) - 1);
-    const __m512i uv = _mm512_maskz_loadu_epi8(mask, u + k);
-    for (int j = 0; j < nr; ++j)
-      acc[j] = _mm512_dpbusd_epi32(acc[j], uv, _mm512_maskz_loadu_epi8(mask, w + j * K + k));
+    __m512i uv[MR];
+    for (int i = 0; i < MR; ++i) uv[i] = _mm512_maskz_loadu_epi8(mask, u + i * K + k);
+    for (int j = 0; j < nr; ++j) {
+      const __m512i wv = _mm512_maskz_loadu_epi8(mask, w + j * K + k);
+      for (int i = 0; i < MR; ++i) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], uv[i], wv);
+    }
   }
-  for (int j = 0; j < nr; ++j) out[j] = _mm512_reduce_add_epi32(acc[j]) - 128 * wsum[j];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < nr; ++j) out[i * kRowsPerTile + j] = _mm512_reduce_add_epi32(acc[i][j]) - 128 * wsum[j];
 }
 #endif
 
@@ -307,25 +314,36 @@ void w8a8_impl(int64_t isa, const float* x, int64_t M, int64_t K, const int8_t* 
   std::vector<uint8_t> u(vnni ? M * K : 0);
   for (size_t i = 0; i < u.size(); ++i) u[i] = static_cast<uint8_t>(q[i]) ^ 0x80;
   const int64_t tiles = (N + kRowsPerTile - 1) / kRowsPerTile;
+  constexpr int kMR = 4;  // activation rows per VNNI tile
   at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
-    int32_t acc[kRowsPerTile];
+    int32_t acc[kMR * kRowsPerTile];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t * kRowsPerTile, nr = std::min(kRowsPerTile, N - n);
       const int8_t* wt = w + n * K;
-      for (int64_t m = 0; m < M; ++m) {
-        const int8_t* qm = q.data() + m * K;
+      for (int64_t m = 0; m < M;) {
+        int64_t rows = 1;
 #if PAGELLM_X86
         if (vnni) {
-          idot4_vnni(u.data() + m * K, wt, K, nr, wsum + n, acc);
+          rows = std::min<int64_t>(kMR, M - m);
+          const uint8_t* um = u.data() + m * K;
+          if (rows == 4) idot_tile_vnni<4>(um, K, wt, nr, wsum + n, acc);
+          else if (rows == 3) idot_tile_vnni<3>(um, K, wt, nr, wsum + n, acc);
+          else if (rows == 2) idot_tile_vnni<2>(um, K, wt, nr, wsum + n, acc);
+          else idot_tile_vnni<1>(um, K, wt, nr, wsum + n, acc);
         } else if (isa != kScalar) {
+          const int8_t* qm = q.data() + m * K;
           if (has_min_code) idot4_wide_avx2(qm, wt, K, nr, acc);
           else idot4_sign_avx2(qm, wt, K, nr, acc);
         } else
 #endif
         {
+          const int8_t* qm = q.data() + m * K;
           for (int64_t j = 0; j < nr; ++j) acc[j] = idot_scalar(qm, wt + j * K, K);
         }
-        for (int64_t j = 0; j < nr; ++j) out[m * N + n + j] = static_cast<float>(acc[j]) * xs[m] * wscale[n + j];
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t j = 0; j < nr; ++j)
+            out[(m + i) * N + n + j] = static_cast<float>(acc[i * kRowsPerTile + j]) * xs[m + i] * wscale[n + j];
+        m += rows;
       }
     }
   });
