@@ -382,6 +382,31 @@ def test_bad_checkpoint_tensors_name_the_layer(tiny_fp32, tmp_path):
         LLM(path, **ENGINE)
 
 
+def test_compressed_tensors_groups_static_scales_and_ignore():
+    from pagellm.layers.quantization.compressed_tensors import CompressedTensorsFormat
+
+    config = _ct_config("ct-int8")
+    static = {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": False, "strategy": "tensor"}
+    config["config_groups"]["attn"] = {"targets": ["re:.*self_attn\\..*_proj$"], "input_activations": static,
+                                       "weights": {**config["config_groups"]["group_0"]["weights"], "strategy": "tensor"}}
+    config["ignore"] = ["lm_head", "re:.*layers\\.1\\.mlp\\..*"]
+    fmt = CompressedTensorsFormat.from_config(config)
+    codes = torch.randint(-128, 128, (4, 8), dtype=torch.int8)
+    parts = {"weight": codes, "weight_scale": torch.tensor([0.5]), "input_scale": torch.tensor([0.1]),
+             "input_zero_point": torch.zeros(1, dtype=torch.int8)}
+    attn = fmt.build("model.layers.0.self_attn.q_proj", parts)  # the named group wins over "Linear"
+    assert isinstance(attn, Int8Weight) and attn.activation == "static" and float(attn.input_scale) == pytest.approx(0.1)
+    assert torch.equal(attn.dequantize(), codes.float() * 0.5)
+    mlp = fmt.build("model.layers.0.mlp.up_proj", {"weight": codes, "weight_scale": torch.ones(4, 1)})
+    assert mlp.activation == "dynamic"
+    with pytest.raises(ValueError, match="in quantization_config.ignore"):
+        fmt.build("model.layers.1.mlp.up_proj", parts)
+    with pytest.raises(ValueError, match="nonzero input_zero_point"):
+        fmt.build("model.layers.0.self_attn.k_proj", {**parts, "input_zero_point": torch.ones(1, dtype=torch.int8)})
+    with pytest.raises(ValueError, match="expected int8"):
+        fmt.build("model.layers.0.mlp.up_proj", {"weight": codes.float(), "weight_scale": torch.ones(4, 1)})
+
+
 def test_pack_quantized_dispatches_to_its_builder(monkeypatch):
     import sys
     import types

@@ -56,9 +56,6 @@ class Scheme:
     actorder: Optional[str]
     activation: Optional[str]  # None (weight-only) | "dynamic" | "static"
 
-    def matches(self, prefix: str) -> bool:
-        return any(_name_matches(t, prefix) or t == "Linear" for t in self.targets)
-
 
 def _name_matches(pattern: str, prefix: str) -> bool:
     if pattern.startswith("re:"):
