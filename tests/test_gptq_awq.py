@@ -1,0 +1,212 @@
+"""Group-quantized integer weights (GPTQ, AWQ, compressed-tensors pack-quantized): the fixed layout,
+its CPU kernels on every ISA path against dequantize-then-matmul, the weight method, and tiny random
+Llama checkpoints written in each on-disk layout (by the packers below, from the formats' specs),
+loaded quantized against the same checkpoint dequantized at load (--quantization none)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pagellm.layers.linear import Linear, MergedLinear
+from pagellm.layers.quantization.int_group import (GroupQuantizedLinearMethod, GroupQuantizedWeight, _cuda_linear,
+                                                   fuse_group_weights, group_count, pack_codes, perm_from_g_idx)
+from pagellm.ops import gguf_cpu
+from pagellm.ops.int_group_cpu import CpuGroupWeight
+
+ISAS = list(gguf_cpu.ISA_NAMES)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    assert gguf_cpu.load_gguf_ops(), "the GGUF C++ kernels failed to build"
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch) -> str:
+    """Forces one kernel path through the real dispatch; only a path this CPU lacks is skipped."""
+    if request.param not in gguf_cpu.supported_isas():
+        pytest.skip(f"this CPU has no {request.param}")
+    monkeypatch.setenv(gguf_cpu.ISA_ENV, request.param)
+    assert gguf_cpu.active_isa() == request.param
+    return request.param
+
+
+def random_weight(n: int, k: int, bits: int, group_size: int, asym: bool, act_order: bool,
+                  seed: int) -> tuple[GroupQuantizedWeight, torch.Tensor]:
+    """A random weight in the fixed layout and its codes (N, K), every code and zero-point value in range."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = group_count(k, k if group_size == -1 else group_size)
+    codes = torch.randint(0, 1 << bits, (n, k), generator=gen)
+    scales = (torch.rand(n, groups, generator=gen) * 0.05 + 1e-3).half()
+    zeros = torch.randint(0, 1 << bits, (n, groups), generator=gen).to(torch.uint8) if asym else None
+    perm = torch.randperm(k, generator=gen) if act_order else None
+    return GroupQuantizedWeight(bits, pack_codes(codes, bits), scales, zeros, group_size, k, perm), codes
+
+
+def reference(weight: GroupQuantizedWeight, codes: torch.Tensor) -> torch.Tensor:
+    """float64 (N, K) in input order, straight from the definition value = (code - zero) * scale."""
+    n, k = weight.shape
+    g = weight.group_size
+    group_of_stored = torch.arange(k) // g
+    zeros = weight.zeros.double() if weight.zeros is not None else torch.full(weight.scales.shape, 1 << (weight.bits - 1),
+                                                                              dtype=torch.float64)
+    stored = (codes.double() - zeros[:, group_of_stored]) * weight.scales.double()[:, group_of_stored]
+    if weight.perm is None:
+        return stored
+    out = torch.empty_like(stored)
+    out[:, weight.perm] = stored
+    return out
+
+
+def assert_matmul_close(out: torch.Tensor, x: torch.Tensor, w64: torch.Tensor, rel: float = 1e-5) -> None:
+    """float32 accumulation in any order: within a few ulp of the float64 product's magnitude."""
+    ref = x.double() @ w64.T
+    bound = rel * (x.double().abs() @ w64.abs().T) + 1e-6
+    err = (out.double() - ref).abs()
+    assert bool((err <= bound).all()), f"max error {err.max().item():.3g}, bound {bound.min().item():.3g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The fixed layout and the CPU kernels
+# ---------------------------------------------------------------------------------------------
+
+SHAPES = [(1, 64), (7, 96), (33, 576), (130, 160)]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 128, -1, 48])  # 48: not whole 32-input blocks, the fallback
+@pytest.mark.parametrize("asym", [False, True], ids=["sym", "asym"])
+@pytest.mark.parametrize("act_order", [False, True], ids=["", "act-order"])
+def test_cpu_kernel_matches_dequantize(isa, bits, group_size, asym, act_order):
+    for i, (n, k) in enumerate(SHAPES):
+        weight, codes = random_weight(n, k, bits, group_size, asym, act_order, seed=i + 10 * bits)
+        w64 = reference(weight, codes)
+        torch.testing.assert_close(weight.dequantize().double(), w64, rtol=0, atol=0)
+        cpu = CpuGroupWeight.from_weight(weight)
+        uses_kernel = (k if group_size == -1 else min(group_size, k)) % 32 == 0 and k % 32 == 0
+        assert (cpu.blocks is not None) == uses_kernel
+        for rows in (1, 3, 8, 9, 33):
+            x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows + k))
+            out = cpu.linear(x)
+            assert out.shape == (rows, n) and out.dtype == torch.float32
+            assert_matmul_close(out, x, w64)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("asym", [False, True], ids=["sym", "asym"])
+def test_cpu_int8_activations_are_close(isa, bits, asym):
+    """The int8-activation GGUF path quantizes x per 32 inputs: close (not exact), for decode-sized batches."""
+    weight, codes = random_weight(40, 256, bits, 64, asym, act_order=False, seed=3)
+    w64 = reference(weight, codes)
+    cpu = CpuGroupWeight.from_weight(weight)
+    for rows in (1, 4, 8, 20):
+        x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))
+        assert_matmul_close(cpu.linear(x, int8_activations=True), x, w64, rel=2e-2)
+
+
+def test_leading_dims_and_bfloat16_activations():
+    weight, codes = random_weight(9, 128, 4, 32, True, True, seed=5)
+    cpu = CpuGroupWeight.from_weight(weight)
+    x = torch.randn(2, 3, 128)
+    out = cpu.linear(x)
+    assert out.shape == (2, 3, 9)
+    assert_matmul_close(out.reshape(6, 9), x.reshape(6, 128), reference(weight, codes))
+    assert cpu.linear(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_bad_layouts_raise_value_errors():
+    weight, _ = random_weight(4, 64, 4, 32, True, False, seed=0)
+    with pytest.raises(ValueError, match="bits=3 is not supported"):
+        GroupQuantizedWeight(3, weight.qweight, weight.scales, None, 32, 64)
+    with pytest.raises(ValueError, match="qweight must be uint8"):
+        GroupQuantizedWeight(4, weight.qweight.int(), weight.scales, None, 32, 64)
+    with pytest.raises(ValueError, match="scales must be float16"):
+        GroupQuantizedWeight(4, weight.qweight, weight.scales.float(), None, 32, 64)
+    with pytest.raises(ValueError, match="zero points must be below"):
+        GroupQuantizedWeight(4, weight.qweight, weight.scales, torch.full((4, 2), 16, dtype=torch.uint8), 32, 64)
+    with pytest.raises(ValueError, match="group_size=0"):
+        GroupQuantizedWeight(4, weight.qweight, weight.scales, None, 0, 64)
+    with pytest.raises(ValueError, match="g_idx does not put group_size=32"):
+        perm_from_g_idx(torch.zeros(64, dtype=torch.int32), 32)
+
+
+def test_perm_from_g_idx():
+    assert perm_from_g_idx(torch.arange(96) // 32, 32) is None  # groups already contiguous
+    g_idx = torch.randperm(80) // 32  # groups of 32, 32 and 16, shuffled
+    perm = perm_from_g_idx(g_idx, 32)
+    assert torch.equal(g_idx[perm], torch.arange(80) // 32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The weight: tensor-parallel cuts, fused shards, the linear method
+# ---------------------------------------------------------------------------------------------
+
+
+def test_narrow_rows_and_group_aligned_columns_stay_quantized(caplog):
+    weight, codes = random_weight(10, 320, 4, 64, True, False, seed=6)
+    dense = reference(weight, codes).float()
+    rows = weight.narrow(0, 3, 5)
+    assert isinstance(rows, GroupQuantizedWeight) and torch.equal(rows.dequantize(), dense[3:8])
+    cols = weight.narrow(1, 128, 192)  # groups 2..4, the last one whole
+    assert isinstance(cols, GroupQuantizedWeight) and torch.equal(cols.dequantize(), dense[:, 128:])
+    with caplog.at_level(logging.WARNING):
+        cut = weight.narrow(1, 32, 64)  # mid-group
+    assert isinstance(cut, torch.Tensor) and torch.equal(cut, dense[:, 32:96]) and "dequantizing" in caplog.text
+    permuted, pcodes = random_weight(10, 128, 8, 32, False, True, seed=7)
+    assert isinstance(permuted.narrow(1, 0, 64), torch.Tensor)  # act order scatters inputs over every group
+    assert torch.equal(permuted.narrow(0, 0, 4).dequantize(), reference(permuted, pcodes).float()[:4])
+
+
+def test_fuse_stacks_rows_and_writes_out_implicit_zeros():
+    a, ca = random_weight(5, 64, 4, 32, False, False, seed=8)
+    b, cb = random_weight(3, 64, 4, 32, True, False, seed=9)
+    fused = fuse_group_weights([a, b])
+    assert fused is not None and fused.shape == (8, 64)
+    assert torch.equal(fused.dequantize(), torch.cat([reference(a, ca), reference(b, cb)]).float())
+    c, _ = random_weight(3, 64, 8, 32, False, False, seed=10)
+    d, _ = random_weight(3, 64, 4, 64, False, False, seed=10)
+    assert fuse_group_weights([a, c]) is None and fuse_group_weights([a, d]) is None
+
+
+def test_linear_keeps_the_weight_quantized_after_loading():
+    weight, codes = random_weight(24, 128, 4, 32, True, True, seed=11)
+    layer = Linear(128, 24, bias=True)
+    layer.load("weight", weight)
+    layer.load("bias", torch.full((24,), 0.25))
+    assert isinstance(layer.method, GroupQuantizedLinearMethod) and layer.weight is None
+    layer.process_after_loading()
+    layer.prepack_for_cpu()  # oneDNN packs dense weights only
+    assert isinstance(layer.method, GroupQuantizedLinearMethod) and layer.qweight is None  # repacked into blocks
+    assert layer.method.weight_bytes(layer) <= 1.25 * weight.nbytes
+    x = torch.randn(4, 128)
+    assert_matmul_close(layer(x) - 0.25, x, reference(weight, codes))
+
+
+def test_merged_layer_fuses_shards_into_one_kernel_call():
+    sizes = {"q": 32, "k": 8, "v": 8}
+    layer = MergedLinear(96, sizes)
+    refs = []
+    for i, (shard, size) in enumerate(sizes.items()):
+        weight, codes = random_weight(size, 96, 8, 32, i == 1, False, seed=20 + i)
+        layer.load_shard(shard, "weight", weight)
+        refs.append(reference(weight, codes))
+    assert layer.qweight.shape == (48, 96)  # one fused weight
+    layer.process_after_loading()
+    x = torch.randn(3, 96)
+    out = layer(x)
+    assert_matmul_close(out, x, torch.cat(refs))
+    assert [t.shape[-1] for t in layer.split(out)] == [32, 8, 8]
+
+
+def test_gpu_seam_falls_back_to_dequantize_then_matmul():
+    """`_cuda_linear` is the GPU entry point; without the Triton kernel it is dequantize + F.linear,
+    which any device runs (here the CPU)."""
+    weight, codes = random_weight(12, 64, 4, 32, True, True, seed=12)
+    x = torch.randn(3, 64)
+    assert_matmul_close(_cuda_linear(x, weight), x, reference(weight, codes))
