@@ -76,14 +76,10 @@ def assert_matmul_close(out: torch.Tensor, x: torch.Tensor, w64: torch.Tensor, r
 # The fixed layout and the CPU kernels
 # ---------------------------------------------------------------------------------------------
 
-SHAPES = [(1, 64), (7, 96), (33, 576), (130, 160)]
+SHAPES = [(7, 96), (33, 576), (130, 160)]  # K=576 with G=128: a narrower last group
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("group_size", [32, 128, -1, 48])  # 48: not whole 32-input blocks, the fallback
-@pytest.mark.parametrize("asym", [False, True], ids=["sym", "asym"])
-@pytest.mark.parametrize("act_order", [False, True], ids=["", "act-order"])
-def test_cpu_kernel_matches_dequantize(isa, bits, group_size, asym, act_order):
+def check_cpu_kernel(bits: int, group_size: int, asym: bool, act_order: bool) -> None:
     for i, (n, k) in enumerate(SHAPES):
         weight, codes = random_weight(n, k, bits, group_size, asym, act_order, seed=i + 10 * bits)
         w64 = reference(weight, codes)
@@ -91,11 +87,28 @@ def test_cpu_kernel_matches_dequantize(isa, bits, group_size, asym, act_order):
         cpu = CpuGroupWeight.from_weight(weight)
         uses_kernel = (k if group_size == -1 else min(group_size, k)) % 32 == 0 and k % 32 == 0
         assert (cpu.blocks is not None) == uses_kernel
-        for rows in (1, 3, 8, 9, 33):
+        for rows in (1, 8, 33):  # up to 8 rows the kernels' fused path, above it a GEMM
             x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows + k))
             out = cpu.linear(x)
             assert out.shape == (rows, n) and out.dtype == torch.float32
             assert_matmul_close(out, x, w64)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+@pytest.mark.parametrize("asym", [False, True], ids=["sym", "asym"])
+def test_cpu_kernel_matches_dequantize(isa, bits, group_size, asym):
+    check_cpu_kernel(bits, group_size, asym, act_order=False)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 48], ids=["g32", "g48-fallback"])  # 48: not whole 32-input blocks
+@pytest.mark.parametrize("asym", [False, True], ids=["sym", "asym"])
+def test_cpu_act_order_and_fallback_match_dequantize(bits, group_size, asym):
+    """The permutation of x and the dequantize-per-call fallback run before / instead of the ISA paths."""
+    check_cpu_kernel(bits, group_size, asym, act_order=True)
+    if group_size == 48:
+        check_cpu_kernel(bits, group_size, asym, act_order=False)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -210,3 +223,168 @@ def test_gpu_seam_falls_back_to_dequantize_then_matmul():
     weight, codes = random_weight(12, 64, 4, 32, True, True, seed=12)
     x = torch.randn(3, 64)
     assert_matmul_close(_cuda_linear(x, weight), x, reference(weight, codes))
+
+
+# ---------------------------------------------------------------------------------------------
+# On-disk layouts, packed here from the formats' specs (not with the loader's unpackers)
+# ---------------------------------------------------------------------------------------------
+
+AWQ_NIBBLE_COLUMNS = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ GEMM: nibble i of a word holds column AWQ_NIBBLE_COLUMNS[i]
+
+
+def to_int32(words: torch.Tensor) -> torch.Tensor:
+    """int64 words holding 32 bits -> int32 with the same bit pattern."""
+    words = words & 0xFFFFFFFF
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
+def pack_low_bits_first(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Consecutive entries along `dim` into int32 words, the first in the lowest bits."""
+    per_word = 32 // bits
+    v = values.to(torch.int64).movedim(dim, -1)
+    pad = -v.shape[-1] % per_word
+    v = torch.nn.functional.pad(v, (0, pad)).reshape(*v.shape[:-1], -1, per_word)
+    words = sum(v[..., j] << (bits * j) for j in range(per_word))
+    return to_int32(words).movedim(-1, dim).contiguous()
+
+
+def pack_awq(values: torch.Tensor) -> torch.Tensor:
+    """(R, C) 4-bit values -> (R, C/8) int32 in AWQ's interleaved order."""
+    v = values.to(torch.int64).reshape(values.shape[0], -1, 8)
+    return to_int32(sum(v[..., AWQ_NIBBLE_COLUMNS[i]] << (4 * i) for i in range(8)))
+
+
+def quantize_groups(w: torch.Tensor, bits: int, group_size: int, asym: bool, g_idx: torch.Tensor):
+    """Round-to-nearest quantization of the (N, K) weight by the groups g_idx names: codes (N, K),
+    float16 scales and integer zero points (groups, N), as GPTQ and AWQ store them."""
+    n, k = w.shape
+    groups = int(g_idx.max()) + 1
+    maxq = (1 << bits) - 1
+    scales = torch.empty(groups, n)
+    zeros = torch.empty(groups, n, dtype=torch.int64)
+    for g in range(groups):
+        cols = w[:, g_idx == g]
+        if asym:
+            lo, hi = cols.min(1).values.clamp(max=0), cols.max(1).values.clamp(min=0)
+            scales[g] = ((hi - lo) / maxq).clamp(min=1e-4)
+            zeros[g] = torch.round(-lo / scales[g].half().float()).clamp(0, maxq).long()
+        else:
+            scales[g] = (cols.abs().max(1).values / (maxq // 2)).clamp(min=1e-4)
+            zeros[g] = 1 << (bits - 1)
+    scales = scales.half()
+    s, z = scales.float()[g_idx].T, zeros[g_idx].T  # per (n, k)
+    codes = torch.clamp(torch.round(w / s) + z, 0, maxq).long()
+    return codes, scales, zeros
+
+
+def act_order_g_idx(k: int, group_size: int, seed: int) -> torch.Tensor:
+    """A desc_act g_idx: inputs taken in a random order, every group_size of them one group."""
+    order = torch.randperm(k, generator=torch.Generator().manual_seed(seed))
+    g_idx = torch.empty(k, dtype=torch.int32)
+    g_idx[order] = (torch.arange(k) // group_size).to(torch.int32)
+    return g_idx
+
+
+PROJ_INPUTS = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "o", "gate_proj": "mlp",
+               "up_proj": "mlp", "down_proj": "down"}  # layers fed the same input share an act order
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama saved by transformers; hidden 96 and group size 64 leave a narrower last group."""
+    from tests.conftest import make_tiny_llama
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_llama(str(path), hidden=96, heads=4, num_kv_heads=2, vocab_size=256, tie=False)
+    return path
+
+
+def write_quantized_llama(base: Path, path: Path, fmt: str, bits: int, group_size: int, asym: bool,
+                          act_order: bool = False, v1: bool = True, g_idx_stored: bool = True) -> dict:
+    """`base`'s model with every *_proj weight replaced by `fmt`'s tensors and its quantization_config
+    in config.json. Returns the quantized tensors' bytes ("disk_bytes", "g_idx_bytes") and the
+    float64 weights they stand for ("expected", by name)."""
+    state = load_file(str(base / "model.safetensors"))
+    out, disk, g_idx_bytes, expected = {}, 0, 0, {}
+    for name, w in state.items():
+        module, _, leaf = name.rpartition(".")
+        proj = module.rpartition(".")[2]
+        if proj not in PROJ_INPUTS or leaf != "weight":
+            out[name] = w
+            continue
+        n, k = w.shape
+        g = k if group_size == -1 else group_size
+        layer_id = int(module.split(".")[2])
+        g_idx = (act_order_g_idx(k, g, seed=layer_id * 10 + len(PROJ_INPUTS[proj])) if act_order
+                 else (torch.arange(k) // g).to(torch.int32))
+        codes, scales, zeros = quantize_groups(w.float(), bits, g, asym, g_idx.long())
+        expected[name] = (codes - zeros[g_idx.long()].T).double() * scales.double()[g_idx.long()].T
+        if fmt == "gptq":
+            stored_zeros = (zeros - 1) & ((1 << bits) - 1) if v1 else zeros
+            tensors = {"qweight": pack_low_bits_first(codes.T, bits, dim=0),
+                       "qzeros": pack_low_bits_first(stored_zeros, bits, dim=1), "scales": scales}
+            if g_idx_stored:
+                tensors["g_idx"] = g_idx
+        elif fmt == "awq":
+            tensors = {"qweight": pack_awq(codes.T), "qzeros": pack_awq(zeros), "scales": scales}
+        else:
+            raise AssertionError(fmt)
+        for suffix, t in tensors.items():
+            out[f"{module}.{suffix}"] = t.contiguous()
+            disk += t.numel() * t.element_size()
+        g_idx_bytes += g_idx.numel() * g_idx.element_size() if "g_idx" in tensors else 0
+    save_file(out, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((base / "config.json").read_text())
+    if fmt == "gptq":
+        config["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group_size,
+                                         "desc_act": act_order, "sym": not asym,
+                                         "checkpoint_format": "gptq" if v1 else "gptq_v2"}
+    else:
+        config["quantization_config"] = {"quant_method": "awq", "bits": bits, "group_size": group_size,
+                                         "zero_point": True, "version": "gemm"}
+    (path / "config.json").write_text(json.dumps(config))
+    return {"disk_bytes": disk, "g_idx_bytes": g_idx_bytes, "expected": expected}
+
+
+CHECKPOINTS = {  # id: (format, bits, group_size, asym, act_order, v1 zeros, g_idx stored)
+    "gptq-4bit-g32-asym-act-order-v1": ("gptq", 4, 32, True, True, True, True),
+    "gptq-8bit-per-channel-sym-v2-no-g_idx": ("gptq", 8, -1, False, False, False, False),
+    "awq-4bit-g64": ("awq", 4, 64, True, False, True, False),
+}
+
+
+@pytest.mark.parametrize("case", list(CHECKPOINTS))
+def test_checkpoint_loads_quantized_and_matches_dequantized(tiny_llama_dir, tmp_path, case):
+    from pagellm import LLM, SamplingParams
+    from pagellm.loader import iter_weights, resolve_model
+    from tests.conftest import assert_engines_near_tie
+
+    fmt, bits, group_size, asym, act_order, v1, g_idx_stored = CHECKPOINTS[case]
+    sizes = write_quantized_llama(tiny_llama_dir, tmp_path, fmt, bits, group_size, asym, act_order, v1, g_idx_stored)
+    # the loader's unpacking against the values the packer above was given
+    kept = dict(iter_weights(resolve_model(str(tmp_path)), torch.float32, quantization="auto"))
+    assert {n for n, t in kept.items() if isinstance(t, GroupQuantizedWeight)} == set(sizes["expected"])
+    for name, dense in sizes["expected"].items():
+        assert kept[name].bits == bits and (kept[name].perm is not None) == act_order
+        torch.testing.assert_close(kept[name].dequantize().double(), dense, rtol=1e-7, atol=0)
+    params = SamplingParams(temperature=0, max_tokens=8, logprobs=5, ignore_eos=True)
+    prompts = [{"prompt_token_ids": [1, 5 + i, 17, 30 + 2 * i]} for i in range(3)]
+    runs = {}
+    for mode in ("auto", "none"):
+        llm = LLM(str(tmp_path), skip_tokenizer_init=True, quantization=mode, quiet=True)
+        model = llm.llm_engine.core.runner.model
+        quantized = [m for m in model.modules() if isinstance(m, Linear) and isinstance(m.method, GroupQuantizedLinearMethod)]
+        if mode == "auto":
+            assert len(quantized) == 2 * 4 and all(m.weight is None and m.qweight is None for m in quantized)
+            resident = sum(m.method.weight_bytes(m) for m in quantized)
+            perms = sum(m.perm.numel() * 8 for m in quantized if m.perm is not None)
+            # act order's permutations are int64 (K,) per fused layer; they weigh a lot only in a model this small
+            assert resident - perms <= 1.15 * (sizes["disk_bytes"] - sizes["g_idx_bytes"] * act_order), (resident, sizes)
+        else:
+            assert not quantized
+        runs[mode] = llm.generate(prompts, params, use_tqdm=False)
+    assert_engines_near_tie(runs["auto"], runs["none"])
+    for q_out, d_out in zip(runs["auto"], runs["none"]):
+        for a, b in zip(q_out.outputs[0].logprobs, d_out.outputs[0].logprobs):
+            for token_id in set(a) & set(b):
+                assert abs(a[token_id].logprob - b[token_id].logprob) < 1e-4

@@ -52,6 +52,19 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
 
 
+def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """The `bits`-bit fields of an int32 tensor, low bits first, laid out along `dim` (each int32
+    becomes 32/bits consecutive entries there): uint8, `dim` grown 32/bits times."""
+    if packed.dtype != torch.int32:
+        raise ValueError(f"packed tensor must be int32, got {packed.dtype}")
+    per_word = 32 // bits
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32)
+    fields = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (..., per_word): arithmetic shift, masked
+    fields = fields.movedim(dim, -2)  # (..., size, per_word) with `dim` next to the fields
+    fields = fields.reshape(*fields.shape[:-2], -1).movedim(-1, dim)
+    return fields.to(torch.uint8)
+
+
 def group_count(in_features: int, group_size: int) -> int:
     """Groups per row: the last one is narrower when group_size does not divide in_features (as
     GPTQ stores a 576-wide layer with group_size 128: four groups of 128 and one of 64)."""
