@@ -388,3 +388,113 @@ def test_checkpoint_loads_quantized_and_matches_dequantized(tiny_llama_dir, tmp_
         for a, b in zip(q_out.outputs[0].logprobs, d_out.outputs[0].logprobs):
             for token_id in set(a) & set(b):
                 assert abs(a[token_id].logprob - b[token_id].logprob) < 1e-4
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"quant_method": "gptq", "bits": 3, "group_size": 128}, "bits=3 is not supported for gptq; supported: 4, 8"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 0}, "group_size=0"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128, "checkpoint_format": "marlin"},
+     "checkpoint_format='marlin' is not supported; supported: gptq, gptq_v2"),
+    ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"},
+     "version='gemv' is not supported for awq; supported: gemm"),
+    ({"quant_method": "awq", "w_bit": 8, "q_group_size": 128}, "bits=8 is not supported for awq"),
+])
+def test_bad_quantization_configs_raise_value_errors(config, match):
+    from pagellm.layers.quantization.registry import plan_quantization
+
+    with pytest.raises(ValueError, match=match):
+        plan_quantization("auto", "hf", config)
+
+
+def test_bad_tensors_raise_value_errors():
+    from pagellm.layers.quantization.awq import AWQFormat
+    from pagellm.layers.quantization.gptq import GPTQFormat
+
+    gptq = GPTQFormat.from_config({"bits": 4, "group_size": 32})
+    parts = {"qweight": torch.zeros(8, 16, dtype=torch.int32), "qzeros": torch.zeros(2, 2, dtype=torch.int32),
+             "scales": torch.ones(2, 16, dtype=torch.float16)}
+    assert gptq.build("p", parts).shape == (16, 64)
+    with pytest.raises(ValueError, match=r"scales has shape \(3, 16\), expected \(2, 16\)"):
+        gptq.build("p", {**parts, "scales": torch.ones(3, 16, dtype=torch.float16)})
+    with pytest.raises(ValueError, match="qweight and qzeros must be int32"):
+        gptq.build("p", {**parts, "qweight": parts["qweight"].float()})
+    with pytest.raises(ValueError, match="missing tensors p.qzeros"):
+        gptq.build("p", {k: v for k, v in parts.items() if k != "qzeros"})
+    with pytest.raises(ValueError, match="g_idx does not put"):
+        gptq.build("p", {**parts, "g_idx": torch.zeros(64, dtype=torch.int32)})
+    awq = AWQFormat.from_config({"bits": 4, "group_size": 32, "version": "GEMM"})
+    with pytest.raises(ValueError, match=r"qzeros has shape \(2, 3\), expected \(2, 2\)"):
+        awq.build("p", {"qweight": torch.zeros(64, 2, dtype=torch.int32), "qzeros": torch.zeros(2, 3, dtype=torch.int32),
+                        "scales": torch.ones(2, 16, dtype=torch.float16)})
+
+
+def test_awq_nibble_order():
+    """One word, each nibble a different value: column j of the 8 is the nibble AutoAWQ put it in."""
+    from pagellm.layers.quantization.awq import unpack_awq
+
+    columns = torch.arange(8).reshape(1, 8) + 3
+    assert torch.equal(unpack_awq(pack_awq(columns)).long(), columns)
+    word = sum(int(columns[0, AWQ_NIBBLE_COLUMNS[i]]) << (4 * i) for i in range(8))
+    assert int(pack_awq(columns).item()) & 0xFFFFFFFF == word
+
+
+# ---------------------------------------------------------------------------------------------
+# compressed-tensors pack-quantized tensors, in their exact layout
+# ---------------------------------------------------------------------------------------------
+
+
+def pack_quantized_parts(n: int, k: int, bits: int, group_size: int, asym: bool, packed_zero: bool,
+                         act_order: bool, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """compressed-tensors' tensors of one layer (signed codes stored + 2^(bits-1), packed along K,
+    bfloat16 scales) and the float64 weight they stand for."""
+    gen = torch.Generator().manual_seed(seed)
+    offset = 1 << (bits - 1)
+    signed = torch.randint(-offset, offset, (n, k), generator=gen)
+    g = k if group_size == -1 else group_size
+    groups = -(-k // g)
+    scale = (torch.rand(n, groups, generator=gen) * 0.05 + 1e-3).bfloat16()
+    g_idx = act_order_g_idx(k, g, seed) if act_order else (torch.arange(k) // g).to(torch.int32)
+    parts = {"weight_packed": pack_low_bits_first(signed + offset, bits, dim=1), "weight_scale": scale,
+             "weight_shape": torch.tensor([n, k])}
+    zp = torch.zeros(n, groups, dtype=torch.int64)
+    if asym:
+        zp = torch.randint(-offset, offset, (n, groups), generator=gen)
+        parts["weight_zero_point"] = (pack_low_bits_first(zp + offset, bits, dim=0) if packed_zero
+                                      else zp.to(torch.int8))
+    if act_order:
+        parts["weight_g_idx"] = g_idx
+    gi = g_idx.long()
+    return parts, (signed - zp[:, gi]).double() * scale.double()[:, gi]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("layout", ["group-sym", "group-asym-packed-zp", "group-asym-int8-zp", "channel", "act-order"])
+def test_pack_quantized_builds_the_weight_it_stores(bits, layout):
+    from pagellm.layers.quantization.compressed_pack import build_pack_quantized
+
+    asym = "asym" in layout
+    group_size = -1 if layout == "channel" else 32
+    n, k = 20, 96 + 8  # K not a multiple of 32/bits words: the last int32 is padded
+    parts, dense = pack_quantized_parts(n, k, bits, group_size, asym, "packed" in layout, layout == "act-order", seed=bits)
+    weight = build_pack_quantized(parts, bits, None if layout == "channel" else 32, not asym,
+                                  "channel" if layout == "channel" else "group", "group" if layout == "act-order" else None)
+    assert weight.shape == (n, k) and weight.bits == bits and weight.symmetric == (not asym)
+    torch.testing.assert_close(weight.dequantize().double(), dense, rtol=1e-7, atol=0)
+    x = torch.randn(5, k)
+    assert_matmul_close(CpuGroupWeight.from_weight(weight).linear(x), x, dense)
+
+
+def test_pack_quantized_bad_settings_raise_value_errors():
+    from pagellm.layers.quantization.compressed_pack import build_pack_quantized
+
+    parts, _ = pack_quantized_parts(8, 64, 4, 32, True, True, False, seed=0)
+    with pytest.raises(ValueError, match="num_bits=2 is not supported"):
+        build_pack_quantized(parts, 2, 32, False, "group", None)
+    with pytest.raises(ValueError, match="strategy 'tensor' is not supported"):
+        build_pack_quantized(parts, 4, 32, False, "tensor", None)
+    with pytest.raises(ValueError, match="needs weight_zero_point"):
+        build_pack_quantized({k: v for k, v in parts.items() if k != "weight_zero_point"}, 4, 32, False, "group", None)
+    with pytest.raises(ValueError, match="needs weight_g_idx"):
+        build_pack_quantized(parts, 4, 32, False, "group", "group")
+    with pytest.raises(ValueError, match="weight_scale has shape"):
+        build_pack_quantized(parts, 4, 16, False, "group", None)
