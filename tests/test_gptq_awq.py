@@ -217,6 +217,37 @@ def test_merged_layer_fuses_shards_into_one_kernel_call():
     assert [t.shape[-1] for t in layer.split(out)] == [32, 8, 8]
 
 
+def test_tensor_parallel_parts_stay_quantized_and_add_up():
+    """At tp 2 a column-parallel layer keeps its rows quantized, a row-parallel one its whole input
+    groups; the ranks' outputs concatenate / sum to the full layer's. An act-order row-parallel
+    weight is dequantized (its inputs scatter over every group)."""
+    from pagellm.distributed.parallel_state import ParallelContext
+    from pagellm.layers.linear import ParallelStyle
+
+    weight, codes = random_weight(24, 256, 4, 64, True, False, seed=13)
+    full = reference(weight, codes)
+    x = torch.randn(3, 256)
+    columns, partials = [], []
+    for rank in range(2):
+        ctx = ParallelContext(tp_rank=rank, tp_size=2, tp_group=object())  # shapes only, no collectives
+        col = Linear(256, 24, parallel_style=ParallelStyle.COLUMN, parallel=ctx)
+        row = Linear(256, 24, parallel_style=ParallelStyle.ROW, parallel=ctx)
+        col.load("weight", weight)
+        row.load("weight", weight)
+        for layer in (col, row):
+            assert isinstance(layer.method, GroupQuantizedLinearMethod) and not layer.method.dense
+            layer.process_after_loading()
+        columns.append(col.method.apply(col, x))
+        partials.append(row.method.apply(row, x[:, rank * 128:(rank + 1) * 128]))
+    assert_matmul_close(torch.cat(columns, -1), x, full)
+    torch.testing.assert_close(partials[0] + partials[1], (x.double() @ full.T).float(), atol=1e-4, rtol=1e-4)
+    permuted, _ = random_weight(24, 256, 4, 64, True, True, seed=14)
+    row = Linear(256, 24, parallel_style=ParallelStyle.ROW, parallel=ParallelContext(tp_rank=1, tp_size=2, tp_group=object()))
+    row.load("weight", permuted)
+    assert type(row.method).__name__ == "UnquantizedLinearMethod"
+    torch.testing.assert_close(row.weight.data, permuted.dequantize()[:, 128:])
+
+
 def test_gpu_seam_falls_back_to_dequantize_then_matmul():
     """`_cuda_linear` is the GPU entry point; without the Triton kernel it is dequantize + F.linear,
     which any device runs (here the CPU)."""
