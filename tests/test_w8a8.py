@@ -201,6 +201,39 @@ def test_int8_layer_matches_its_reference(scheme, rows):
                                atol=1e-2 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("kind", ["int8", "fp8-channel", "fp8-block"])
+def test_tensor_parallel_parts_stay_quantized(kind):
+    """Each rank's row- or column-parallel part is still quantized and the parts add up to the whole."""
+    from pagellm.distributed.parallel_state import ParallelContext
+    from pagellm.layers.linear import ParallelStyle
+
+    N, K = 64, 128
+    if kind == "int8":
+        weight = Int8Weight(torch.randint(-128, 128, (N, K), generator=_gen(20), dtype=torch.int8), torch.rand(N) + 0.1)
+    elif kind == "fp8-channel":
+        weight = _fp8_weight(N, K, "channel", seed=3)
+    else:  # (32, 32) blocks: halves of either dim are whole blocks
+        codes = (torch.randn(N, K, generator=_gen(21)) * 4).to(torch.float8_e4m3fn)
+        weight = FP8Weight(codes, torch.rand(2, 4, generator=_gen(23)) + 0.1, block=(32, 32))
+    x = torch.randn(3, K, generator=_gen(22))
+    ref = x.double() @ weight.dequantize().double().T
+    row_parts, col_parts = [], []
+    for rank in (0, 1):
+        ctx = ParallelContext(tp_rank=rank, tp_size=2, tp_group=object())
+        row = Linear(K, N, parallel_style=ParallelStyle.ROW, parallel=ctx)
+        col = Linear(K, N, parallel_style=ParallelStyle.COLUMN, parallel=ctx)
+        for layer in (row, col):
+            layer.load("weight", weight)
+            assert layer.weight is None and type(layer.method).__name__.endswith("LinearMethod")
+            assert not getattr(layer.method, "dense", False)
+            layer.process_after_loading()
+        assert row.qweight.shape == (N, K // 2) and col.qweight.shape == (N // 2, K)
+        row_parts.append(row.method.apply(row, x[:, rank * K // 2:(rank + 1) * K // 2], skip_bias=True))
+        col_parts.append(col.method.apply(col, x, skip_bias=True))
+    assert_matmul_close(row_parts[0] + row_parts[1], ref)
+    assert_matmul_close(torch.cat(col_parts, dim=-1), ref)
+
+
 def test_mixed_shards_fall_back_to_dense():
     parts = [Int8Weight(torch.ones(4, 8, dtype=torch.int8), torch.ones(4)), _fp8_weight(4, 8, "tensor")]
     layer = MergedLinear(8, {"a": 4, "b": 4})
