@@ -212,7 +212,7 @@ def _cuda_int8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     q, sx = quantize_rows_int8(x.float(), input_scale if activation == "static" else None)
     M, K = q.shape
     N = codes.shape[0]
-    if K % 8 or N % 8:  # torch._int_mm's shape rules; exact in float32 for K < 2^10
+    if K % 8 or N % 8:  # outside torch._int_mm's shape rules; float32 sums are exact up to K = 1024
         acc = (q.float() @ codes.t().float())
     else:
         rows = max(32, -(-M // 8) * 8)  # _int_mm needs more than 16 rows, a multiple of 8
@@ -233,18 +233,21 @@ def _cuda_fp8_linear(x: torch.Tensor, weight: FP8Weight) -> torch.Tensor:
     if weight.block is not None or weight.activation is None or K % 16 or N % 16:
         return F.linear(x, weight.dequantize().to(x.dtype))
     wt = weight.codes.t()  # (K, N) column-major, as _scaled_mm wants its second operand
+    M = x.shape[0]
+    rows = -(-M // 16) * 16  # the FP8 GEMMs want every dim a multiple of 16; padded rows are zero
+    xp = F.pad(x, (0, 0, 0, rows - M)) if rows != M else x
     if weight.scale.dim() == 0:
         if weight.activation == "static":
             sx = weight.input_scale.to(x.device)
         else:
             sx = (x.abs().amax().float() / FP8_MAX).clamp(min=1e-12)
-        out = torch._scaled_mm(_quantize_fp8(x, sx), wt, scale_a=sx.reshape(()), scale_b=weight.scale,
+        out = torch._scaled_mm(_quantize_fp8(xp, sx), wt, scale_a=sx.reshape(()), scale_b=weight.scale,
                                out_dtype=torch.bfloat16 if x.dtype == torch.float32 else x.dtype)
-        return out.to(x.dtype)
-    sx = (x.abs().amax(-1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)  # (M, 1) per token
-    out = torch._scaled_mm(_quantize_fp8(x, sx), wt, scale_a=sx, scale_b=weight.scale.reshape(1, N),
+        return out[:M].to(x.dtype)
+    sx = (xp.abs().amax(-1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)  # (rows, 1) per token
+    out = torch._scaled_mm(_quantize_fp8(xp, sx), wt, scale_a=sx, scale_b=weight.scale.reshape(1, N),
                            out_dtype=torch.bfloat16)  # rowwise scaling outputs bfloat16
-    return out.to(x.dtype)
+    return out[:M].to(x.dtype)
 
 
 # ---- linear methods --------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 //
 // - w8a16_linear: float activations, the weight expanded to float32 four rows at a time into a
 //   small buffer (code * scale, exactly `dequantize()`), then fp32 FMAs over register tiles of
-//   activation rows x 4 weight rows. Scales are (N, G): G groups of `group_size` input columns
+//   activation rows x 4 weight rows; up to 2 activation rows expand in registers (no buffer). Scales are (N, G): G groups of `group_size` input columns
 //   (G = 1: per output row; FP8 blocks: the block scales repeated over their rows).
 // - w8a8_linear: int8 weights with per-row scales, activations quantized to int8 inside the op
 //   (dynamic: per row, scale amax / 127; static: one given scale), int32 dot products:
@@ -34,6 +34,7 @@ using pagellm_gguf::kAvx512;
 using pagellm_gguf::kScalar;
 
 constexpr int64_t kRowsPerTile = 4;  // weight rows expanded / dotted together
+constexpr int64_t kDirectMaxRows = 2;  // W8A16 up to this many activation rows: no expansion buffer
 
 // e4m3fn: the byte with its sign moved to bit 15 and (exponent, mantissa) to bits 7-13 is a
 // float16 whose value is 2^-8 of the e4m3 value, subnormals included (exponent bias 15 vs 7).
@@ -177,6 +178,73 @@ W8_AVX512 void tile_avx512(const float* x, int64_t ldx, const float* buf, int64_
       out[i * ldo + j] = s;
     }
 }
+
+// Few activation rows: each weight row is expanded in registers where it is used (code * scale,
+// the same float as the buffer path) and never stored; MR rows x 4 weight rows per pass.
+template <int MR>
+W8_AVX512 void direct_avx512(const float* x, int64_t ldx, const uint8_t* w, bool fp8, const float* scale,
+                             int64_t G, int64_t gs, int64_t K, int64_t n, int64_t nr, float* out, int64_t ldo) {
+  __m512 acc[MR][kRowsPerTile];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < kRowsPerTile; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t k1 = std::min(K, (g + 1) * gs);
+    __m512 vs[kRowsPerTile];
+    for (int j = 0; j < nr; ++j) vs[j] = _mm512_set1_ps(scale[(n + j) * G + g]);
+    for (int64_t k = g * gs; k < k1; k += 16) {
+      const __mmask16 mask = k1 - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (k1 - k)) - 1);
+      __m512 xv[MR];
+      for (int i = 0; i < MR; ++i) xv[i] = _mm512_maskz_loadu_ps(mask, x + i * ldx + k);
+      for (int j = 0; j < nr; ++j) {
+        const uint8_t* p = w + (n + j) * K + k;
+        const __m128i raw = _mm_maskz_loadu_epi8(mask, p);
+        __m512 wv;
+        if (!fp8) {
+          wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
+        } else {
+          const __m256i b = _mm256_cvtepu8_epi16(raw);
+          const __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8),
+                                            _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7F)), 7));
+          wv = _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(256.f));
+        }
+        wv = _mm512_mul_ps(wv, vs[j]);
+        for (int i = 0; i < MR; ++i) acc[i][j] = _mm512_fmadd_ps(xv[i], wv, acc[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < nr; ++j) out[i * ldo + j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+// AVX2: 8 values per step; a group's last < 8 values are summed in scalar.
+template <int MR>
+W8_AVX2 void direct_avx2(const float* x, int64_t ldx, const uint8_t* w, bool fp8, const float* scale,
+                         int64_t G, int64_t gs, int64_t K, int64_t n, int64_t nr, float* out, int64_t ldo) {
+  __m256 acc[MR][kRowsPerTile];
+  float tail[MR][kRowsPerTile] = {};
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < kRowsPerTile; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t k1 = std::min(K, (g + 1) * gs);
+    int64_t k = g * gs;
+    for (; k + 8 <= k1; k += 8) {
+      __m256 xv[MR];
+      for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(x + i * ldx + k);
+      for (int j = 0; j < nr; ++j) {
+        const __m256 wv = _mm256_mul_ps(codes8_avx2(w + (n + j) * K + k, fp8), _mm256_set1_ps(scale[(n + j) * G + g]));
+        for (int i = 0; i < MR; ++i) acc[i][j] = _mm256_fmadd_ps(xv[i], wv, acc[i][j]);
+      }
+    }
+    for (; k < k1; ++k)
+      for (int j = 0; j < nr; ++j) {
+        const uint8_t c = w[(n + j) * K + k];
+        const float v = (fp8 ? e4m3_to_float(c) : static_cast<float>(static_cast<int8_t>(c))) * scale[(n + j) * G + g];
+        for (int i = 0; i < MR; ++i) tail[i][j] += x[i * ldx + k] * v;
+      }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < nr; ++j) out[i * ldo + j] = hsum_avx2(acc[i][j]) + tail[i][j];
+}
 #endif
 
 // out (M, N) = x (M, K) . expanded weight rows, tile by tile.
@@ -189,6 +257,16 @@ void w8a16_impl(int64_t isa, const float* x, int64_t M, int64_t K, const uint8_t
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t * kRowsPerTile, nr = std::min(kRowsPerTile, N - n);
 #if PAGELLM_X86
+      if (M <= kDirectMaxRows && isa == kAvx512) {
+        if (M == 2) direct_avx512<2>(x, K, w, fp8, scale, G, gs, K, n, nr, out + n, N);
+        else direct_avx512<1>(x, K, w, fp8, scale, G, gs, K, n, nr, out + n, N);
+        continue;
+      }
+      if (M <= kDirectMaxRows && isa == kAvx2) {
+        if (M == 2) direct_avx2<2>(x, K, w, fp8, scale, G, gs, K, n, nr, out + n, N);
+        else direct_avx2<1>(x, K, w, fp8, scale, G, gs, K, n, nr, out + n, N);
+        continue;
+      }
       if (isa == kAvx512) {
         expand_rows_avx512(w, fp8, scale, G, gs, K, n, nr, b, K);
         int64_t m = 0;
