@@ -102,6 +102,13 @@ def _int8_matmul_kernel(
              out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+def int8_kernel_constants(k: int, x_per_row: bool, w_per_row: bool, has_bias: bool, tiles: MatmulTiles) -> dict:
+    """The constexpr arguments of one `_int8_matmul_kernel` launch (the tests compile these offline)."""
+    return dict(K=k, X_PER_ROW=x_per_row, W_PER_ROW=w_per_row, HAS_BIAS=has_bias, BLOCK_M=tiles.block_m,
+                BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m,
+                K_TILES=k_tiles_per_split(k, tiles))
+
+
 def _scale_vector(scale: Union[torch.Tensor, float], rows: int, name: str, device: torch.device) -> torch.Tensor:
     """A scalar, (rows,) or (rows, 1) scale as a contiguous fp32 vector (1 value when scalar)."""
     t = torch.as_tensor(scale, dtype=torch.float32, device=device).reshape(-1)
@@ -143,9 +150,8 @@ def int8_matmul(x_q: torch.Tensor, x_scale: Union[torch.Tensor, float], w_q: tor
     _int8_matmul_kernel[grid_for(m, n, tiles)](
         x_q, w_q, xs, ws, bias if fuse_bias else xs, target,
         m, n, x_q.stride(0), w_q.stride(0), target.stride(0) if split > 1 else 0, target.stride(-2),
-        K=k, X_PER_ROW=xs.numel() > 1 or m == 1, W_PER_ROW=ws.numel() > 1 or n == 1, HAS_BIAS=fuse_bias,
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m,
-        K_TILES=k_tiles_per_split(k, tiles), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        **int8_kernel_constants(k, xs.numel() > 1 or m == 1, ws.numel() > 1 or n == 1, fuse_bias, tiles),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     if split > 1:
         summed = target.sum(dim=0)

@@ -65,7 +65,8 @@ class MatmulTiles:
             raise ValueError(f"MatmulTiles: split_k and group_m must be >= 1, got {self.split_k}, {self.group_m}")
 
 
-def choose_tiles(m: int, n: int, k: int, group: int, sms: int = DEFAULT_NUM_SMS, block_k: int = 128) -> MatmulTiles:
+def choose_tiles(m: int, n: int, k: int, group: int, sms: int = DEFAULT_NUM_SMS, block_k: int = 128,
+                 fp32_inputs: bool = False) -> MatmulTiles:
     """Tiles by M for weight-streaming GEMMs on H100/H200.
 
     Decode-sized M (<= 16) is bound by reading the weight: a thin 16-row tile, wide K steps, and
@@ -73,8 +74,12 @@ def choose_tiles(m: int, n: int, k: int, group: int, sms: int = DEFAULT_NUM_SMS,
     columns for 132 SMs). Mid M takes 64-row tiles; prefill-sized M the 128 x 128 tensor-core tile
     with 8 warps and an L2-friendly grouped launch order. block_k stays within one quantization
     group when the group is a power of two, so each K step loads one scale per output column.
+    fp32 activations (exact fp32 dots run on the FMA units, not tensor cores) take small tiles:
+    larger ones spill registers (ptxas, sm_90a).
     """
-    if m <= 16:
+    if fp32_inputs:
+        bm, bn, bk, warps, stages = (16, 32, 32, 4, 2) if m <= 16 else (64, 64, 32, 8, 2)
+    elif m <= 16:
         bm, bn, bk, warps, stages = 16, 64, block_k, 4, 4
     elif m <= 64:
         bm, bn, bk, warps, stages = 64, 64, min(block_k, 64), 4, 3

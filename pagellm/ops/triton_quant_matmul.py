@@ -131,6 +131,19 @@ def _group_matmul_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+def group_kernel_constants(k: int, group: int, weight_kind: int, zero_mode: int, sym_zero: int, has_bias: bool,
+                           x_dtype: torch.dtype, tiles: MatmulTiles, interpreter: bool) -> dict:
+    """The constexpr arguments of one `_group_matmul_kernel` launch (the tests compile these offline)."""
+    return dict(
+        K=k, GROUP=group, WEIGHT=weight_kind, ZERO_MODE=zero_mode, SYM_ZERO=sym_zero, HAS_BIAS=has_bias,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m,
+        K_TILES=k_tiles_per_split(k, tiles),
+        PER_CHANNEL=group == k, TILE_IN_GROUP=group == k or group % tiles.block_k == 0,
+        # fp32 activations get true fp32 products (tf32 would not match an fp32 reference).
+        DOT_PRECISION="ieee" if x_dtype == torch.float32 or interpreter else "tf32", INTERPRETER=interpreter,
+    )
+
+
 def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
             group: int, weight_kind: int, sym_zero: int, bias: Optional[torch.Tensor], out_dtype: torch.dtype,
             tiles: Optional[MatmulTiles]) -> torch.Tensor:
@@ -140,25 +153,21 @@ def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
     if m == 0:
         return out
     if tiles is None:
-        tiles = choose_tiles(m, n, k, group, num_sms(x2.device))
+        tiles = choose_tiles(m, n, k, group, num_sms(x2.device), fp32_inputs=x2.dtype == torch.float32)
     split = tiles.split_k
     # Split-K programs write fp32 partials, summed afterwards (no atomics: the result is deterministic).
     target = torch.empty((split, m, n), dtype=torch.float32, device=x2.device) if split > 1 else out
     zero_mode = _ZERO_CONST if zeros is None else (_ZERO_CODES if zeros.dtype == torch.uint8 else _ZERO_FLOAT)
     zeros_arg = scales if zeros is None else zeros
     fuse_bias = bias is not None and split == 1
-    interpreter = interpreting()
+    constants = group_kernel_constants(k, group, weight_kind, zero_mode, sym_zero, fuse_bias, x2.dtype, tiles,
+                                       interpreting())
     _group_matmul_kernel[grid_for(m, n, tiles)](
         x2, qweight, scales, zeros_arg, bias if fuse_bias else scales, target,
         m, n,
         x2.stride(0), x2.stride(1), qweight.stride(0), scales.stride(0), zeros_arg.stride(0),
         target.stride(0) if split > 1 else 0, target.stride(-2), target.stride(-1),
-        K=k, GROUP=group, WEIGHT=weight_kind, ZERO_MODE=zero_mode, SYM_ZERO=sym_zero, HAS_BIAS=fuse_bias,
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m,
-        K_TILES=k_tiles_per_split(k, tiles),
-        PER_CHANNEL=group == k, TILE_IN_GROUP=group == k or group % tiles.block_k == 0,
-        # fp32 activations get true fp32 products (tf32 would not match an fp32 reference).
-        DOT_PRECISION="ieee" if x2.dtype == torch.float32 or interpreter else "tf32", INTERPRETER=interpreter,
+        **constants,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     if split > 1:
