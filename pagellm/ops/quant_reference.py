@@ -101,9 +101,12 @@ def fp8_weight_only_reference(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: Uni
 
 
 def fp8_dynamic_reference(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: Union[torch.Tensor, float],
-                          bias: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """The `_scaled_mm` path's math: activations quantized to fp8 per token (amax / 448), then fp32 products."""
+                          bias: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None,
+                          per_token: bool = True) -> torch.Tensor:
+    """The `_scaled_mm` path's math: activations quantized to fp8 (amax / 448 per token, or over the
+    tensor), then fp32 products."""
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_E4M3_MAX).clamp(min=1e-12)
+    amax = xf.abs().amax(dim=-1, keepdim=True) if per_token else xf.abs().amax()
+    scale = (amax / FP8_E4M3_MAX).clamp(min=1e-12)
     x_fp8 = (xf / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
     return fp8_weight_only_reference(x_fp8.float() * scale, w_fp8, w_scale, bias, out_dtype or x.dtype)

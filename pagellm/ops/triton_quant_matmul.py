@@ -35,7 +35,7 @@ from pagellm.ops.triton_matmul_common import (
     MatmulTiles, check_device, choose_tiles, grid_for, interpreting, k_tiles_per_split, num_sms, swizzled_tile,
 )
 
-__all__ = ["group_matmul", "fp8_linear", "fp8_weight_only_matmul", "int8_matmul", "quantize_per_token_int8",
+__all__ = ["group_matmul", "fp8_linear", "fp8_scaled_mm_linear", "fp8_weight_only_matmul", "int8_matmul", "quantize_per_token_int8",
            "repack_gguf_q4_0", "repack_gguf_q4_1", "repack_gguf_q8_0", "MatmulTiles", "scaled_mm_support"]
 
 _INT4, _UINT8, _FP8 = 0, 1, 2  # weight decoders
@@ -269,33 +269,32 @@ def _fp8_quantize(x2: torch.Tensor, per_token: bool) -> tuple[torch.Tensor, torc
     return (xf / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn), scale
 
 
-def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: Union[torch.Tensor, float],
-               bias: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """x (..., K) @ (w_fp8 * w_scale)^T (+ bias) -> (..., N) in out_dtype (default x.dtype).
+def fp8_scaled_mm_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: Union[torch.Tensor, float],
+                         bias: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None, *,
+                         per_token: bool = True) -> torch.Tensor:
+    """torch._scaled_mm with activations quantized to fp8 on the fly (any device torch supports it on).
 
-    On GPUs with fp8 tensor cores (sm89+), torch._scaled_mm with activations quantized per token
-    (rowwise scales; bf16 output) or per tensor (other output dtypes or builds without rowwise
-    scaling; a per-channel weight scale is then applied to an fp32 result). Elsewhere, and for
-    K or N not a multiple of 16, the Triton weight-only kernel (`fp8_weight_only_matmul`).
+    per_token: rowwise scales (amax / 448 per row, the weight scale per column), which torch supports
+    with bf16 output only. Otherwise one activation scale for the tensor; a per-channel weight scale
+    is then applied to an fp32 result. K and N must be multiples of 16.
     """
     scale_col, per_channel = _check_fp8(x, w_fp8, w_scale)
     out_dtype = out_dtype or x.dtype
     n, k = w_fp8.shape
-    mode = "none"
-    if x.is_cuda and not interpreting() and k % 16 == 0 and n % 16 == 0:
-        mode = scaled_mm_support(x.device.index if x.device.index is not None else torch.cuda.current_device())
-    if mode == "none":
-        return fp8_weight_only_matmul(x, w_fp8, w_scale, bias, out_dtype)
+    if k % 16 or n % 16:
+        raise ValueError(f"fp8_scaled_mm_linear: K ({k}) and N ({n}) must be multiples of 16 for torch._scaled_mm")
+    if per_token and out_dtype != torch.bfloat16:
+        raise ValueError(f"fp8_scaled_mm_linear: per-token scales need bfloat16 output, got {out_dtype}")
     x2 = _rows(x, "fp8_linear")
-    if mode == "rowwise" and out_dtype == torch.bfloat16:
-        x_q, x_scale = _fp8_quantize(x2, per_token=True)
-        out = _scaled_mm(x_q, w_fp8.t(), scale_a=x_scale, scale_b=scale_col.t().contiguous(), out_dtype=torch.bfloat16)
+    w_t = w_fp8.contiguous().t()  # column-major (K, N), as _scaled_mm wants its second operand
+    x_q, x_scale = _fp8_quantize(x2, per_token)
+    if per_token:
+        out = _scaled_mm(x_q, w_t, scale_a=x_scale, scale_b=scale_col.t().contiguous(), out_dtype=torch.bfloat16)
         if bias is not None:
             out = out + bias.to(out.dtype)
     else:
-        x_q, x_scale = _fp8_quantize(x2, per_token=False)
         w_s = torch.ones((), device=x.device) if per_channel else scale_col[0, 0]
-        out = _scaled_mm(x_q, w_fp8.t(), scale_a=x_scale, scale_b=w_s,
+        out = _scaled_mm(x_q, w_t, scale_a=x_scale, scale_b=w_s,
                          out_dtype=torch.float32 if per_channel or bias is not None else out_dtype)
         if per_channel:
             out = out * scale_col.t()
@@ -303,3 +302,24 @@ def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: Union[torch.Tensor
             out = out + bias.float()
         out = out.to(out_dtype)
     return out.reshape(*x.shape[:-1], n)
+
+
+def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: Union[torch.Tensor, float],
+               bias: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """x (..., K) @ (w_fp8 * w_scale)^T (+ bias) -> (..., N) in out_dtype (default x.dtype).
+
+    On GPUs with fp8 tensor cores (sm89+), `fp8_scaled_mm_linear`: per-token activation scales
+    where the build has rowwise scaling and the output is bf16, per-tensor ones otherwise.
+    Elsewhere (sm80, no _scaled_mm), and for K or N not a multiple of 16, the Triton weight-only
+    kernel (`fp8_weight_only_matmul`). CUDA tensors only (CPU ones under the interpreter).
+    """
+    _check_fp8(x, w_fp8, w_scale)
+    out_dtype = out_dtype or x.dtype
+    n, k = w_fp8.shape
+    mode = "none"
+    if x.is_cuda and not interpreting() and k % 16 == 0 and n % 16 == 0:
+        mode = scaled_mm_support(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    if mode == "none":
+        return fp8_weight_only_matmul(x, w_fp8, w_scale, bias, out_dtype)
+    return fp8_scaled_mm_linear(x, w_fp8, w_scale, bias, out_dtype,
+                                per_token=mode == "rowwise" and out_dtype == torch.bfloat16)
