@@ -39,7 +39,7 @@ def _group_cases() -> dict[str, dict]:
             tiles = (None, SMALL_TILES, WIDE_K_TILES)[(i + j) % 3]
             cases[f"group_b{bits}_g{group}_z{zeros}_{m}x{n}x{k}"] = dict(
                 kind="group", m=m, n=n, k=k, bits=bits, group=group, zeros=zeros, dtype=DTYPES[(i + 2 * j) % 3],
-                tiles=tiles)
+                tiles=tiles, strided=i % 3 == j)
     return cases
 
 
@@ -136,6 +136,10 @@ def run_case(case: dict, device: str, seed: int = 0) -> str | None:
     if kind == "group":
         qweight, scales, zeros = _group_weights(case, gen, device)
         x = torch.randn(case["m"], case["k"], generator=gen).to(getattr(torch, case["dtype"])).to(device)
+        if case.get("strided"):  # rows of a wider buffer; scales / zeros stored transposed, as GPTQ keeps them
+            x = torch.cat([x, torch.full_like(x[:, :5], float("nan"))], dim=1)[:, :case["k"]]
+            scales = scales.t().contiguous().t()
+            zeros = zeros if zeros is None else zeros.t().contiguous().t()
         out = tq.group_matmul(x, qweight, scales, zeros, case["group"], case["bits"], tiles=tiles)
         if out.dtype != x.dtype or out.shape != (case["m"], case["n"]):
             return f"group_matmul returned {out.dtype} {tuple(out.shape)}"

@@ -35,8 +35,9 @@ from pagellm.ops.triton_matmul_common import (
     MatmulTiles, check_device, choose_tiles, grid_for, interpreting, k_tiles_per_split, num_sms, swizzled_tile,
 )
 
-__all__ = ["group_matmul", "fp8_linear", "fp8_scaled_mm_linear", "fp8_weight_only_matmul", "int8_matmul", "quantize_per_token_int8",
-           "repack_gguf_q4_0", "repack_gguf_q4_1", "repack_gguf_q8_0", "MatmulTiles", "scaled_mm_support"]
+__all__ = ["group_matmul", "fp8_linear", "fp8_scaled_mm_linear", "fp8_weight_only_matmul", "int8_matmul",
+           "quantize_per_token_int8", "repack_gguf_q4_0", "repack_gguf_q4_1", "repack_gguf_q8_0", "MatmulTiles",
+           "scaled_mm_support"]
 
 _INT4, _UINT8, _FP8 = 0, 1, 2  # weight decoders
 _ZERO_CONST, _ZERO_CODES, _ZERO_FLOAT = 0, 1, 2
@@ -193,8 +194,11 @@ def group_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     n, k, g = check_group_args(x, qweight, scales, zeros, group_size, bits)
     check_device("group_matmul", x, qweight, scales, *([] if zeros is None else [zeros]))
     x2 = _rows(x, "group_matmul")
-    out = _launch(x2, qweight.contiguous(), scales, zeros, g, _INT4 if bits == 4 else _UINT8, SYMMETRIC_ZERO[bits],
-                  None, x.dtype, tiles)
+    # The kernel walks rows by their stride and groups / bytes with stride 1 (a transposed GPTQ-style
+    # (K/G, N) scale view would otherwise be read wrong); contiguous() is free when already so.
+    zeros = None if zeros is None else zeros.contiguous()
+    out = _launch(x2, qweight.contiguous(), scales.contiguous(), zeros, g, _INT4 if bits == 4 else _UINT8,
+                  SYMMETRIC_ZERO[bits], None, x.dtype, tiles)
     return out.reshape(*x.shape[:-1], n)
 
 
