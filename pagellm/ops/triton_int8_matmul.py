@@ -79,12 +79,13 @@ def _int8_matmul_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
     n_ok = offs_n < N
+    rows = offs_m.to(tl.int64)  # M x K and M x N offsets can pass 2^31 at long prefills; weights stay int32
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     k_begin = split * (K_TILES * BLOCK_K)
     for t in range(0, K_TILES):
         offs_k = k_begin + t * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
         w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
         acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)
     if X_PER_ROW:
@@ -98,7 +99,7 @@ def _int8_matmul_kernel(
     out = acc.to(tl.float32) * x_scale[:, None] * w_scale[None, :]
     if HAS_BIAS:
         out = out + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + split * stride_os + offs_m[:, None] * stride_om + offs_n[None, :],
+    tl.store(out_ptr + split * stride_os + rows[:, None] * stride_om + offs_n[None, :],
              out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 

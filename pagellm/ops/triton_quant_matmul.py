@@ -72,6 +72,7 @@ def _group_matmul_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
     n_ok = offs_n < N
+    rows = offs_m.to(tl.int64)  # M x K and M x N offsets can pass 2^31 at long prefills; weights stay int32
     # PER_CHANNEL (one group per row): the scale is applied once, to the accumulator.
     # TILE_IN_GROUP (each K step inside one group): one scale / zero load per column, not per weight.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -80,7 +81,7 @@ def _group_matmul_kernel(
         k0 = k_begin + t * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if WEIGHT == 0:
             offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
@@ -128,7 +129,7 @@ def _group_matmul_kernel(
         acc = acc * tl.load(s_ptr + offs_n * stride_sn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + split * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+    tl.store(out_ptr + split * stride_os + rows[:, None] * stride_om + offs_n[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
