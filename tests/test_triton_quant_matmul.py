@@ -430,9 +430,10 @@ def test_int8_kernels_compile_without_spills(m, monkeypatch):
         assert " 0 bytes spill stores" in quant, quant[-1500:]
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module", autouse=not HAS_CUDA)
 def interpreter_process():
-    """The interpreter run starts with the module, so it works while the in-process tests above run."""
+    """Without a GPU the interpreter run starts with the module, so it works while the in-process tests above
+    run (with one, only when an interpreter case asks: under pytest-xdist every worker would start one)."""
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)], env=env, cwd=HERE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
