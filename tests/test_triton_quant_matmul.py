@@ -58,6 +58,13 @@ CPU_CASES.update({
                                  dtype=DTYPES[i % 3], tiles=(SMALL_TILES, None)[i % 2])
     for i, (m, n, k) in enumerate(SHAPES[1::3])
 })
+# The heuristic's own split-K (a decode row against few output columns) and its 128 x 128 prefill tile.
+CPU_CASES["group_heuristic_split_1x64x1024"] = dict(kind="group", m=1, n=64, k=1024, bits=4, group=128, zeros="codes",
+                                                   dtype="float16", tiles=None)
+CPU_CASES["group_heuristic_prefill_70x40x128"] = dict(kind="group", m=70, n=40, k=128, bits=8, group=64, zeros=None,
+                                                     dtype="bfloat16", tiles=None)
+CPU_CASES["int8_heuristic_split_2x64x2048"] = dict(kind="int8", m=2, n=64, k=2048, per_row=True, bias=True,
+                                                  out_dtype="bfloat16", tiles=None)
 CPU_CASES["fp8_decode_all_256_codes"] = dict(kind="fp8_codes")
 CPU_CASES["gguf_q4_1_matmul"] = dict(kind="gguf", m=5, n=24, k=96, fmt="q4_1")
 CPU_CASES["gguf_q4_0_matmul"] = dict(kind="gguf", m=17, n=40, k=64, fmt="q4_0")
