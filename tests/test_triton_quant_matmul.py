@@ -65,6 +65,13 @@ CPU_CASES["group_heuristic_prefill_70x40x128"] = dict(kind="group", m=70, n=40, 
                                                      dtype="bfloat16", tiles=None)
 CPU_CASES["int8_heuristic_split_2x64x2048"] = dict(kind="int8", m=2, n=64, k=2048, per_row=True, bias=True,
                                                   out_dtype="bfloat16", tiles=None)
+# A group that does not divide K (groups of 64, 64, 32; GPTQ's narrower last group), one wider than K.
+CPU_CASES["group_ragged_last_group_3x40x160"] = dict(kind="group", m=3, n=40, k=160, bits=4, group=64, zeros="codes",
+                                                    dtype="float32", tiles=SMALL_TILES)
+CPU_CASES["group_ragged_last_group_17x96x96"] = dict(kind="group", m=17, n=96, k=96, bits=8, group=64, zeros="float",
+                                                    dtype="float16", tiles=None)
+CPU_CASES["group_wider_than_k_1x40x64"] = dict(kind="group", m=1, n=40, k=64, bits=4, group=128, zeros=None,
+                                               dtype="bfloat16", tiles=None)
 CPU_CASES["fp8_decode_all_256_codes"] = dict(kind="fp8_codes")
 CPU_CASES["gguf_q4_1_matmul"] = dict(kind="gguf", m=5, n=24, k=96, fmt="q4_1")
 CPU_CASES["gguf_q4_0_matmul"] = dict(kind="gguf", m=17, n=40, k=64, fmt="q4_0")
@@ -121,14 +128,14 @@ def _group_weights(case: dict, gen: torch.Generator, device: str):
     from pagellm.ops.gguf_repack import pack_int4
 
     n, k, bits = case["n"], case["k"], case["bits"]
-    g = k if case["group"] == -1 else case["group"]
+    groups = 1 if case["group"] == -1 else -(-k // case["group"])  # the last group may be narrower
     codes = torch.randint(0, 1 << bits, (n, k), generator=gen, dtype=torch.uint8)
     qweight = pack_int4(codes) if bits == 4 else codes
     # Scales near 1/sqrt(K) keep outputs O(1); fp16 scales as GPTQ/AWQ checkpoints store them.
-    scales = ((torch.rand(n, k // g, generator=gen) + 0.5) * (2.0 / (k ** 0.5 * (1 << bits)))).half()
+    scales = ((torch.rand(n, groups, generator=gen) + 0.5) * (2.0 / (k ** 0.5 * (1 << bits)))).half()
     zeros = {None: None,
-             "codes": torch.randint(0, 1 << bits, (n, k // g), generator=gen, dtype=torch.uint8),
-             "float": torch.randn(n, k // g, generator=gen) * (1 << bits) / 4}[case["zeros"]]
+             "codes": torch.randint(0, 1 << bits, (n, groups), generator=gen, dtype=torch.uint8),
+             "float": torch.randn(n, groups, generator=gen) * (1 << bits) / 4}[case["zeros"]]
     return [t if t is None else _nan_padded(t.to(device)) for t in (qweight, scales, zeros)]
 
 
@@ -302,8 +309,8 @@ def test_bad_arguments_raise_value_errors(monkeypatch):
         tq.group_matmul(x, qweight, scales, None, 32, 3)
     with pytest.raises(ValueError, match="K=64"):
         tq.group_matmul(x, qweight, scales, None, 32, 8)
-    with pytest.raises(ValueError, match="group_size 48"):
-        tq.group_matmul(x, qweight, scales, None, 48, 4)
+    with pytest.raises(ValueError, match="group_size must be -1"):
+        tq.group_matmul(x, qweight, scales, None, 0, 4)
     with pytest.raises(ValueError, match="scales must be"):
         tq.group_matmul(x, qweight, torch.ones(8, 3), None, 32, 4)
     with pytest.raises(ValueError, match="zeros must be"):

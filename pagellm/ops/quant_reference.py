@@ -30,15 +30,16 @@ def check_group_args(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     if row * (8 // bits) != k:
         raise ValueError(f"group_matmul: x has K={k} but qweight {tuple(qweight.shape)} holds "
                          f"{row * (8 // bits)} {bits}-bit values per row")
-    g = k if group_size == -1 else group_size
-    if g <= 0 or k % g:
-        raise ValueError(f"group_matmul: group_size {group_size} must be -1 or a positive divisor of K={k}")
-    if scales.shape != (n, k // g) or not scales.is_floating_point():
-        raise ValueError(f"group_matmul: scales must be float ({n}, {k // g}), got {tuple(scales.shape)} "
+    if group_size != -1 and group_size <= 0:
+        raise ValueError(f"group_matmul: group_size must be -1 (one group per row) or positive, got {group_size}")
+    g = k if group_size == -1 else min(group_size, k)
+    groups = -(-k // g)  # a G that does not divide K leaves a narrower last group (as GPTQ stores them)
+    if scales.shape != (n, groups) or not scales.is_floating_point():
+        raise ValueError(f"group_matmul: scales must be float ({n}, {groups}), got {tuple(scales.shape)} "
                          f"{scales.dtype}")
     if zeros is not None:
-        if zeros.shape != (n, k // g):
-            raise ValueError(f"group_matmul: zeros must be ({n}, {k // g}), got {tuple(zeros.shape)}")
+        if zeros.shape != (n, groups):
+            raise ValueError(f"group_matmul: zeros must be ({n}, {groups}), got {tuple(zeros.shape)}")
         if zeros.dtype != torch.uint8 and not zeros.is_floating_point():
             raise ValueError(f"group_matmul: zeros must be uint8 codes or floats, got {zeros.dtype}")
     return n, k, g
@@ -46,11 +47,13 @@ def check_group_args(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
 
 def dequantize_group(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor], group_size: int,
                      bits: int) -> torch.Tensor:
-    """The (N, K) fp32 weight: (code - zero) * scale, zero and scale shared by each group of G inputs."""
+    """The (N, K) fp32 weight: (code - zero) * scale, zero and scale shared by each group of G inputs
+    (the last group narrower when G does not divide K)."""
     codes = unpack_int4(qweight) if bits == 4 else qweight
-    g = codes.shape[1] if group_size == -1 else group_size
+    k = codes.shape[1]
+    g = k if group_size == -1 else min(group_size, k)
     zero = (torch.full_like(scales, SYMMETRIC_ZERO[bits], dtype=torch.float32) if zeros is None else zeros.float())
-    return (codes.float() - zero.repeat_interleave(g, dim=1)) * scales.float().repeat_interleave(g, dim=1)
+    return (codes.float() - zero.repeat_interleave(g, dim=1)[:, :k]) * scales.float().repeat_interleave(g, dim=1)[:, :k]
 
 
 def group_matmul_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,

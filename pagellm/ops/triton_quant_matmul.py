@@ -5,8 +5,9 @@ W[n, k] = (code[n, k] - zero[n, k // G]) * scale[n, k // G], computed in fp32. L
 
 - bits=4: qweight uint8 (N, K/2); byte j of row n holds input k = 2j in the low nibble and
   k = 2j + 1 in the high nibble. bits=8: qweight uint8 (N, K), unsigned codes.
-- scales (N, K/G) float16/bfloat16/float32; group_size -1 means one group (G = K).
-- zeros None (symmetric: 8 for 4-bit, 128 for 8-bit), or (N, K/G) uint8 codes, or (N, K/G)
+- scales (N, ceil(K/G)) float16/bfloat16/float32; group_size -1 means one group (G = K); a G
+  that does not divide K leaves a narrower last group.
+- zeros None (symmetric: 8 for 4-bit, 128 for 8-bit), or (N, ceil(K/G)) uint8 codes or
   floats (GGUF Q4_1's min as -m/d, see `gguf_repack`). Act-order permutations are the caller's
   (pass x[:, perm]).
 
