@@ -88,6 +88,8 @@ for (n, k), m in itertools.product(LLAMA_8B_NK, (1, 16, 128, 1024)):
     GPU_CASES[f"gpu_int8_{m}x{n}x{k}"] = dict(kind="int8", m=m, n=n, k=k, per_row=True, bias=False,
                                              out_dtype="bfloat16", tiles=None)
     GPU_CASES[f"gpu_fp8_{m}x{n}x{k}"] = dict(kind="fp8_dynamic", m=m, n=n, k=k, per_channel=True, dtype="bfloat16")
+GPU_CASES["gpu_w4_ragged_g128_64x1536x576"] = dict(kind="group", m=64, n=1536, k=576, bits=4, group=128, zeros="codes",
+                                                  dtype="bfloat16", tiles=None)  # SmolLM2's width: 4.5 groups
 GPU_CASES["gpu_fp8_dynamic_fp16_tensorwise"] = dict(kind="fp8_dynamic", m=33, n=1024, k=512, per_channel=True,
                                                     dtype="float16", bias=True)
 # torch._scaled_mm with dynamic activation scales: plain torch, so these run in-process wherever torch has it.
