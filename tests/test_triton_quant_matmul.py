@@ -241,11 +241,13 @@ def _gguf_blocks(fmt: str, n: int, k: int, gen: torch.Generator) -> tuple[np.nda
 def _gguf_matmul_case(case: dict, gen: torch.Generator, device: str) -> str | None:
     from pagellm.ops import triton_quant_matmul as tq
 
+    from gguf import GGMLQuantizationType
+
     raw, dense = _gguf_blocks(case["fmt"], case["n"], case["k"], gen)
-    repack = {"q4_0": tq.repack_gguf_q4_0, "q4_1": tq.repack_gguf_q4_1, "q8_0": tq.repack_gguf_q8_0}[case["fmt"]]
-    qweight, scales, zeros = (t if t is None else t.to(device) for t in repack(torch.from_numpy(raw)))
+    *weights, bits = tq.repack_gguf(torch.from_numpy(raw), int(getattr(GGMLQuantizationType, case["fmt"].upper())))
+    qweight, scales, zeros = (t if t is None else t.to(device) for t in weights)
     x = torch.randn(case["m"], case["k"], generator=gen).to(device)
-    out = tq.group_matmul(x, qweight, scales, zeros, 32, 8 if case["fmt"] == "q8_0" else 4)
+    out = tq.group_matmul(x, qweight, scales, zeros, 32, bits)
     return _close(out, x @ torch.from_numpy(dense).to(device).t(), "float32")
 
 
@@ -325,6 +327,8 @@ def test_bad_arguments_raise_value_errors(monkeypatch):
         tq.fp8_linear(x, torch.zeros(8, 64).to(torch.float8_e4m3fn), 1.0)
     with pytest.raises(ValueError, match="x_q and w_q must be 2-D int8"):
         tq.int8_matmul(x, 1.0, torch.zeros(8, 64, dtype=torch.int8), 1.0, torch.float32)
+    with pytest.raises(ValueError, match="ggml type 12 has no group-GEMM layout"):
+        tq.repack_gguf(torch.zeros(4, 144, dtype=torch.uint8), 12)  # Q4_K
     with pytest.raises(ValueError, match="row bytes"):
         tq.repack_gguf_q4_0(torch.zeros(4, 20, dtype=torch.uint8))
     with pytest.raises(ValueError, match="MatmulTiles.block_k"):

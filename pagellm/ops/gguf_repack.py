@@ -10,6 +10,8 @@ so the nibbles are reordered, not just copied. Pure torch: runs wherever the wei
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 GGUF_BLOCK = 32  # values per Q4_0 / Q4_1 / Q8_0 block
@@ -83,3 +85,22 @@ def repack_gguf_q8_0(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Non
     blocks = _blocks(raw, "q8_0")
     q = blocks[..., 2:].contiguous().view(torch.int8).reshape(blocks.shape[0], -1)
     return (q.to(torch.int16) + 128).to(torch.uint8), _fp16_field(blocks, 0), None
+
+
+# ggml type id -> (repack, bits): the GGUF block types the group GEMM can run as they are.
+GGML_Q4_0, GGML_Q4_1, GGML_Q8_0 = 2, 3, 8
+_REPACKS = {GGML_Q4_0: (repack_gguf_q4_0, 4), GGML_Q4_1: (repack_gguf_q4_1, 4), GGML_Q8_0: (repack_gguf_q8_0, 8)}
+
+
+def repackable_gguf_types() -> tuple[int, ...]:
+    return tuple(_REPACKS)
+
+
+def repack_gguf(raw: torch.Tensor, ggml_type: int) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], int]:
+    """(qweight, scales, zeros, bits) for `group_matmul(x, qweight, scales, zeros, GGUF_BLOCK, bits)`."""
+    if ggml_type not in _REPACKS:
+        raise ValueError(f"repack_gguf: ggml type {ggml_type} has no group-GEMM layout; supported: "
+                         f"{sorted(_REPACKS)} (Q4_0, Q4_1, Q8_0)")
+    repack, bits = _REPACKS[ggml_type]
+    qweight, scales, zeros = repack(raw)
+    return qweight, scales, zeros, bits

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagellm.ops.gguf_repack import repack_gguf_q4_0, repack_gguf_q4_1, repack_gguf_q8_0
+from pagellm.ops.gguf_repack import repack_gguf, repack_gguf_q4_0, repack_gguf_q4_1, repack_gguf_q8_0
 from pagellm.ops.quant_reference import FP8_E4M3_MAX, SYMMETRIC_ZERO, check_group_args
 from pagellm.ops.triton_int8_matmul import int8_matmul, quantize_per_token_int8
 from pagellm.ops.triton_matmul_common import (
@@ -37,7 +37,7 @@ from pagellm.ops.triton_matmul_common import (
 )
 
 __all__ = ["group_matmul", "fp8_linear", "fp8_scaled_mm_linear", "fp8_weight_only_matmul", "int8_matmul",
-           "quantize_per_token_int8", "repack_gguf_q4_0", "repack_gguf_q4_1", "repack_gguf_q8_0", "MatmulTiles",
+           "quantize_per_token_int8", "repack_gguf", "repack_gguf_q4_0", "repack_gguf_q4_1", "repack_gguf_q8_0", "MatmulTiles",
            "scaled_mm_support"]
 
 _INT4, _UINT8, _FP8 = 0, 1, 2  # weight decoders
