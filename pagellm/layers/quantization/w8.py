@@ -12,7 +12,7 @@ Where the arithmetic runs:
   same quantization, then one int32 GEMM); W8A16 and FP8 expand the weight rows to float32 in the
   kernel (FP8 always computes with float activations on the CPU).
 - CUDA: FP8 via torch._scaled_mm (per-tensor, or rowwise: per-token x per-channel) with dynamic
-  activation scales; int8 via `_cuda_int8_linear` (torch._int_mm plus scaling).
+  activation scales; int8 via `_cuda_int8_linear` (the Triton int8 GEMM of ops/triton_int8_matmul.py).
 `dequantize()` is the float32 reference every path is tested against.
 """
 
@@ -206,9 +206,16 @@ class FP8Weight(QuantizedWeight):
 
 def _cuda_int8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, activation: Optional[str],
                       input_scale: Optional[torch.Tensor]) -> torch.Tensor:
-    """x (M, K) times int8 codes (N, K) on CUDA with torch ops; the seam a Triton int8 kernel replaces."""
+    """x (M, K) times int8 codes (N, K) on CUDA: W8A8 with per-row scales on the Triton int8 GEMM,
+    W8A16 and group scales with torch ops."""
     if activation is None:  # W8A16: codes to x's dtype, scale the output columns
         return (x @ codes.t().to(x.dtype)) * scale.to(x.dtype)
+    if scale.dim() == 1:  # per-row weight scales: the Triton int8 GEMM (int32 accumulation)
+        from pagellm.ops.triton_int8_matmul import int8_matmul, quantize_per_token_int8
+
+        q, sx = (quantize_per_token_int8(x) if activation == "dynamic"
+                 else quantize_rows_int8(x.float(), input_scale))
+        return int8_matmul(q, sx, codes, scale, x.dtype)
     q, sx = quantize_rows_int8(x.float(), input_scale if activation == "static" else None)
     M, K = q.shape
     N = codes.shape[0]
@@ -227,11 +234,15 @@ def _quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def _cuda_fp8_linear(x: torch.Tensor, weight: FP8Weight) -> torch.Tensor:
     """x (M, K) times the FP8 weight on CUDA: torch._scaled_mm with per-tensor scales, or rowwise
-    (per-token activation x per-channel weight scales); block scales and weight-only checkpoints
-    are expanded per call (exact, slow: a blockwise kernel is future work)."""
+    (per-token activation x per-channel weight scales); weight-only checkpoints and shapes _scaled_mm
+    refuses on the Triton fp8 weight-only kernel; block scales are expanded per call (exact, slow)."""
     N, K = weight.shape
-    if weight.block is not None or weight.activation is None or K % 16 or N % 16:
+    if weight.block is not None:
         return F.linear(x, weight.dequantize().to(x.dtype))
+    if weight.activation is None or K % 16 or N % 16:  # weight-only: fp8 tiles decoded in the Triton kernel
+        from pagellm.ops.triton_quant_matmul import fp8_weight_only_matmul
+
+        return fp8_weight_only_matmul(x, weight.codes, weight.scale if weight.scale.dim() == 0 else weight.scale.reshape(N))
     wt = weight.codes.t()  # (K, N) column-major, as _scaled_mm wants its second operand
     M = x.shape[0]
     rows = -(-M // 16) * 16  # the FP8 GEMMs want every dim a multiple of 16; padded rows are zero
