@@ -219,6 +219,7 @@ class GroupQuantizedLinearMethod(QuantizedLinearMethod):
         self.group_size = 0
         self.in_features = 0
         self.cpu = None  # the CPU form once repacked (an int_group_cpu.CpuGroupWeight)
+        self._installed: Optional[GroupQuantizedWeight] = None
 
     def fuse(self, parts: list[QuantizedWeight]) -> Optional[QuantizedWeight]:
         return fuse_group_weights(parts)
@@ -230,12 +231,17 @@ class GroupQuantizedLinearMethod(QuantizedLinearMethod):
         layer.register_buffer("scales", weight.scales, persistent=False)
         layer.register_buffer("qzeros", weight.zeros, persistent=False)
         layer.register_buffer("perm", weight.perm, persistent=False)
-        self.cpu = None
+        self.cpu = self._installed = None
 
     def installed_weight(self, layer: nn.Module) -> GroupQuantizedWeight:
-        """The fixed layout, from the layer's buffers (before any CPU repack)."""
-        return GroupQuantizedWeight(self.bits, layer.qweight, layer.scales, layer.qzeros, self.group_size,
-                                    self.in_features, layer.perm)
+        """The fixed layout, from the layer's buffers (before any CPU repack); built once per
+        placement, since building validates (a device sync on a GPU)."""
+        cached = self._installed
+        if cached is not None and cached.qweight is layer.qweight and cached.scales is layer.scales:
+            return cached
+        self._installed = GroupQuantizedWeight(self.bits, layer.qweight, layer.scales, layer.qzeros, self.group_size,
+                                               self.in_features, layer.perm)
+        return self._installed
 
     def process_after_loading(self, layer: nn.Module) -> None:
         if not self.dense and self.cpu is None and layer.qweight is not None and layer.qweight.device.type == "cpu":
@@ -251,6 +257,7 @@ class GroupQuantizedLinearMethod(QuantizedLinearMethod):
             return
         for name in ("qweight", "scales", "qzeros"):  # the blocks replace them
             layer.register_buffer(name, None, persistent=False)
+        self._installed = None
 
     def apply_quantized(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
