@@ -18,6 +18,7 @@ value = (code - zero) * scale.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Optional, Union
 
@@ -192,14 +193,21 @@ def fuse_group_weights(parts: list[QuantizedWeight]) -> Optional[GroupQuantizedW
                                 zeros, first.group_size, first.shape[1], first.perm)
 
 
+@functools.cache
+def _triton_group_matmul():
+    """The Triton kernel's entry point, or None where it is not built (looked up once)."""
+    try:
+        from pagellm.ops.triton_quant_matmul import group_matmul
+    except ImportError:
+        return None
+    return group_matmul
+
+
 def _cuda_linear(x: torch.Tensor, weight: GroupQuantizedWeight) -> torch.Tensor:
     """x (..., K) times the weight on a GPU: the Triton W4A16/W8A16 kernel where it is built, else
     dequantize-then-matmul (correct, not fast)."""
     xp = x if weight.perm is None else x.index_select(-1, weight.perm)
-    try:
-        from pagellm.ops.triton_quant_matmul import group_matmul
-    except ImportError:
-        group_matmul = None
+    group_matmul = _triton_group_matmul()
     if group_matmul is not None:
         return group_matmul(xp, weight.qweight, weight.scales, weight.zeros, weight.group_size, weight.bits)
     return F.linear(xp, weight.dequantize_stored().to(x.dtype))
