@@ -1,5 +1,6 @@
-"""Group-quantized checkpoints written in their on-disk layouts (GPTQ, AutoAWQ GEMM), packed here
-from the formats' specs, independently of the loader's unpackers (pagellm/layers/quantization/)."""
+"""Group-quantized checkpoints written in their on-disk layouts (GPTQ, AutoAWQ GEMM, compressed-tensors
+pack-quantized), packed here from the formats' specs, independently of the loader's unpackers
+(pagellm/layers/quantization/)."""
 
 from __future__ import annotations
 
@@ -34,9 +35,10 @@ def pack_awq(values: torch.Tensor) -> torch.Tensor:
     return to_int32(sum(v[..., AWQ_NIBBLE_COLUMNS[i]] << (4 * i) for i in range(8)))
 
 
-def quantize_groups(w: torch.Tensor, bits: int, group_size: int, asym: bool, g_idx: torch.Tensor):
-    """Round-to-nearest quantization of the (N, K) weight by the groups g_idx names: codes (N, K),
-    float16 scales and integer zero points (groups, N), as GPTQ and AWQ store them."""
+def quantize_groups(w: torch.Tensor, bits: int, group_size: int, asym: bool, g_idx: torch.Tensor,
+                    scale_dtype: torch.dtype = torch.float16):
+    """Round-to-nearest quantization of the (N, K) weight by the groups g_idx names: unsigned codes
+    (N, K), scales (float16, as GPTQ and AWQ store them) and integer zero points (groups, N)."""
     n, k = w.shape
     groups = int(g_idx.max()) + 1
     maxq = (1 << bits) - 1
@@ -47,11 +49,11 @@ def quantize_groups(w: torch.Tensor, bits: int, group_size: int, asym: bool, g_i
         if asym:
             lo, hi = cols.min(1).values.clamp(max=0), cols.max(1).values.clamp(min=0)
             scales[g] = ((hi - lo) / maxq).clamp(min=1e-4)
-            zeros[g] = torch.round(-lo / scales[g].half().float()).clamp(0, maxq).long()
+            zeros[g] = torch.round(-lo / scales[g].to(scale_dtype).float()).clamp(0, maxq).long()
         else:
             scales[g] = (cols.abs().max(1).values / (maxq // 2)).clamp(min=1e-4)
             zeros[g] = 1 << (bits - 1)
-    scales = scales.half()
+    scales = scales.to(scale_dtype)
     s, z = scales.float()[g_idx].T, zeros[g_idx].T  # per (n, k)
     codes = torch.clamp(torch.round(w / s) + z, 0, maxq).long()
     return codes, scales, zeros
@@ -87,7 +89,9 @@ def write_quantized_llama(base: Path, path: Path, fmt: str, bits: int, group_siz
         layer_id = int(module.split(".")[2])
         g_idx = (act_order_g_idx(k, g, seed=layer_id * 10 + len(PROJ_INPUTS[proj])) if act_order
                  else (torch.arange(k) // g).to(torch.int32))
-        codes, scales, zeros = quantize_groups(w.float(), bits, g, asym, g_idx.long())
+        # compressed-tensors keeps scales in the model dtype (bfloat16 here; float16 holds them exactly)
+        scale_dtype = torch.bfloat16 if fmt == "compressed-tensors" else torch.float16
+        codes, scales, zeros = quantize_groups(w.float(), bits, g, asym, g_idx.long(), scale_dtype)
         expected[name] = (codes - zeros[g_idx.long()].T).double() * scales.double()[g_idx.long()].T
         if fmt == "gptq":
             stored_zeros = (zeros - 1) & ((1 << bits) - 1) if v1 else zeros
@@ -97,20 +101,35 @@ def write_quantized_llama(base: Path, path: Path, fmt: str, bits: int, group_siz
                 tensors["g_idx"] = g_idx
         elif fmt == "awq":
             tensors = {"qweight": pack_awq(codes.T), "qzeros": pack_awq(zeros), "scales": scales}
+        elif fmt == "compressed-tensors":  # pack-quantized: signed codes + 2^(bits-1), i.e. the unsigned ones
+            tensors = {"weight_packed": pack_low_bits_first(codes, bits, dim=1), "weight_scale": scales.T,
+                       "weight_shape": torch.tensor([n, k])}
+            if asym:  # signed zero points + 2^(bits-1), packed along the output dim
+                tensors["weight_zero_point"] = pack_low_bits_first(zeros.T, bits, dim=0)
+            if act_order:
+                tensors["weight_g_idx"] = g_idx
         else:
             raise AssertionError(fmt)
         for suffix, t in tensors.items():
             out[f"{module}.{suffix}"] = t.contiguous()
             disk += t.numel() * t.element_size()
-        g_idx_bytes += g_idx.numel() * g_idx.element_size() if "g_idx" in tensors else 0
+        g_idx_bytes += sum(t.numel() * t.element_size() for s, t in tensors.items() if s.endswith("g_idx"))
     save_file(out, str(path / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((base / "config.json").read_text())
     if fmt == "gptq":
         config["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group_size,
                                          "desc_act": act_order, "sym": not asym,
                                          "checkpoint_format": "gptq" if v1 else "gptq_v2"}
-    else:
+    elif fmt == "awq":
         config["quantization_config"] = {"quant_method": "awq", "bits": bits, "group_size": group_size,
                                          "zero_point": True, "version": "gemm"}
+    else:
+        weights = {"num_bits": bits, "type": "int", "symmetric": not asym, "dynamic": False,
+                   "strategy": "channel" if group_size == -1 else "group",
+                   "group_size": None if group_size == -1 else group_size, "actorder": "group" if act_order else None}
+        config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+                                         "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
+                                                                       "input_activations": None}},
+                                         "ignore": ["lm_head"]}
     (path / "config.json").write_text(json.dumps(config))
     return {"disk_bytes": disk, "g_idx_bytes": g_idx_bytes, "expected": expected}

@@ -274,6 +274,7 @@ CHECKPOINTS = {  # id: (format, bits, group_size, asym, act_order, v1 zeros, g_i
     "gptq-4bit-g32-asym-act-order-v1": ("gptq", 4, 32, True, True, True, True),
     "gptq-8bit-per-channel-sym-v2-no-g_idx": ("gptq", 8, -1, False, False, False, False),
     "awq-4bit-g64": ("awq", 4, 64, True, False, True, False),
+    "pack-quantized-4bit-g32-asym-act-order": ("compressed-tensors", 4, 32, True, True, True, True),
 }
 
 
