@@ -11,8 +11,13 @@ the block kernel's product minus a (M, K/G) x (K/G, N) correction: the per-group
 C = (z - 8) * s (one addmm per call, exact to float32 rounding). C is kept as float32 when that
 costs at most 1/32 byte per weight (G >= 128); for smaller groups it would add 20% to the weight
 (4 bytes per 32 weights), so the int8 offsets z - 8 and the float16 scales are kept instead
-(3 bytes per group) and C is formed per call (measured: about +13 us per call at N=1536, G=32). Act order multiplies x[..., perm] with the stored columns. Other group sizes (G not a
-multiple of 32) keep the fixed layout and are dequantized per call in row chunks (slow, exact).
+(3 bytes per group) and C is formed per call (measured: about +13 us per call at N=1536, G=32).
+Act order multiplies x[..., perm] with the stored columns. Other group sizes (G not a multiple of
+32, or K not) keep the fixed layout and are dequantized per call in row chunks (slow, exact).
+
+Measured (scripts/bench_int_group.py, one thread, K=576, 4-bit): the Q4_0 repack is the fastest
+exact path; torch's _weight_int4pack_mm_for_cpu is faster for decode in bfloat16 but rounds the
+float16 scales, zeros and activations to bfloat16, and is ~30x slower in float32.
 `scripts/bench_int_group.py` measures these against dense F.linear and torch's int4pack kernel.
 """
 

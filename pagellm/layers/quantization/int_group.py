@@ -18,6 +18,7 @@ value = (code - zero) * scale.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Optional, Union
 
@@ -192,14 +193,21 @@ def fuse_group_weights(parts: list[QuantizedWeight]) -> Optional[GroupQuantizedW
                                 zeros, first.group_size, first.shape[1], first.perm)
 
 
+@functools.cache
+def _triton_group_matmul():
+    """The Triton kernel's entry point, or None where it is not built (looked up once)."""
+    try:
+        from pagellm.ops.triton_quant_matmul import group_matmul
+    except ImportError:
+        return None
+    return group_matmul
+
+
 def _cuda_linear(x: torch.Tensor, weight: GroupQuantizedWeight) -> torch.Tensor:
     """x (..., K) times the weight on a GPU: the Triton W4A16/W8A16 kernel where it is built, else
     dequantize-then-matmul (correct, not fast)."""
     xp = x if weight.perm is None else x.index_select(-1, weight.perm)
-    try:
-        from pagellm.ops.triton_quant_matmul import group_matmul
-    except ImportError:
-        group_matmul = None
+    group_matmul = _triton_group_matmul()
     if group_matmul is not None:
         return group_matmul(xp, weight.qweight, weight.scales, weight.zeros, weight.group_size, weight.bits)
     return F.linear(xp, weight.dequantize_stored().to(x.dtype))
@@ -219,6 +227,7 @@ class GroupQuantizedLinearMethod(QuantizedLinearMethod):
         self.group_size = 0
         self.in_features = 0
         self.cpu = None  # the CPU form once repacked (an int_group_cpu.CpuGroupWeight)
+        self._installed: Optional[GroupQuantizedWeight] = None
 
     def fuse(self, parts: list[QuantizedWeight]) -> Optional[QuantizedWeight]:
         return fuse_group_weights(parts)
@@ -230,12 +239,17 @@ class GroupQuantizedLinearMethod(QuantizedLinearMethod):
         layer.register_buffer("scales", weight.scales, persistent=False)
         layer.register_buffer("qzeros", weight.zeros, persistent=False)
         layer.register_buffer("perm", weight.perm, persistent=False)
-        self.cpu = None
+        self.cpu = self._installed = None
 
     def installed_weight(self, layer: nn.Module) -> GroupQuantizedWeight:
-        """The fixed layout, from the layer's buffers (before any CPU repack)."""
-        return GroupQuantizedWeight(self.bits, layer.qweight, layer.scales, layer.qzeros, self.group_size,
-                                    self.in_features, layer.perm)
+        """The fixed layout, from the layer's buffers (before any CPU repack); built once per
+        placement, since building validates (a device sync on a GPU)."""
+        cached = self._installed
+        if cached is not None and cached.qweight is layer.qweight and cached.scales is layer.scales:
+            return cached
+        self._installed = GroupQuantizedWeight(self.bits, layer.qweight, layer.scales, layer.qzeros, self.group_size,
+                                               self.in_features, layer.perm)
+        return self._installed
 
     def process_after_loading(self, layer: nn.Module) -> None:
         if not self.dense and self.cpu is None and layer.qweight is not None and layer.qweight.device.type == "cpu":
@@ -251,6 +265,7 @@ class GroupQuantizedLinearMethod(QuantizedLinearMethod):
             return
         for name in ("qweight", "scales", "qzeros"):  # the blocks replace them
             layer.register_buffer(name, None, persistent=False)
+        self._installed = None
 
     def apply_quantized(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
