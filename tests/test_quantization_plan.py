@@ -17,7 +17,8 @@ def test_gguf_plans():
     assert plan_quantization("auto", "gguf").method == "gguf"
     assert plan_quantization("gguf", "gguf").method == "gguf"
     assert plan_quantization("none", "gguf").method == "none"
-    assert plan_quantization("auto", "gguf", device="cuda").method == "none"  # block kernels are CPU kernels
+    on_gpu = plan_quantization("auto", "gguf", device="cuda")  # the group GEMM's types only, see the loader
+    assert on_gpu.method == "gguf" and on_gpu.device == "cuda"
     with pytest.raises(ValueError, match="GGUF file is quantized by its own block types"):
         plan_quantization("gptq", "gguf")
 

@@ -16,6 +16,7 @@ from pagellm import LLM, SamplingParams
 from pagellm.layers.embedding import LMHead
 from pagellm.layers.linear import Linear, MergedLinear
 from pagellm.layers.quantization import GGUF_KERNEL_TYPES, GGUFLinearMethod, GGUFQuantizedTensor
+from pagellm.layers.quantization.registry import plan_quantization
 from pagellm.loader import iter_weights, resolve_model
 from pagellm.loader.gguf import read_gguf_header
 from pagellm.ops import gguf_cpu
@@ -190,6 +191,15 @@ def test_loader_keeps_linear_weights_quantized(tiny_quantized_gguf):
             assert torch.equal(tensor, dense[name]), name
     with pytest.raises(ValueError, match="quantization"):
         iter_weights(source, torch.float32, quantization="int3")
+    # For a GPU only Q4_0 / Q4_1 / Q8_0 linear weights stay blocks (the Triton group GEMM's types);
+    # the embedding and LM head kernels are CPU kernels.
+    on_gpu = dict(iter_weights(source, torch.float32, quantization=plan_quantization("auto", "gguf", device="cuda")))
+    gpu_types = {"Q4_0", "Q4_1", "Q8_0"}
+    for name, tensor in on_gpu.items():
+        kept_type = kept[name].ggml_type.name if isinstance(kept[name], GGUFQuantizedTensor) else None
+        want = name.endswith("_proj.weight") and kept_type in gpu_types
+        assert isinstance(tensor, GGUFQuantizedTensor) == want, name
+    assert any(isinstance(t, GGUFQuantizedTensor) for t in on_gpu.values())
 
 
 def test_tiny_engine_quantized_matches_dequantized(tiny_quantized_gguf):

@@ -76,6 +76,8 @@ CPU_CASES["fp8_decode_all_256_codes"] = dict(kind="fp8_codes")
 CPU_CASES["gguf_q4_1_matmul"] = dict(kind="gguf", m=5, n=24, k=96, fmt="q4_1")
 CPU_CASES["gguf_q4_0_matmul"] = dict(kind="gguf", m=17, n=40, k=64, fmt="q4_0")
 CPU_CASES["gguf_q8_0_matmul"] = dict(kind="gguf", m=3, n=40, k=160, fmt="q8_0")
+CPU_CASES["gguf_method_q4_1_fused"] = dict(kind="gguf_method", m=3, n=[40], k=96, fmts=["q4_1"])
+CPU_CASES["gguf_method_mixed_parts"] = dict(kind="gguf_method", m=2, n=[32, 8], k=64, fmts=["q4_0", "q5_0"])
 
 # Llama-3.1-8B projections (q/o, gate/up, down) at decode and prefill sizes.
 LLAMA_8B_NK = [(4096, 4096), (28672, 4096), (4096, 14336)]
@@ -222,6 +224,8 @@ def run_case(case: dict, device: str, seed: int = 0) -> str | None:
             out.nan_to_num(), expect.nan_to_num()) else "fp8 decode differs from torch's float8_e4m3fn -> float32"
     if kind == "gguf":
         return _gguf_matmul_case(case, gen, device)
+    if kind == "gguf_method":
+        return _gguf_method_case(case, gen, device)
     return f"unknown case kind {kind}"
 
 
@@ -249,6 +253,35 @@ def _gguf_matmul_case(case: dict, gen: torch.Generator, device: str) -> str | No
     x = torch.randn(case["m"], case["k"], generator=gen).to(device)
     out = tq.group_matmul(x, qweight, scales, zeros, 32, bits)
     return _close(out, x @ torch.from_numpy(dense).to(device).t(), "float32")
+
+
+def _gguf_method_case(case: dict, gen: torch.Generator, device: str) -> str | None:
+    """GGUFLinearMethod's GPU path: a fused layer of one type repacked for the group GEMM, or a merged
+    layer of mixed types as dense parts (called directly, so the interpreter runs it on CPU tensors)."""
+    from gguf import GGMLQuantizationType
+
+    from pagellm.layers.linear import Linear, MergedLinear
+    from pagellm.layers.quantization.gguf import GGUFQuantizedTensor
+    from pagellm.ops.gguf_cpu import load_gguf_ops
+
+    assert load_gguf_ops()  # the loader builds them before any GGUF weight exists
+    fmts, k = case["fmts"], case["k"]
+    sizes = {f"s{i}": n for i, n in enumerate(case["n"])}
+    layer = Linear(k, sizes["s0"]) if len(fmts) == 1 else MergedLinear(k, sizes)
+    dense = []
+    for (name, n), fmt in zip(sizes.items(), fmts):
+        raw, w = _gguf_blocks(fmt, n, k, gen)
+        tensor = GGUFQuantizedTensor(torch.from_numpy(raw), getattr(GGMLQuantizationType, fmt.upper()),
+                                     torch.Size((n, k)))
+        layer.load("weight", tensor) if len(fmts) == 1 else layer.load_shard(name, "weight", tensor)
+        dense.append(torch.from_numpy(w))
+    layer.to(device)
+    layer.method.use_group_kernel(layer) if len(fmts) == 1 else None
+    if len(fmts) == 1 and (layer.qweight is not None or layer.group_qweight is None):
+        return "the fused weight was not repacked for the group GEMM"
+    x = torch.randn(case["m"], k, generator=gen).to(device)
+    out = layer.method._apply_gpu(layer, x, skip_bias=False)
+    return _close(out, x @ torch.cat(dense).to(device).t(), "float32")
 
 
 def _interpreter_worker() -> int:
