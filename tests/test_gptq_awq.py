@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pagellm.layers.linear import Linear, MergedLinear
+from pagellm.layers.quantization import int_group
 from pagellm.layers.quantization.int_group import (GroupQuantizedLinearMethod, GroupQuantizedWeight, _cuda_linear,
                                                    fuse_group_weights, group_count, pack_codes, perm_from_g_idx)
 from pagellm.ops import gguf_cpu
@@ -248,9 +249,10 @@ def test_tensor_parallel_parts_stay_quantized_and_add_up():
     torch.testing.assert_close(row.weight.data, permuted.dequantize()[:, 128:])
 
 
-def test_gpu_seam_falls_back_to_dequantize_then_matmul():
+def test_gpu_seam_falls_back_to_dequantize_then_matmul(monkeypatch):
     """`_cuda_linear` is the GPU entry point; without the Triton kernel it is dequantize + F.linear,
-    which any device runs (here the CPU)."""
+    which any device runs (here the CPU). With the kernel: tests/test_triton_quant_matmul.py."""
+    monkeypatch.setattr(int_group, "_triton_group_matmul", lambda: None)
     weight, codes = random_weight(12, 64, 4, 32, True, True, seed=12)
     x = torch.randn(3, 64)
     assert_matmul_close(_cuda_linear(x, weight), x, reference(weight, codes))

@@ -76,6 +76,7 @@ CPU_CASES["fp8_decode_all_256_codes"] = dict(kind="fp8_codes")
 CPU_CASES["gguf_q4_1_matmul"] = dict(kind="gguf", m=5, n=24, k=96, fmt="q4_1")
 CPU_CASES["gguf_q4_0_matmul"] = dict(kind="gguf", m=17, n=40, k=64, fmt="q4_0")
 CPU_CASES["gguf_q8_0_matmul"] = dict(kind="gguf", m=3, n=40, k=160, fmt="q8_0")
+CPU_CASES["int_group_seam_act_order_asym"] = dict(kind="int_group_seam", m=3, n=24, k=128, group=32)
 CPU_CASES["gguf_method_q4_1_fused"] = dict(kind="gguf_method", m=3, n=[40], k=96, fmts=["q4_1"])
 CPU_CASES["gguf_method_mixed_parts"] = dict(kind="gguf_method", m=2, n=[32, 8], k=64, fmts=["q4_0", "q5_0"])
 
@@ -226,6 +227,8 @@ def run_case(case: dict, device: str, seed: int = 0) -> str | None:
         return _gguf_matmul_case(case, gen, device)
     if kind == "gguf_method":
         return _gguf_method_case(case, gen, device)
+    if kind == "int_group_seam":
+        return _int_group_seam_case(case, gen, device)
     return f"unknown case kind {kind}"
 
 
@@ -282,6 +285,22 @@ def _gguf_method_case(case: dict, gen: torch.Generator, device: str) -> str | No
     x = torch.randn(case["m"], k, generator=gen).to(device)
     out = layer.method._apply_gpu(layer, x, skip_bias=False)
     return _close(out, x @ torch.cat(dense).to(device).t(), "float32")
+
+
+def _int_group_seam_case(case: dict, gen: torch.Generator, device: str) -> str | None:
+    """GPTQ/AWQ's GPU entry point (`int_group._cuda_linear`) on the group GEMM: act order and zero points."""
+    from pagellm.layers.quantization.int_group import GroupQuantizedWeight, _cuda_linear
+
+    n, k, g = case["n"], case["k"], case["group"]
+    qweight = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8)
+    scales = (torch.rand(n, k // g, generator=gen) / 10).half()
+    zeros = torch.randint(0, 16, (n, k // g), generator=gen, dtype=torch.uint8)
+    weight = GroupQuantizedWeight(4, qweight, scales, zeros, g, k, torch.randperm(k, generator=gen))
+    x = torch.randn(case["m"], k, generator=gen)
+    ref = x @ weight.dequantize().t()
+    for name in ("qweight", "scales", "zeros", "perm"):
+        setattr(weight, name, getattr(weight, name).to(device))
+    return _close(_cuda_linear(x.to(device), weight), ref.to(device), "float32")
 
 
 def _interpreter_worker() -> int:
