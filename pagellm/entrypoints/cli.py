@@ -83,6 +83,8 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Tr
         else:
             flags = [flag, *_SHORT_FLAGS.get(f.name, ())]
             parser.add_argument(*flags, type=base, default=None, help=help_text)
+    parser.add_argument("--dequantize", dest="quantization", action="store_const", const="none",
+                        help="expand every quantized weight to full precision at load (= --quantization none)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
