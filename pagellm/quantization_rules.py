@@ -7,8 +7,8 @@ the format and method objects a worker loads with.
 A safetensors checkpoint names its format in config.json's `quantization_config.quant_method`;
 a GGUF file is quantized by its tensors' block types.
 
-- auto: what the checkpoint is (GGUF blocks on the CPU, or its quant_method); a plain checkpoint
-  loads in full precision.
+- auto: what the checkpoint is (GGUF blocks — on a GPU only the types the group GEMM takes —, or
+  its quant_method); a plain checkpoint loads in full precision.
 - none: everything dequantized at load (the fp32 parity tests' reference).
 - a format name (gguf, gptq, awq, compressed-tensors, fp8): must be what the checkpoint is.
 - fp8 / int8 on a full-precision checkpoint: quantized online, at load (W8A8).
@@ -32,6 +32,7 @@ class QuantizationChoice:
     kind: str  # "none" | "gguf" | "checkpoint" | "online"
     dequantize: bool = False  # a quantized checkpoint expanded at load (--quantization none)
     config: Optional[dict] = None  # the checkpoint's quantization_config, as a dict
+    device: str = "cpu"  # where the weights compute (a GGUF file keeps fewer types off the CPU)
 
 
 def quantization_config_dict(quantization_config) -> Optional[dict]:
@@ -60,10 +61,10 @@ def choose_quantization(requested: str, source_kind: str, quantization_config=No
                              "use auto (keep them) or none (dequantize at load)")
         if requested == "none":
             return QuantizationChoice("none", "none")
-        if device != "cpu":  # the GGUF kernels are CPU kernels
-            logger.info("GGUF weights are dequantized at load on %s (the block kernels are CPU kernels)", device)
-            return QuantizationChoice("none", "none")
-        return QuantizationChoice("gguf", "gguf")
+        if device != "cpu":
+            logger.info("GGUF on %s: Q4_0/Q4_1/Q8_0 linear weights stay quantized (Triton group GEMM); other "
+                        "types, the embedding and the LM head are dequantized at load", device)
+        return QuantizationChoice("gguf", "gguf", device=device)
     method = checkpoint_quant_method(quantization_config)
     if method is None:
         if requested in ("auto", "none"):

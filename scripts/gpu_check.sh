@@ -68,7 +68,7 @@ step_gpu_tests() {  # the kernels at full shapes; compilation dominates, so case
     local workers=8
     [[ $DRY == 1 ]] && workers=2
     "$PY" -m pytest -q -ra -p no:cacheprovider -n "$workers" --timeout 100 --junitxml "$LOGS/gpu_tests.xml" \
-        tests/test_triton_attention.py
+        tests/test_triton_attention.py tests/test_triton_quant_matmul.py
 }
 
 step_engine_tests() {  # engine parity triton + graphs vs torch eager, graphs on/off, memory arithmetic, dummy load

@@ -17,7 +17,8 @@ def test_gguf_plans():
     assert plan_quantization("auto", "gguf").method == "gguf"
     assert plan_quantization("gguf", "gguf").method == "gguf"
     assert plan_quantization("none", "gguf").method == "none"
-    assert plan_quantization("auto", "gguf", device="cuda").method == "none"  # block kernels are CPU kernels
+    on_gpu = plan_quantization("auto", "gguf", device="cuda")  # the group GEMM's types only, see the loader
+    assert on_gpu.method == "gguf" and on_gpu.device == "cuda"
     with pytest.raises(ValueError, match="GGUF file is quantized by its own block types"):
         plan_quantization("gptq", "gguf")
 
@@ -94,3 +95,17 @@ def test_loader_groups_a_weights_tensors_across_shard_files(tmp_path):
     save_file({"m.proj.codes": codes.float(), "m.proj.scale": scale}, first)
     with pytest.raises(ValueError, match="toy weight m.proj: codes must be int8"):
         list(iter_quantized_safetensors([first], torch.float32, _ToyFormat()))
+
+
+def test_cli_quantization_flags():
+    from pagellm.entrypoints.cli import build_parser, engine_kwargs
+
+    def kwargs(*argv):
+        return engine_kwargs(build_parser().parse_args(["generate", *argv, "hi"]))
+
+    assert kwargs("--dequantize")["quantization"] == "none"
+    assert kwargs("--quantization", "int8")["quantization"] == "int8"
+    assert "quantization" not in kwargs()
+    with pytest.raises(ValueError, match="quantization"):
+        from pagellm.config import EngineConfig
+        EngineConfig(quantization="int3").resolve(model_max_len=64, cuda_available=False)

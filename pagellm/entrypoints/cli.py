@@ -39,8 +39,9 @@ _HELP = {
     "load_format": "auto, or dummy: random weights from config.json only (benchmarks)",
     "cpu_weight_prepack": "CPU: pack linear weights once in oneDNN's layout (faster small-batch matmuls)",
     "cpu_fused_ops": "CPU: C++ kernels for RMSNorm (+ residual add) and SiLU-and-mul",
-    "cpu_int8_activations": "CPU: GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 layers quantize decode activations to int8 per "
-                            "32-value block (integer dot products, as llama.cpp; faster, not bit-exact)",
+    "cpu_int8_activations": "CPU: GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 layers (and GPTQ/AWQ/pack-quantized ones, repacked "
+                            "into Q4_0/Q8_0) quantize decode activations to int8 per 32-value block (integer "
+                            "dot products, as llama.cpp; faster, not bit-exact)",
     "enable_expert_parallel": "MoE models: place whole experts on the tensor-parallel ranks (attention stays "
                               "tensor parallel); ignored, with a warning, for dense models",
     "data_parallel_size": "engine cores behind one server, each with its own scheduler, KV cache and tp x pp "
@@ -82,6 +83,8 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Tr
         else:
             flags = [flag, *_SHORT_FLAGS.get(f.name, ())]
             parser.add_argument(*flags, type=base, default=None, help=help_text)
+    parser.add_argument("--dequantize", dest="quantization", action="store_const", const="none",
+                        help="expand every quantized weight to full precision at load (= --quantization none)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:

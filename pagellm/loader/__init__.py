@@ -41,7 +41,7 @@ def iter_weights(source: ModelSource, dtype: torch.dtype, quantization: Union[st
     if source.kind == "gguf":
         assert source.gguf_path is not None
         keep = plan.method == "gguf"
-        return iter_gguf_weights(source.gguf_path, dtype, "auto" if keep else "none")
+        return iter_gguf_weights(source.gguf_path, dtype, "auto" if keep else "none", device=plan.device)
     if plan.checkpoint is not None:
         from pagellm.loader.quantized import iter_quantized_safetensors  # imports torch-side format code
 

@@ -305,11 +305,14 @@ _FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantiza
 QUANTIZATION_MODES = ("auto", "none")
 
 
-def iter_gguf_weights(path: str, dtype: torch.dtype, quantization: str = "none") -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gguf_weights(path: str, dtype: torch.dtype, quantization: str = "none",
+                      device: str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, tensor in `dtype`) for every parameter in a GGUF file, dequantized one at a time.
 
     quantization="auto" yields the linear weights whose type the C++ kernel computes on as
-    `GGUFQuantizedTensor`s instead (other types are dequantized, with a warning naming them).
+    `GGUFQuantizedTensor`s instead (other types are dequantized, with a warning naming them). For a
+    GPU (`device` not "cpu") only the linear weights the Triton group GEMM takes after a repack
+    (Q4_0, Q4_1, Q8_0) stay quantized; the embedding lookup and LM head kernels are CPU kernels.
 
     The file is checked and every tensor name resolved here, so a bad file fails at the call rather
     than midway through loading. The tensor table comes from our header parser rather than
@@ -330,27 +333,30 @@ def iter_gguf_weights(path: str, dtype: torch.dtype, quantization: str = "none")
     named = [(info, hf_name) for info in header.tensors if (hf_name := gguf_to_hf_name(info.name, arch))]
     if quantization not in QUANTIZATION_MODES:
         raise ValueError(f"quantization must be one of {QUANTIZATION_MODES} for a GGUF file, got {quantization!r}")
-    keep = _kept_tensors(named, path, arch) if quantization == "auto" else set()
+    keep = _kept_tensors(named, path, arch, device) if quantization == "auto" else set()
     return _dequantized_tensors(path, named, arch, n_head, n_head_kv, dtype, keep)
 
 
-def _kept_tensors(named: list[tuple[GGUFTensorInfo, str]], path: str, arch: str) -> set[str]:
+def _kept_tensors(named: list[tuple[GGUFTensorInfo, str]], path: str, arch: str, device: str = "cpu") -> set[str]:
     """The GGUF names of the weights that stay quantized; warns once per type that cannot."""
+    on_cpu = device == "cpu"
+
     def matrix(name: str) -> bool:
         return bool(_LINEAR_WEIGHT.fullmatch(name)
-                    or (arch in _QUANTIZED_EMBEDDING_ARCHS and _EMBEDDING_WEIGHT.fullmatch(name)))
+                    or (on_cpu and arch in _QUANTIZED_EMBEDDING_ARCHS and _EMBEDDING_WEIGHT.fullmatch(name)))
 
     linear = [info for info, _ in named if matrix(info.name) and info.ggml_type not in _FLOAT_TYPES]
     if linear and not load_gguf_ops():
         logger.warning("%s: no GGUF CPU kernel could be built; dequantizing every weight to full precision", path)
         return set()
-    from pagellm.layers.quantization.gguf import GGUF_KERNEL_TYPES  # not at import: front ends import the loader
+    from pagellm.layers.quantization.gguf import GGUF_GPU_KERNEL_TYPES, GGUF_KERNEL_TYPES  # front ends import the loader
 
-    others = sorted({info.ggml_type.name for info in linear if info.ggml_type not in GGUF_KERNEL_TYPES})
+    kernel_types = GGUF_KERNEL_TYPES if on_cpu else GGUF_GPU_KERNEL_TYPES
+    others = sorted({info.ggml_type.name for info in linear if info.ggml_type not in kernel_types})
     if others:
-        logger.warning("%s: ggml types %s have no quantized kernel yet; those weights are dequantized at load",
-                       path, ", ".join(others))
-    return {info.name for info in linear if info.ggml_type in GGUF_KERNEL_TYPES}
+        logger.warning("%s: ggml types %s have no quantized kernel on %s yet; those weights are dequantized at load",
+                       path, ", ".join(others), device)
+    return {info.name for info in linear if info.ggml_type in kernel_types}
 
 
 def _quantized_tensor(blob: np.ndarray, info: GGUFTensorInfo, arch: str, n_head: int | None,

@@ -35,6 +35,9 @@ GGUF_KERNEL_TYPES = frozenset({
     GGMLQuantizationType.Q5_1, GGMLQuantizationType.Q8_0,
     GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K,  # 256-value super-blocks
 })
+# On a GPU: the types `ops/gguf_repack.py` turns into the Triton group GEMM's layout (32-value groups).
+GGUF_GPU_KERNEL_TYPES = frozenset({GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0})
+GGUF_GROUP = 32
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,8 @@ class GGUFLinearMethod(LinearMethod):
     def __init__(self) -> None:
         self.shards: dict[Optional[str], SubWeight] = {}
         self.parts: list[SubWeight] = []  # set once complete, when shards cannot be fused
+        self.group_bits = 0  # on a GPU: the weight repacked for the Triton group GEMM (4 or 8 bits)
+        self.parts_placed: Optional[tuple] = None  # (device, dtype) the parts were last moved to
 
     def create_weights(self, layer: nn.Module, in_features: int, out_features: int, bias: bool) -> None:
         UnquantizedLinearMethod().create_weights(layer, in_features, out_features, bias)
@@ -141,13 +146,64 @@ class GGUFLinearMethod(LinearMethod):
             layer.qweight = None
         layer.weight = None
 
+    def process_after_loading(self, layer: nn.Module) -> None:
+        if getattr(layer, "qweight", None) is not None and layer.qweight.is_cuda:
+            self.use_group_kernel(layer)
+
+    def use_group_kernel(self, layer: nn.Module) -> None:
+        """Repacks the fused blocks into the Triton group GEMM's layout (the GPU path; the loader keeps
+        only `GGUF_GPU_KERNEL_TYPES` there); another type is dequantized to a dense weight."""
+        from pagellm.ops.gguf_repack import repack_gguf, repackable_gguf_types
+
+        if self.group_bits:
+            return
+        qweight, ggml_type = layer.qweight, layer.ggml_type
+        if ggml_type not in repackable_gguf_types():
+            logger.warning("GGUF %s weight: no GPU kernel; dequantized", GGMLQuantizationType(ggml_type).name)
+            dense = gguf_dequantize(qweight.cpu(), ggml_type, qweight.shape[0], self._in_features(layer))
+            layer.weight = nn.Parameter(dense.to(qweight.device), requires_grad=False)
+            self.parts, layer.qweight = [layer.weight], None
+            return
+        codes, scales, zeros, self.group_bits = repack_gguf(qweight, ggml_type)
+        layer.register_buffer("group_qweight", codes, persistent=False)
+        layer.register_buffer("group_scales", scales, persistent=False)
+        layer.register_buffer("group_zeros", zeros, persistent=False)
+        layer.qweight = None
+
+    @staticmethod
+    def _in_features(layer: nn.Module) -> int:
+        block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(layer.ggml_type)]
+        return layer.qweight.shape[1] // block_bytes * block
+
+    def _parts_to(self, device: torch.device, dtype: torch.dtype) -> None:
+        """GPU: the unfusable parts (kept in a list, which `.to()` does not move) as dense weights there."""
+        self.parts = [(p.dequantize() if isinstance(p, GGUFQuantizedTensor) else p).to(device, dtype)
+                      for p in self.parts]
+        self.parts_placed = (device, dtype)
+
     def apply(self, layer: nn.Module, x: torch.Tensor, skip_bias: bool = False) -> torch.Tensor:
         int8 = getattr(layer, "int8_activations", False)  # EngineConfig.cpu_int8_activations
+        if x.is_cuda:
+            return self._apply_gpu(layer, x, skip_bias)
         if self.parts:
             out = torch.cat([self._apply_part(p, x, int8) for p in self.parts], dim=-1)
         else:
             out = gguf_linear(x, layer.qweight, layer.ggml_type, layer.qweight.shape[0], int8).to(x.dtype)
         bias = None if skip_bias else getattr(layer, "bias", None)
+        return out if bias is None else out + bias
+
+    def _apply_gpu(self, layer: nn.Module, x: torch.Tensor, skip_bias: bool) -> torch.Tensor:
+        bias = None if skip_bias else getattr(layer, "bias", None)
+        if self.parts:
+            if self.parts_placed != (x.device, x.dtype):
+                self._parts_to(x.device, x.dtype)
+            out = torch.cat([F.linear(x, p) for p in self.parts], dim=-1)
+        else:
+            from pagellm.ops.triton_quant_matmul import group_matmul
+
+            self.use_group_kernel(layer)  # once; normally done after loading
+            out = group_matmul(x, layer.group_qweight, layer.group_scales, layer.group_zeros, GGUF_GROUP,
+                               self.group_bits)
         return out if bias is None else out + bias
 
     @staticmethod
@@ -158,6 +214,9 @@ class GGUFLinearMethod(LinearMethod):
 
     def weight_bytes(self, layer: nn.Module) -> int:
         """Bytes the layer's weight occupies (quantized blocks, plus any dense parts)."""
+        if self.group_bits:
+            return sum(t.numel() * t.element_size() for t in (layer.group_qweight, layer.group_scales, layer.group_zeros)
+                       if t is not None)
         if not self.parts:
             return layer.qweight.numel()
         return sum(p.nbytes if isinstance(p, GGUFQuantizedTensor) else p.numel() * p.element_size()

@@ -35,6 +35,7 @@ class QuantizationPlan:
     checkpoint: Optional[CheckpointFormat] = None  # the format the safetensors tensors are in
     online: Optional[OnlineQuantization] = None  # quantizes dense linear weights after load
     dequantize: bool = False  # expand the checkpoint's quantized weights at load
+    device: str = "cpu"  # a GGUF file keeps only the group GEMM's types on a GPU
 
     def describe(self) -> str:
         if self.dequantize:
@@ -53,4 +54,4 @@ def plan_quantization(requested: str, source_kind: str, quantization_config=None
     if choice.kind == "checkpoint":
         fmt = _load(CHECKPOINT_FORMATS[choice.method]).from_config(choice.config)
         return QuantizationPlan(choice.method, checkpoint=fmt, dequantize=choice.dequantize)
-    return QuantizationPlan(choice.method)
+    return QuantizationPlan(choice.method, device=choice.device)
