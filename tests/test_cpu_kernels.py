@@ -102,6 +102,21 @@ def test_decode_kernel_small_and_large_batches(isa, num_reqs):
     _compare(*batch, None, None, torch.float32)
 
 
+@pytest.mark.parametrize("threads", [2, 8])
+@pytest.mark.parametrize("contexts,window", [([1000], None), ([1000], 300), ([5, 700], None), ([129], None)])
+def test_decode_kernel_splits_long_contexts_of_small_batches(isa, threads, contexts, window):
+    # Fewer (request, kv head) units than two per thread: the SIMD paths split each context into
+    # parts merged after (some parts empty: the 5-token request, the window's tail).
+    gen = torch.Generator().manual_seed(len(contexts) + threads)
+    batch = _paged_batch(gen, [1] * len(contexts), contexts, 16, 9, 3, 64, torch.float32)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _compare(*batch, window, None, torch.float32)
+    finally:
+        torch.set_num_threads(saved)
+
+
 @pytest.mark.parametrize("window", [None, 24])
 def test_mixed_prefill_and_decode_step(isa, window):
     # Prompt chunks (with and without cached context) around decodes: the kernel serves only the decodes.

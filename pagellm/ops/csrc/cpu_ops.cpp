@@ -212,11 +212,35 @@ int64_t decode_isa(int64_t isa, int64_t head_dim) {
   return isa;
 }
 
+// Combines the parts of one (request, kv heads) unit written by decode_task: each part's sums
+// rescaled to the largest running max, then normalised. Empty parts (max -inf) weigh nothing.
+template <typename scalar_t>
+void merge_splits(const float* parts, int64_t splits, int64_t rows, int64_t head_dim, scalar_t* out) {
+  const int64_t stride = rows * (head_dim + 2);
+  std::vector<float> acc(head_dim);
+  for (int64_t r = 0; r < rows; ++r) {
+    float top = -INFINITY;
+    for (int64_t s = 0; s < splits; ++s) top = std::max(top, parts[s * stride + r]);
+    float total = 0.f;
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t s = 0; s < splits; ++s) {
+      const float* part = parts + s * stride;
+      if (part[r] == -INFINITY) continue;
+      const float w = std::exp(part[r] - top);
+      total += w * part[rows + r];
+      const float* part_acc = part + 2 * rows + r * head_dim;
+      for (int64_t i = 0; i < head_dim; ++i) acc[i] += w * part_acc[i];
+    }
+    const float inv = total > 0.f ? 1.f / total : 0.f;  // an empty context gives zeros
+    for (int64_t i = 0; i < head_dim; ++i) out[r * head_dim + i] = static_cast<scalar_t>(acc[i] * inv);
+  }
+}
+
 template <typename scalar_t>
 void decode_attention_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                              const at::Tensor& v_cache, const at::Tensor& block_tables,
                              const at::Tensor& seq_lens, double scale, int64_t sliding_window,
-                             double logit_softcap, int64_t isa) {
+                             double logit_softcap, int64_t isa, int64_t longest) {
   const int64_t batch = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
   const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
   const int64_t group = num_heads / num_kv_heads;
@@ -231,26 +255,45 @@ void decode_attention_kernel(at::Tensor& out, const at::Tensor& q, const at::Ten
   // row is read as one contiguous run: reading one head's slice per task made the hardware
   // prefetcher fetch the other heads' bytes too (3x the memory traffic at 3 kv heads). Small
   // batches split by head so every thread has work.
-  const int64_t heads_per_task = batch >= 2 * at::get_num_threads() ? num_kv_heads : 1;
+  const int64_t threads = at::get_num_threads();
+  const int64_t heads_per_task = batch >= 2 * threads ? num_kv_heads : 1;
   const int64_t tasks_per_request = num_kv_heads / heads_per_task;
   const int64_t rows = heads_per_task * group;  // query heads of a task
-  at::parallel_for(0, batch * tasks_per_request, 1, [&](int64_t begin, int64_t end) {
+  const int64_t units = batch * tasks_per_request;
+  // Fewer (request, kv head) units than two per thread (batch 1: as many as kv heads) leave
+  // threads idle or unevenly loaded: the SIMD paths then also split each context into parts of
+  // at least kMinSplitTokens, merged after (flash-decoding's split-KV).
+  constexpr int64_t kMinSplitTokens = 64;
+  const int64_t splits = isa == kScalar || units == 0
+                             ? 1
+                             : std::max<int64_t>(1, std::min((2 * threads + units - 1) / units,
+                                                             longest / kMinSplitTokens));
+  std::vector<float> partials(splits > 1 ? units * splits * rows * (head_dim + 2) : 0);
+  at::parallel_for(0, units * splits, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> work(2 * rows * head_dim + 2 * rows), scores;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / tasks_per_request, kv_head0 = (task % tasks_per_request) * heads_per_task;
+      const int64_t unit = task / splits, split = task % splits;
+      const int64_t b = unit / tasks_per_request, kv_head0 = (unit % tasks_per_request) * heads_per_task;
+      float* partial = splits > 1 ? partials.data() + task * rows * (head_dim + 2) : nullptr;
 #if PAGELLM_X86
       if (isa == kAvx512) {
-        avx512_path::decode_task(args, b, kv_head0, heads_per_task, work.data());
+        avx512_path::decode_task(args, b, kv_head0, heads_per_task, work.data(), split, splits, partial);
         continue;
       }
       if (isa == kAvx2) {
-        avx2_path::decode_task(args, b, kv_head0, heads_per_task, work.data());
+        avx2_path::decode_task(args, b, kv_head0, heads_per_task, work.data(), split, splits, partial);
         continue;
       }
 #endif
       scalar_path::decode_task(args, b, kv_head0, heads_per_task, work.data(), scores);
     }
   });
+  // Serial: a few thousand multiply-adds at most, less than a second fork/join would cost.
+  for (int64_t unit = 0; splits > 1 && unit < units; ++unit) {
+    const int64_t b = unit / tasks_per_request, kv_head0 = (unit % tasks_per_request) * heads_per_task;
+    merge_splits(partials.data() + unit * splits * rows * (head_dim + 2), splits, rows, head_dim,
+                 args.out + (b * num_heads + kv_head0 * group) * head_dim);
+  }
 }
 
 void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache,
@@ -271,16 +314,17 @@ void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tenso
               "block_tables must be a contiguous int32 [batch, max_blocks] tensor");
   TORCH_CHECK(seq_lens.scalar_type() == at::kInt && seq_lens.numel() == q.size(0) && seq_lens.is_contiguous(),
               "seq_lens must be a contiguous int32 [batch] tensor");
+  int64_t longest = 0;
   if (seq_lens.numel() > 0) {
     // The kernel reads table entries up to each length without further checks.
-    const int64_t longest = seq_lens.max().item<int64_t>();
+    longest = seq_lens.max().item<int64_t>();
     TORCH_CHECK(longest <= block_tables.size(1) * k_cache.size(1),
                 "a seq_len (", longest, ") is longer than its block table covers");
   }
   const int64_t isa = decode_isa(pagellm_isa::active_isa(), q.size(2));
   DISPATCH_MODEL_DTYPES(q.scalar_type(), "paged_decode_attention", [&] {
     decode_attention_kernel<scalar_t>(out, q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window,
-                                      logit_softcap, isa);
+                                      logit_softcap, isa, longest);
   });
 }
 

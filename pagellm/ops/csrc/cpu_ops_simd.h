@@ -14,12 +14,19 @@ constexpr int64_t kW = Vec::W;
 // online softmax (running max and sum per query head), and V rows accumulated with FMAs. K and V
 // rows of a tile are read once each, straight from the paged cache. head_dim % kW == 0.
 // work: 2 * rows * head_dim + 2 * rows floats, rows = heads * group.
+//
+// With splits > 1 the task covers part `split` of the context (a multiple of the tile) and
+// leaves its unnormalised state in `partial` (run max, run sum, then acc: rows * (head_dim + 2)
+// floats) for merge_splits; otherwise it writes the output rows.
 template <typename scalar_t>
-SIMD_FN void decode_task(const DecodeArgs<scalar_t>& a, int64_t b, int64_t kv_head0, int64_t heads, float* work) {
+SIMD_FN void decode_task(const DecodeArgs<scalar_t>& a, int64_t b, int64_t kv_head0, int64_t heads, float* work,
+                         int64_t split = 0, int64_t splits = 1, float* partial = nullptr) {
   constexpr int kTile = 8;
   const int64_t D = a.head_dim, rows = heads * a.group;
-  const int64_t len = a.lens[b];
-  const int64_t first = a.sliding_window > 0 ? std::max<int64_t>(0, len - a.sliding_window) : 0;
+  const int64_t window_start = a.sliding_window > 0 ? std::max<int64_t>(0, a.lens[b] - a.sliding_window) : 0;
+  const int64_t part = (std::max<int64_t>(a.lens[b] - window_start, 0) + splits * kTile - 1) / (splits * kTile) * kTile;
+  const int64_t first = std::min<int64_t>(window_start + split * part, a.lens[b]);
+  const int64_t len = std::min<int64_t>(first + part, a.lens[b]);
   float* query = work;
   float* acc = query + rows * D;
   float* run_max = acc + rows * D;
@@ -93,6 +100,12 @@ SIMD_FN void decode_task(const DecodeArgs<scalar_t>& a, int64_t b, int64_t kv_he
     }
   }
 
+  if (partial != nullptr) {
+    std::copy(run_max, run_max + rows, partial);
+    std::copy(run_sum, run_sum + rows, partial + rows);
+    std::copy(acc, acc + rows * D, partial + 2 * rows);
+    return;
+  }
   scalar_t* o_row = a.out + (b * a.num_heads + kv_head0 * a.group) * D;
   for (int64_t r = 0; r < rows; ++r) {
     const R inv = Vec::set1(run_sum[r] > 0.f ? 1.f / run_sum[r] : 0.f);  // an empty context gives zeros
