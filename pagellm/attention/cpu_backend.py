@@ -17,7 +17,10 @@ class CpuAttentionBackend(TorchAttentionBackend):
     name = "cpu"
 
     def _decode(self, q, k_cache, v_cache, md: AttentionMetadata, scale, sliding_window, logit_softcap,
-                out) -> None:
+                out, kv_quant=None) -> None:
+        if kv_quant is not None:
+            super()._decode(q, k_cache, v_cache, md, scale, sliding_window, logit_softcap, out, kv_quant)
+            return
         idx = md.decode_indices
         if len(idx) == md.num_reqs and q.is_contiguous() and out.is_contiguous():
             # A pure decode step: token i belongs to request i, so the kernel works in place.
