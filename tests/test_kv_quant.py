@@ -244,4 +244,57 @@ def test_checkpoint_kv_scales_are_loaded(tmp_path):
 
 
 # -- the C++ CPU decode kernels ---------------------------------------------------------------
+KERNEL_TOL = {torch.float32: dict(atol=2e-5, rtol=1e-5), torch.bfloat16: dict(atol=1.5e-2, rtol=1e-2)}
+CPU_CASES = {
+    "decode_gqa4_d64_bs16": dict(lens=DECODES, hq=8, hkv=2, d=64, bs=16),
+    "decode_gqa1_d80_bs8": dict(lens=DECODES, hq=3, hkv=3, d=80, bs=8),  # head_dim not a multiple of 16
+    "mixed_gqa8_d64_bs16": dict(lens=MIXED, hq=8, hkv=1, d=64, bs=16),
+    "big_batch_d32": dict(lens=[(1, 5 + 7 * i) for i in range(12)], hq=4, hkv=2, d=32, bs=16),  # whole-token tasks
+    "window_softcap": dict(lens=DECODES, hq=4, hkv=2, d=64, bs=16, window=24, softcap=5.0),
+}
+
+
+def cpu_isas() -> list[str]:
+    from pagellm.ops.kv_quant_cpu import load_kv_quant_ops
+
+    if not load_kv_quant_ops():
+        pytest.fail("the quantized-KV C++ kernels did not build")
+    with open("/proc/cpuinfo") as f:
+        has_avx2 = " avx2" in f.read()
+    return ["scalar", "avx2"] if has_avx2 else ["scalar"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["fp8", "int8"])
+def test_cpu_kernels_match_the_torch_backend(kind, dtype, monkeypatch):
+    from pagellm.attention.cpu_backend import CpuAttentionBackend
+    from pagellm.ops.kv_quant_cpu import active_isa
+
+    for isa in cpu_isas():
+        monkeypatch.setenv("PAGELLM_CPU_ISA", isa)
+        assert active_isa() == isa
+        for seed, (name, case) in enumerate(CPU_CASES.items()):
+            q, k, v, cache, md = make_case(case["lens"], case["hq"], case["hkv"], case["d"], case["bs"], seed, dtype)
+            window, softcap = case.get("window"), case.get("softcap")
+            qcache, quant = quantized_copy(cache, kind, k_scale=0.75, v_scale=1.25)
+            ref_cache, ref_quant = qcache.clone(), KVQuant(kind, 0.75, 1.25, None if quant.scales is None
+                                                              else quant.scales.clone())
+            scale = case["d"] ** -0.5
+            ref = TorchAttentionBackend().forward(q, k, v, ref_cache, md, scale, window, softcap, kv_quant=ref_quant)
+            out = CpuAttentionBackend().forward(q, k, v, qcache, md, scale, window, softcap, kv_quant=quant)
+            torch.testing.assert_close(out.float(), ref.float(), **KERNEL_TOL[dtype], msg=lambda m: f"{isa} {name}: {m}")
+
+
+def test_cpu_kernel_rejects_bad_tables():
+    from pagellm.ops.kv_quant_cpu import quantized_decode_attention
+
+    cpu_isas()
+    q, k, v, cache, md = make_case(DECODES, 4, 2, 32, 16)
+    qcache, quant = quantized_copy(cache, "int8")
+    tables = md.block_tables.clone()
+    tables[0, 0] = qcache.shape[1]  # one past the last block
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        quantized_decode_attention(torch.empty_like(q), q, qcache[0], qcache[1], tables, md.seq_lens_tensor, 0.1,
+                                   None, None, quant)
+
 # -- Triton (interpreter) ---------------------------------------------------------------------
