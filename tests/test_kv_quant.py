@@ -200,12 +200,12 @@ def test_engine_capacity_fp8_is_4x_fp32_on_the_cpu(tiny_llama, auto_outputs):
     assert layer_cache.dtype == torch.float8_e4m3fn
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
 @pytest.mark.parametrize("kv_cache_dtype", ["fp8", "int8"])
-def test_engine_greedy_matches_unquantized_up_to_near_ties(tiny_llama, auto_outputs, backend, kv_cache_dtype):
-    llm = make_llm(tiny_llama, kv_cache_dtype=kv_cache_dtype, attention_backend=backend,
-                   max_num_batched_tokens=32)  # chunked prefill: chunks read the quantized context
-    assert llm.llm_engine.core.runner.backend.name == backend
+def test_engine_greedy_matches_unquantized_up_to_near_ties(tiny_llama, auto_outputs, kv_cache_dtype):
+    # The cpu backend: C++ decodes, the torch reference's prompt path (chunked prefill: chunks read
+    # the quantized context); the reference engine runs the torch backend on an fp32 cache.
+    llm = make_llm(tiny_llama, kv_cache_dtype=kv_cache_dtype, attention_backend="cpu", max_num_batched_tokens=32)
+    assert llm.llm_engine.core.runner.backend.name == "cpu"
     got = generate(llm)
     assert_engines_near_tie(got, auto_outputs[0], max_near_ties=len(PROMPTS))
 
@@ -298,3 +298,104 @@ def test_cpu_kernel_rejects_bad_tables():
                                    None, None, quant)
 
 # -- Triton (interpreter) ---------------------------------------------------------------------
+# Small shapes for the interpreter. TRITON_INTERPRET is read when triton is first imported, so the
+# cases run in a child process (this file as a script), as in test_triton_attention.py.
+TRITON_CASES = {
+    "mixed_fp32_gqa4_bs16_d64": dict(lens=[(1, 40), (5, 18), (20, 50), (1, 1)], hq=8, hkv=2, d=64, bs=16),
+    "mixed_bf16_gqa8_bs16_d32": dict(lens=[(1, 40), (9, 30), (1, 17)], hq=8, hkv=1, d=32, bs=16,
+                                     dtype="bfloat16"),
+    "split_window_softcap_fp32": dict(lens=[(1, 90), (1, 18), (1, 70)], hq=4, hkv=2, d=32, bs=16, splits=4,
+                                      window=40, softcap=5.0),
+    "padding_fp32": dict(lens=[(1, 33), (1, 9)], hq=4, hkv=1, d=32, bs=16, pad=2),
+}
+TRITON_TOL = {"float32": dict(atol=1e-3, rtol=0.0), "bfloat16": dict(atol=1.5e-2, rtol=1e-2)}
+
+
+def run_triton_case(case: dict, kind: str, seed: int = 0) -> str | None:
+    """Triton write + attention on a quantized cache vs the torch backend on the same one; None when they agree."""
+    from pagellm.attention.triton_reshape_and_cache import reshape_and_cache_quantized
+    from pagellm.attention.triton_unified_attention import unified_attention
+
+    dtype = getattr(torch, case.get("dtype", "float32"))
+    q, k, v, cache, md = make_case(case["lens"], case["hq"], case["hkv"], case["d"], case["bs"], seed, dtype)
+    qcache, quant = quantized_copy(cache, kind, k_scale=0.5, v_scale=1.5)
+    ref_cache = qcache.clone()
+    ref_quant = KVQuant(kind, 0.5, 1.5, None if quant.scales is None else quant.scales.clone())
+    window, softcap, scale = case.get("window"), case.get("softcap"), case["d"] ** -0.5
+    ref = TorchAttentionBackend().forward(q, k, v, ref_cache, md, scale, window, softcap, kv_quant=ref_quant)
+    # Padding rows as a CUDA graph adds them: one query token, slot -1, sequence length 0.
+    pad, t = case.get("pad", 0), q.shape[0]
+    qsl = md.query_start_loc + [t + i + 1 for i in range(pad)]
+    seq_lens = md.seq_lens + [0] * pad
+    slots = torch.cat([md.slot_mapping, torch.full((pad,), -1, dtype=torch.long)])
+    tables = torch.cat([md.block_tables, torch.zeros((pad, md.block_tables.shape[1]), dtype=torch.int32)])
+    q_in, k_in, v_in = (torch.cat([x, torch.randn(pad, *x.shape[1:]).to(dtype)]) for x in (q, k, v))
+    reshape_and_cache_quantized(k_in, v_in, qcache[0], qcache[1], slots, quant)
+    # Compared as values: the interpreter writes fp8 -0.0 as +0.0 (they dequantize the same).
+    if not torch.equal(qcache.float(), ref_cache.float()):
+        return "reshape_and_cache_quantized wrote different values than the torch backend"
+    if kind == "int8" and not torch.equal(quant.scales, ref_quant.scales):
+        return "reshape_and_cache_quantized wrote different int8 scales than the torch backend"
+    out = torch.full_like(q_in, float("nan"))
+    unified_attention(q_in, qcache[0], qcache[1], out, torch.tensor(qsl, dtype=torch.int32),
+                      torch.tensor(seq_lens, dtype=torch.int32), tables, max(md.query_start_loc[i + 1] -
+                      md.query_start_loc[i] for i in range(md.num_reqs)), max(seq_lens), scale, window, softcap,
+                      num_splits=case.get("splits"), kv_quant=quant)
+    if pad and not torch.equal(out[t:], torch.zeros_like(out[t:])):
+        return "padding rows (sequence length 0) should come out as zeros"
+    try:
+        torch.testing.assert_close(out[:t].float(), ref.float(), **TRITON_TOL[case.get("dtype", "float32")])
+    except AssertionError as exc:
+        return str(exc)
+    return None
+
+
+def _interpreter_worker() -> int:
+    import triton.runtime.interpreter as interpreter
+
+    from pagellm.attention.triton_unified_attention import _unified_attention_kernel
+
+    results: dict[str, str | None] = {"interpreter_active": None}
+    if not isinstance(_unified_attention_kernel, interpreter.InterpretedFunction):
+        results["interpreter_active"] = "the kernels were compiled, not interpreted: TRITON_INTERPRET was not honoured"
+    for kind in ("fp8", "int8"):
+        for seed, (name, case) in enumerate(TRITON_CASES.items()):
+            results[f"{kind}_{name}"] = run_triton_case(case, kind, seed)
+    print(json.dumps(results))
+    return 0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def interpreter_process():
+    """The interpreter cases, started with the module's first test so they run beside the others."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        yield None
+        return
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--interpreter"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def interpreter_results(interpreter_process) -> dict:
+    if interpreter_process is None:
+        pytest.skip("triton is not installed")
+    stdout, stderr = interpreter_process.communicate(timeout=240)
+    assert interpreter_process.returncode == 0, stderr[-3000:]
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", ["interpreter_active"] + [f"{kind}_{name}" for kind in ("fp8", "int8")
+                                                           for name in TRITON_CASES])
+def test_triton_kernels_match_the_torch_backend(interpreter_results, name):
+    assert interpreter_results[name] is None, interpreter_results[name]
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--interpreter"]:
+    sys.exit(_interpreter_worker())
