@@ -301,12 +301,12 @@ def test_cpu_kernel_rejects_bad_tables():
 # Small shapes for the interpreter. TRITON_INTERPRET is read when triton is first imported, so the
 # cases run in a child process (this file as a script), as in test_triton_attention.py.
 TRITON_CASES = {
-    "mixed_fp32_gqa4_bs16_d64": dict(lens=[(1, 40), (5, 18), (20, 50), (1, 1)], hq=8, hkv=2, d=64, bs=16),
+    "mixed_padded_fp32_gqa4_bs16_d64": dict(lens=[(1, 40), (5, 18), (20, 50), (1, 1)], hq=8, hkv=2, d=64, bs=16,
+                                            pad=2),
     "mixed_bf16_gqa8_bs16_d32": dict(lens=[(1, 40), (9, 30), (1, 17)], hq=8, hkv=1, d=32, bs=16,
                                      dtype="bfloat16"),
     "split_window_softcap_fp32": dict(lens=[(1, 90), (1, 18), (1, 70)], hq=4, hkv=2, d=32, bs=16, splits=4,
                                       window=40, softcap=5.0),
-    "padding_fp32": dict(lens=[(1, 33), (1, 9)], hq=4, hkv=1, d=32, bs=16, pad=2),
 }
 TRITON_TOL = {"float32": dict(atol=1e-3, rtol=0.0), "bfloat16": dict(atol=1.5e-2, rtol=1e-2)}
 

@@ -133,6 +133,9 @@ def reshape_and_cache_quantized(k: torch.Tensor, v: torch.Tensor, k_cache: torch
         raise ValueError("reshape_and_cache needs the head dimension contiguous in k, v and the cache")
     if k_cache.stride() != v_cache.stride():
         raise ValueError("K and V caches must share one layout")
+    if kv_quant.kind == "fp8" and k_cache.is_cuda and torch.cuda.get_device_capability(k_cache.device) < (8, 9):
+        raise ValueError("EngineConfig.kv_cache_dtype: 'fp8' with the Triton backend needs a GPU with fp8 "
+                         "conversions (compute capability 8.9+); use kv_cache_dtype='int8'")
     int8 = kv_quant.kind == "int8"
     if int8:
         scales = kv_quant.scales
