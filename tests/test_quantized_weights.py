@@ -19,7 +19,7 @@ from pagellm.layers.quantization import GGUF_KERNEL_TYPES, GGUFLinearMethod, GGU
 from pagellm.loader import iter_weights, resolve_model
 from pagellm.loader.gguf import read_gguf_header
 from pagellm.ops import gguf_cpu
-from tests.conftest import assert_top5_near_ties, hf_greedy
+from tests.conftest import assert_engines_near_tie, assert_top5_near_ties, hf_greedy
 from tests.test_loader import tiny_model_for, write_gguf
 from tests.test_smollm_parity import MAX_NEW, PROMPTS
 
@@ -273,3 +273,66 @@ def test_smollm2_resident_weight_bytes(smollm_llm, smollm_path):
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"quantized weights: {resident / 2**20:.1f} MiB resident vs {on_disk / 2**20:.1f} MiB on disk; "
           f"all model tensors {total / 2**20:.1f} MiB; peak RSS of this test process {rss:.0f} MiB (pid {os.getpid()})")
+
+
+# ---------------------------------------------------------------------------------------------
+# int8 activations (--cpu-int8-activations): x quantized per 32-value block, integer dot products
+# ---------------------------------------------------------------------------------------------
+
+INT8_ACT_TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0]
+
+
+def int8_blocks_of(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernel sees it: each 32-value block scaled by amax/127 and rounded half to even."""
+    blocks = x.double().reshape(x.shape[0], -1, 32)
+    d = (blocks.abs().amax(-1, keepdim=True) / 127).float().double()
+    q = torch.where(d > 0, torch.round(blocks / torch.where(d > 0, d, 1)), 0)
+    return (q * d).reshape(x.shape)
+
+
+@pytest.mark.parametrize("ggml_type", INT8_ACT_TYPES, ids=lambda t: t.name)
+def test_int8_activation_linear_matches_its_reference(isa, ggml_type):
+    for rows in (1, 3, 8):
+        for n, k in ((1, 32), (7, 96), (33, 256)):
+            blocks = random_blocks(ggml_type, n, k, seed=rows * 100 + n)
+            w = dequantize(blocks, ggml_type).reshape(n, k)
+            x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows * 7 + k))
+            out = gguf_cpu.gguf_linear(x, torch.from_numpy(blocks), int(ggml_type), n, int8_activations=True)
+            assert_matmul_close(out, int8_blocks_of(x).float(), w)
+            exact = gguf_cpu.gguf_linear(x, torch.from_numpy(blocks), int(ggml_type), n)
+            assert not torch.equal(out, exact) or n == 1  # the switch really changes the arithmetic
+    # Above 8 rows (prefill) the exact float path runs whatever the switch says.
+    blocks = random_blocks(ggml_type, 9, 64, seed=3)
+    x = torch.randn(9, 64)
+    assert torch.equal(gguf_cpu.gguf_linear(x, torch.from_numpy(blocks), int(ggml_type), 9, int8_activations=True),
+                       gguf_cpu.gguf_linear(x, torch.from_numpy(blocks), int(ggml_type), 9))
+
+
+HELD_TEXT = ("The river rose slowly through the night, and by morning the low fields along its banks were under "
+             "water. Farmers moved their animals to the hills, while the town council met to decide whether the old "
+             "bridge could still carry the weight of the trucks bringing sand for the levees.")
+
+
+def _prompt_nll(llm, text: str) -> float:
+    ids = llm.get_tokenizer()(text).input_ids
+    out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)[0]
+    return -sum(step[tid].logprob for step, tid in zip(out.prompt_logprobs[1:], ids[1:])) / (len(ids) - 1)
+
+
+@pytest.mark.slow
+def test_smollm2_int8_activations_near_ties_and_perplexity(smollm_llm, smollm_path):
+    """int8 activations trade exactness for speed: at each prompt's first divergence from the exact
+    kernels' greedy tokens, each side's token is in the other's top 5, and perplexity on a held text within 1%. A batch of 8 tokens per step keeps the
+    prompt in int8-sized chunks, so the prompt's logprobs go through the int8 path too."""
+    int8 = LLM(smollm_path, max_model_len=1024, kv_cache_memory=96 << 20, quiet=True, cpu_int8_activations=True,
+               max_num_batched_tokens=8, enable_prefix_caching=False)
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, logprobs=5)
+    got = int8.generate(PROMPTS, params, use_tqdm=False)
+    ref = smollm_llm.generate(PROMPTS, params, use_tqdm=False)
+    assert_engines_near_tie(got, ref, max_near_ties=len(PROMPTS))  # top-5 both ways at each first divergence
+    first = [next(iter(o.outputs[0].logprobs[0].values())).logprob for o in (got[0], ref[0])]
+    assert first[0] != first[1]  # the int8 path really ran
+    nll_int8, nll_exact = _prompt_nll(int8, HELD_TEXT), _prompt_nll(smollm_llm, HELD_TEXT)
+    ratio = float(np.exp(nll_int8 - nll_exact))
+    print(f"perplexity exact {np.exp(nll_exact):.3f}, int8 activations {np.exp(nll_int8):.3f} (ratio {ratio:.4f})")
+    assert abs(ratio - 1) < 0.01 and nll_int8 != nll_exact

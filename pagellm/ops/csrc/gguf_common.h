@@ -39,6 +39,16 @@ inline int64_t supported_isas() {  // bit i set: Isa i runs on this CPU
   return mask;
 }
 
+// AVX-512 VNNI (`vpdpbusd`: u8 x s8 dot products of 4 summed into int32), Cascade Lake and later.
+inline bool cpu_has_avx512_vnni() {
+#if PAGELLM_X86
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
 // The best path the CPU has, or the one PAGELLM_CPU_ISA names (read per call, so tests can switch).
 inline int64_t active_isa() {
   const int64_t mask = supported_isas();
