@@ -285,6 +285,24 @@ def test_cpu_kernels_match_the_torch_backend(kind, dtype, monkeypatch):
             torch.testing.assert_close(out.float(), ref.float(), **KERNEL_TOL[dtype], msg=lambda m: f"{isa} {name}: {m}")
 
 
+def test_cpu_kernel_decodes_every_fp8_value_exactly(monkeypatch):
+    """One token per request, so attention returns its V row: every non-NaN e4m3 byte, times v_scale."""
+    from pagellm.ops.kv_quant_cpu import quantized_decode_attention
+
+    isas = cpu_isas()
+    values = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8)
+    n = values.numel()
+    # 11 lanes: the AVX2 loop (8) and its scalar tail (3).
+    cache = values.view(torch.float8_e4m3fn).reshape(n, 1, 1, 1).expand(n, 1, 1, 11).contiguous()
+    q = torch.zeros(n, 1, 11)
+    for isa in isas:
+        monkeypatch.setenv("PAGELLM_CPU_ISA", isa)
+        out = torch.empty_like(q)
+        quantized_decode_attention(out, q, cache, cache, torch.arange(n, dtype=torch.int32).reshape(n, 1),
+                                   torch.ones(n, dtype=torch.int32), 1.0, None, None, KVQuant("fp8", 1.0, 0.37))
+        assert torch.equal(out[:, 0], cache[:, 0, 0].float() * 0.37), isa
+
+
 def test_cpu_kernel_rejects_bad_tables():
     from pagellm.ops.kv_quant_cpu import quantized_decode_attention
 
