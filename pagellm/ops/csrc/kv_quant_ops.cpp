@@ -111,6 +111,19 @@ void axpy_scalar(float alpha, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
+// All query heads of a task against one token's dequantized K heads (query head r reads kv head
+// r / group): dst[r * stride] = q_r . k. One call per token, so the per-head work inlines.
+void scores_scalar(const float* query, const float* kv, int64_t rows, int64_t group, int64_t head_dim, float* dst,
+                   int64_t stride) {
+  for (int64_t r = 0; r < rows; ++r) dst[r * stride] = dot_scalar(query + r * head_dim, kv + (r / group) * head_dim, head_dim);
+}
+
+// acc_r += p[r * stride] * v (v: the token's dequantized V heads).
+void accumulate_scalar(const float* p, int64_t stride, const float* kv, int64_t rows, int64_t group, int64_t head_dim,
+                       float* acc) {
+  for (int64_t r = 0; r < rows; ++r) axpy_scalar(p[r * stride], kv + (r / group) * head_dim, acc + r * head_dim, head_dim);
+}
+
 #if PAGELLM_KVQ_X86
 __attribute__((target("avx2,fma"))) void fp8_row_avx2(const uint8_t* src, float scale, float* dst, int64_t n) {
   const float* table = fp8_table();
@@ -150,20 +163,30 @@ __attribute__((target("avx2,fma"))) void axpy_avx2(float alpha, const float* x, 
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(a, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
   for (; i < n; ++i) y[i] += alpha * x[i];
 }
+
+__attribute__((target("avx2,fma"))) void scores_avx2(const float* query, const float* kv, int64_t rows, int64_t group,
+                                                     int64_t head_dim, float* dst, int64_t stride) {
+  for (int64_t r = 0; r < rows; ++r) dst[r * stride] = dot_avx2(query + r * head_dim, kv + (r / group) * head_dim, head_dim);
+}
+
+__attribute__((target("avx2,fma"))) void accumulate_avx2(const float* p, int64_t stride, const float* kv, int64_t rows,
+                                                         int64_t group, int64_t head_dim, float* acc) {
+  for (int64_t r = 0; r < rows; ++r) axpy_avx2(p[r * stride], kv + (r / group) * head_dim, acc + r * head_dim, head_dim);
+}
 #endif
 
 struct RowOps {
   void (*fp8_row)(const uint8_t*, float, float*, int64_t);
   void (*int8_row)(const int8_t*, float, float*, int64_t);
-  float (*dot)(const float*, const float*, int64_t);
-  void (*axpy)(float, const float*, float*, int64_t);
+  void (*scores)(const float*, const float*, int64_t, int64_t, int64_t, float*, int64_t);
+  void (*accumulate)(const float*, int64_t, const float*, int64_t, int64_t, int64_t, float*);
 };
 
 RowOps row_ops(int64_t isa) {
 #if PAGELLM_KVQ_X86
-  if (isa == kAvx2) return {fp8_row_avx2, int8_row_avx2, dot_avx2, axpy_avx2};
+  if (isa == kAvx2) return {fp8_row_avx2, int8_row_avx2, scores_avx2, accumulate_avx2};
 #endif
-  return {fp8_row_scalar, int8_row_scalar, dot_scalar, axpy_scalar};
+  return {fp8_row_scalar, int8_row_scalar, scores_scalar, accumulate_scalar};
 }
 
 // Token `slot` (block * block_size + offset), heads [head0, head0 + heads) -> dst (heads * head_dim floats).
@@ -220,20 +243,17 @@ void quant_decode_kernel(at::Tensor& out, const at::Tensor& q, const QuantRows& 
       for (int64_t t = first; t < len; ++t) {
         const int64_t slot = static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size;
         dequantize_token(ops, k_rows, slot, num_kv_heads, head0, heads_per_task, head_dim, kv.data());
-        for (int64_t r = 0; r < rows; ++r) {  // query head r reads kv head r / group
-          float s = ops.dot(query.data() + r * head_dim, kv.data() + (r / group) * head_dim, head_dim);
-          if (softcap > 0.f) s = softcap * std::tanh(s / softcap);
-          scores[r * n + (t - first)] = s;
-        }
+        float* column = scores.data() + (t - first);  // row r's score for token t: column[r * n]
+        ops.scores(query.data(), kv.data(), rows, group, head_dim, column, n);
+        if (softcap > 0.f)
+          for (int64_t r = 0; r < rows; ++r) column[r * n] = softcap * std::tanh(column[r * n] / softcap);
       }
       for (int64_t r = 0; r < rows; ++r) softmax_inplace(scores.data() + r * n, n);
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = first; t < len; ++t) {
         const int64_t slot = static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size;
         dequantize_token(ops, v_rows, slot, num_kv_heads, head0, heads_per_task, head_dim, kv.data());
-        for (int64_t r = 0; r < rows; ++r)
-          ops.axpy(scores[r * n + (t - first)], kv.data() + (r / group) * head_dim, acc.data() + r * head_dim,
-                   head_dim);
+        ops.accumulate(scores.data() + (t - first), n, kv.data(), rows, group, head_dim, acc.data());
       }
       scalar_t* o_row = out_ptr + (b * num_heads + head0 * group) * head_dim;
       for (int64_t i = 0; i < rows * head_dim; ++i) o_row[i] = static_cast<scalar_t>(acc[i]);
