@@ -20,6 +20,8 @@ _SCHEDULING_POLICIES = ("fcfs", "priority")
 # fp8 / int8 on a full-precision checkpoint: online W8A8 (pagellm/layers/quantization/registry.py)
 _QUANTIZATION = ("auto", "none", "gguf", "gptq", "awq", "compressed-tensors", "fp8", "int8")
 _EXECUTOR_BACKENDS = ("auto", "uni", "mp", "ray")
+# auto: the model dtype; fp8 (= fp8_e4m3): e4m3 values with a per-layer scale; int8: per token-head scales
+_KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "int8")
 
 DEFAULT_KV_CACHE_MEMORY = 1 << 30  # 1 GiB of KV cache on the CPU unless told otherwise
 DEFAULT_MAX_MODEL_LEN_CAP = 8192  # a model claiming 128k context should not get a 128k default on the CPU
@@ -36,6 +38,7 @@ class EngineConfig:
     max_model_len: Optional[int] = None  # None: the model's own limit (capped at 8192)
     block_size: int = 16
     kv_cache_memory: Optional[int] = None  # bytes of KV cache (CPU); None: 1 GiB
+    kv_cache_dtype: str = "auto"  # auto: the model dtype; fp8 / fp8_e4m3 / int8: quantized cache (more tokens)
     gpu_memory_utilization: float = 0.9  # fraction of GPU memory for weights + activations + KV (CUDA)
     max_num_seqs: int = 128
     max_num_batched_tokens: Optional[int] = None  # None: 2048 with chunked prefill, else max_model_len
@@ -75,6 +78,8 @@ class EngineConfig:
             bad("scheduling_policy", f"must be one of {_SCHEDULING_POLICIES}")
         if self.quantization not in _QUANTIZATION:
             bad("quantization", f"must be one of {_QUANTIZATION}")
+        if self.kv_cache_dtype not in _KV_CACHE_DTYPES:
+            bad("kv_cache_dtype", f"must be one of {_KV_CACHE_DTYPES}")
         if self.load_format not in _LOAD_FORMATS:
             bad("load_format", f"must be one of {_LOAD_FORMATS}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):

@@ -69,8 +69,9 @@ class AttentionBackend(abc.ABC):
     @abc.abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 metadata: AttentionMetadata, scale: float, sliding_window: int | None = None,
-                logit_softcap: float | None = None) -> torch.Tensor:
-        """q: [T, Hq, D]; k, v: [T, Hkv, D]. Writes k/v into the cache by slot, returns [T, Hq, D]."""
+                logit_softcap: float | None = None, kv_quant=None) -> torch.Tensor:
+        """q: [T, Hq, D]; k, v: [T, Hkv, D]. Writes k/v into the cache by slot, returns [T, Hq, D].
+        `kv_quant` (a `kv_quant.KVQuant`): the cache is quantized; writes quantize, reads dequantize."""
 
 
 def flat_positions(query_lens: torch.Tensor, context_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from pagellm.attention.backend import AttentionBackend
+from pagellm.attention.kv_quant import KVQuant
 from pagellm.forward_context import get_forward_context
 
 
@@ -24,6 +25,10 @@ class Attention(nn.Module):
         # Bound by the model runner once the cache is allocated.
         self.kv_cache: torch.Tensor | None = None
         self.backend: AttentionBackend | None = None
+        self.kv_quant: KVQuant | None = None  # a quantized cache's state (scales), bound with the cache
+        # fp8 KV cache scales (stored = value / scale); a checkpoint may provide them.
+        self.k_scale = 1.0
+        self.v_scale = 1.0
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, Hq*D], k/v: [T, Hkv*D] -> [T, Hq*D]."""
@@ -31,10 +36,11 @@ class Attention(nn.Module):
             raise RuntimeError("Attention layer has no KV cache bound; the model runner binds it at start-up")
         md = get_forward_context().attn_metadata
         t = q.shape[0]
+        quant = {} if self.kv_quant is None else {"kv_quant": self.kv_quant}
         out = self.backend.forward(
             q.view(t, self.num_heads, self.head_dim),
             k.view(t, self.num_kv_heads, self.head_dim),
             v.view(t, self.num_kv_heads, self.head_dim),
-            self.kv_cache, md, self.scale, self.sliding_window, self.logit_softcap,
+            self.kv_cache, md, self.scale, self.sliding_window, self.logit_softcap, **quant,
         )
         return out.reshape(t, self.num_heads * self.head_dim)

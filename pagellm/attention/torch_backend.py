@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from pagellm.attention.backend import AttentionBackend, AttentionMetadata
+from pagellm.attention.kv_quant import KVQuant, read_blocks, write_quantized
 
 
 # Bytes of gathered K+V per decode group. Gathering the whole batch's context at once streams it
@@ -31,17 +32,17 @@ class TorchAttentionBackend(AttentionBackend):
         return (2, num_blocks, block_size, num_kv_heads, head_dim)
 
     def forward(self, q, k, v, kv_cache, metadata: AttentionMetadata, scale: float,
-                sliding_window: int | None = None, logit_softcap: float | None = None) -> torch.Tensor:
+                sliding_window: int | None = None, logit_softcap: float | None = None,
+                kv_quant: KVQuant | None = None) -> torch.Tensor:
         k_cache, v_cache = kv_cache[0], kv_cache[1]
-        num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
-        write_cache(k, v, k_cache, v_cache, metadata.slot_mapping)
+        write_cache(k, v, k_cache, v_cache, metadata.slot_mapping, kv_quant)
         out = torch.empty_like(q)
         if metadata.decode_indices:
-            self._decode(q, k_cache, v_cache, metadata, scale, sliding_window, logit_softcap, out)
+            self._decode(q, k_cache, v_cache, metadata, scale, sliding_window, logit_softcap, out, kv_quant)
         for i in metadata.prefill_indices:
             start, end = metadata.query_start_loc[i], metadata.query_start_loc[i + 1]
             seq_len, ctx = metadata.seq_lens[i], metadata.context_lens[i]
-            keys, values = gather_kv(k_cache, v_cache, metadata.block_tables[i], seq_len)
+            keys, values = gather_kv(k_cache, v_cache, metadata.block_tables[i], seq_len, kv_quant, q.dtype)
             q_pos = torch.arange(ctx, seq_len, device=q.device)
             mask = causal_mask(q_pos, seq_len, sliding_window)
             out[start:end] = attend(q[start:end].unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
@@ -49,25 +50,25 @@ class TorchAttentionBackend(AttentionBackend):
         return out
 
     def _decode(self, q, k_cache, v_cache, md: AttentionMetadata, scale, sliding_window, logit_softcap,
-                out) -> None:
+                out, kv_quant: KVQuant | None = None) -> None:
         num_kv_heads, head_dim = k_cache.shape[2:]
-        token_bytes = 2 * num_kv_heads * head_dim * k_cache.element_size()
+        token_bytes = 2 * num_kv_heads * head_dim * q.element_size()  # gathered in the model dtype
         max_len = max(md.seq_lens[i] for i in md.decode_indices)
         group = max(1, self.decode_group_bytes // (token_bytes * max_len))
         for g in range(0, len(md.decode_indices), group):
             self._decode_group(q, k_cache, v_cache, md, md.decode_indices[g:g + group], scale, sliding_window,
-                               logit_softcap, out)
+                               logit_softcap, out, kv_quant)
 
     @staticmethod
     def _decode_group(q, k_cache, v_cache, md: AttentionMetadata, idx: list[int], scale, sliding_window,
-                      logit_softcap, out) -> None:
+                      logit_softcap, out, kv_quant: KVQuant | None = None) -> None:
         token_idx = torch.tensor([md.query_start_loc[i] for i in idx], device=q.device)
         seq_lens = md.seq_lens_tensor[idx].long()
         block_size = k_cache.shape[1]
         max_blocks = -(-max(md.seq_lens[i] for i in idx) // block_size)
         tables = md.block_tables[idx, :max_blocks].long()  # [Bd, nb]
-        keys = k_cache[tables].flatten(1, 2)  # [Bd, nb * bs, Hkv, D]
-        values = v_cache[tables].flatten(1, 2)
+        keys = read_blocks(k_cache, 0, tables, kv_quant, q.dtype).flatten(1, 2)  # [Bd, nb * bs, Hkv, D]
+        values = read_blocks(v_cache, 1, tables, kv_quant, q.dtype).flatten(1, 2)
         key_pos = torch.arange(keys.shape[1], device=q.device)
         mask = key_pos[None, :] < seq_lens[:, None]  # [Bd, L]
         if sliding_window is not None:
@@ -76,19 +77,24 @@ class TorchAttentionBackend(AttentionBackend):
 
 
 def write_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                slot_mapping: torch.Tensor) -> None:
+                slot_mapping: torch.Tensor, kv_quant: KVQuant | None = None) -> None:
     if slot_mapping.numel() == 0:
+        return
+    if kv_quant is not None:
+        write_quantized(k, v, k_cache, v_cache, slot_mapping, kv_quant)
         return
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
-def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int):
-    """The first seq_len tokens of one request's K and V, in order: [seq_len, Hkv, D]."""
+def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int,
+              kv_quant: KVQuant | None = None, dtype: torch.dtype | None = None):
+    """The first seq_len tokens of one request's K and V, in order: [seq_len, Hkv, D] (dequantized
+    to `dtype` from a quantized cache)."""
     block_size = k_cache.shape[1]
     blocks = block_table[: -(-seq_len // block_size)].long()
-    keys = k_cache[blocks].flatten(0, 1)[:seq_len]
-    values = v_cache[blocks].flatten(0, 1)[:seq_len]
+    keys = read_blocks(k_cache, 0, blocks, kv_quant, dtype).flatten(0, 1)[:seq_len]
+    values = read_blocks(v_cache, 1, blocks, kv_quant, dtype).flatten(0, 1)[:seq_len]
     return keys, values
 
 

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from pagellm.attention.backend import AttentionBackend, AttentionMetadata, AttentionMetadataBuilder
-from pagellm.attention.triton_reshape_and_cache import reshape_and_cache
+from pagellm.attention.triton_reshape_and_cache import reshape_and_cache, reshape_and_cache_quantized
 from pagellm.attention.triton_unified_attention import unified_attention
 
 
@@ -69,13 +69,17 @@ class TritonAttentionBackend(AttentionBackend):
         return (2, num_blocks, block_size, num_kv_heads, head_dim)
 
     def forward(self, q, k, v, kv_cache, metadata: AttentionMetadata | TritonAttentionMetadata, scale: float,
-                sliding_window: int | None = None, logit_softcap: float | None = None) -> torch.Tensor:
+                sliding_window: int | None = None, logit_softcap: float | None = None,
+                kv_quant=None) -> torch.Tensor:
         if metadata.query_start_loc_tensor is None:
             raise ValueError("the Triton backend needs AttentionMetadata.query_start_loc_tensor (use build_metadata)")
         k_cache, v_cache = kv_cache[0], kv_cache[1]
-        reshape_and_cache(k, v, k_cache, v_cache, metadata.slot_mapping)
+        if kv_quant is None:
+            reshape_and_cache(k, v, k_cache, v_cache, metadata.slot_mapping)
+        else:
+            reshape_and_cache_quantized(k, v, k_cache, v_cache, metadata.slot_mapping, kv_quant)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         return unified_attention(
             q, k_cache, v_cache, out, metadata.query_start_loc_tensor, metadata.seq_lens_tensor,
             metadata.block_tables, metadata.max_query_len, metadata.max_seq_len, scale,
-            sliding_window=sliding_window, logit_softcap=logit_softcap, num_sms=self.num_sms)
+            sliding_window=sliding_window, logit_softcap=logit_softcap, num_sms=self.num_sms, kv_quant=kv_quant)

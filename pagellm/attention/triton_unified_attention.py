@@ -59,8 +59,9 @@ def _tanh(x):
 def _attend_kv_block(
     q, q_pos, m_i, l_i, acc, block, table_row, k_cache_ptr, v_cache_ptr, scale, softcap, sliding_window,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, kv_head, dims, dim_valid,
+    model_ptr, k_scales_ptr, v_scales_ptr, k_scale, v_scale, num_kv_heads,
     BLOCK_SIZE: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INTERPRETER: tl.constexpr,
+    INTERPRETER: tl.constexpr, KV_QUANT: tl.constexpr,
 ):
     """One online-softmax step over logical KV block `block` of the request."""
     offs_n = tl.arange(0, BLOCK_SIZE)
@@ -69,6 +70,13 @@ def _attend_kv_block(
                 + dims[None, :], mask=dim_valid[None, :], other=0.0)
     v = tl.load(v_cache_ptr + physical * stride_vb + offs_n[:, None] * stride_vs + kv_head * stride_vh
                 + dims[None, :], mask=dim_valid[None, :], other=0.0)
+    if KV_QUANT == 1:  # fp8: one scale per layer for K and for V; dequantized to the model dtype
+        k = (k.to(tl.float32) * k_scale).to(model_ptr.dtype.element_ty)
+        v = (v.to(tl.float32) * v_scale).to(model_ptr.dtype.element_ty)
+    elif KV_QUANT == 2:  # int8: one scale per token and KV head, [blocks, block_size, kv_heads]
+        scale_idx = (physical * BLOCK_SIZE + offs_n) * num_kv_heads + kv_head
+        k = (k.to(tl.float32) * tl.load(k_scales_ptr + scale_idx)[:, None]).to(model_ptr.dtype.element_ty)
+        v = (v.to(tl.float32) * tl.load(v_scales_ptr + scale_idx)[:, None]).to(model_ptr.dtype.element_ty)
     if INTERPRETER:
         # The interpreter has no 16-bit dot; fp32 operands give the same products (a bf16 x bf16
         # product is exact in fp32) with fp32 accumulation, as the tensor cores do.
@@ -87,8 +95,12 @@ def _attend_kv_block(
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    # P is rounded to the cache dtype before P @ V, on the GPU and in the interpreter alike.
-    p = p.to(v_cache_ptr.dtype.element_ty)
+    # P is rounded to the cache dtype (a quantized cache's: the model dtype) before P @ V, on the
+    # GPU and in the interpreter alike.
+    if KV_QUANT == 0:
+        p = p.to(v_cache_ptr.dtype.element_ty)
+    else:
+        p = p.to(model_ptr.dtype.element_ty)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
 
@@ -98,6 +110,7 @@ def _unified_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     part_acc_ptr, part_max_ptr, part_sum_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+    k_scales_ptr, v_scales_ptr, k_scale, v_scale,
     num_reqs, scale, softcap, sliding_window,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
@@ -106,7 +119,7 @@ def _unified_attention_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr, KV_QUANT: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -158,14 +171,16 @@ def _unified_attention_kernel(
             m_i, l_i, acc = _attend_kv_block(
                 q, q_pos, m_i, l_i, acc, block, table_row, k_cache_ptr, v_cache_ptr, scale, softcap, sliding_window,
                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, kv_head, dims, dim_valid,
-                BLOCK_SIZE, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION, INTERPRETER)
+                q_ptr, k_scales_ptr, v_scales_ptr, k_scale, v_scale, tl.num_programs(1),
+                BLOCK_SIZE, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION, INTERPRETER, KV_QUANT)
             block += 1
     else:
         for block in range(first_block, end_block):
             m_i, l_i, acc = _attend_kv_block(
                 q, q_pos, m_i, l_i, acc, block, table_row, k_cache_ptr, v_cache_ptr, scale, softcap, sliding_window,
                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, kv_head, dims, dim_valid,
-                BLOCK_SIZE, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION, INTERPRETER)
+                q_ptr, k_scales_ptr, v_scales_ptr, k_scale, v_scale, tl.num_programs(1),
+                BLOCK_SIZE, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION, INTERPRETER, KV_QUANT)
 
     store_mask = row_valid[:, None] & dim_valid[None, :]
     if NUM_SPLITS == 1:
@@ -208,6 +223,18 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _quant_args(kv_quant, k_cache: torch.Tensor, q: torch.Tensor):
+    """(KV_QUANT mode 0/1/2, K scales, V scales, k_scale, v_scale) for the kernel; unused pointers are q."""
+    if kv_quant is None:
+        return 0, q, q, 1.0, 1.0
+    if kv_quant.kind == "fp8":
+        return 1, q, q, float(kv_quant.k_scale), float(kv_quant.v_scale)
+    scales = kv_quant.scales
+    if scales.shape != (2, *k_cache.shape[:3]) or not scales.is_contiguous():
+        raise ValueError("int8 KV scales must be a contiguous [2, num_blocks, block_size, num_kv_heads] tensor")
+    return 2, scales[0], scales[1], 1.0, 1.0
+
+
 def choose_num_splits(num_tiles: int, num_kv_heads: int, max_seq_len: int, max_query_len: int, block_size: int,
                       num_sms: int, max_splits: int = 16) -> int:
     """Split-KV only for decode-only batches that leave the GPU under-occupied with long contexts.
@@ -242,11 +269,12 @@ def unified_attention(
     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
     max_query_len: int, max_seq_len: int, scale: float,
     sliding_window: Optional[int] = None, logit_softcap: Optional[float] = None,
-    num_splits: Optional[int] = None, num_sms: int = 132,
+    num_splits: Optional[int] = None, num_sms: int = 132, kv_quant=None,
 ) -> torch.Tensor:
     """q/out: [T, Hq, D]; caches: [num_blocks, block_size, Hkv, D]; query_start_loc: [B+1] int32;
     seq_lens: [B] int32; block_tables: [B, max_blocks] int32. `max_query_len` / `max_seq_len` are
-    host-side upper bounds (they pick tile shapes and the split count, never the result)."""
+    host-side upper bounds (they pick tile shapes and the split count, never the result).
+    `kv_quant` (`kv_quant.KVQuant`): the caches are fp8 / int8, dequantized as each tile is loaded."""
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     num_reqs = seq_lens.shape[0]
@@ -273,11 +301,13 @@ def unified_attention(
     else:
         part_acc = part_max = part_sum = out  # unused by the single-pass kernel
     interpreter = _interpreting()
+    quant_mode, k_scales, v_scales, k_scale, v_scale = _quant_args(kv_quant, k_cache, q)
     # fp32 inputs get true fp32 dots (tf32 would miss the 1e-3 tolerance); 16-bit ones use tensor cores.
     precision = "ieee" if q.dtype == torch.float32 or interpreter else "tf32"
     _unified_attention_kernel[(num_tiles, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, part_acc, part_max, part_sum,
         block_tables, seq_lens, query_start_loc,
+        k_scales, v_scales, k_scale, v_scale,
         num_reqs, scale, float(logit_softcap or 0.0), int(sliding_window or 0),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -286,7 +316,8 @@ def unified_attention(
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, GROUP=group, GROUP_PAD=triton.next_power_of_2(group),
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_SIZE=block_size,
         USE_SOFTCAP=logit_softcap is not None, USE_WINDOW=sliding_window is not None, NUM_SPLITS=num_splits,
-        DOT_PRECISION=precision, INTERPRETER=interpreter, num_warps=4 if head_dim_pad <= 128 else 8,
+        DOT_PRECISION=precision, INTERPRETER=interpreter, KV_QUANT=quant_mode,
+        num_warps=4 if head_dim_pad <= 128 else 8,
         # fp32 tiles of head size 256 are too big to double-buffer in shared memory.
         num_stages=1 if q.element_size() == 4 and head_dim_pad >= 256 else 2,
     )

@@ -24,6 +24,8 @@ _HELP = {
     "max_model_len": "longest sequence (prompt + output) in tokens (default: the model's limit, capped at 8192)",
     "block_size": "tokens per KV cache block",
     "kv_cache_memory": "bytes of KV cache on the CPU (default 1 GiB)",
+    "kv_cache_dtype": "KV cache storage: auto (the model dtype), fp8 / fp8_e4m3 (per-layer scale, 2x the tokens "
+                      "of bf16) or int8 (per token-head scales)",
     "gpu_memory_utilization": "fraction of GPU memory the engine may use",
     "max_num_seqs": "most sequences in one batch",
     "max_num_batched_tokens": "token budget of one step",

@@ -117,7 +117,12 @@ class Executor(abc.ABC):
         self.collective_rpc("initialize_kv_cache", (num_blocks,))
         # Each worker holds its shard of the layers or heads, so a token costs the sum over workers.
         per_token = sum(self.collective_rpc("kv_bytes_per_token"))
-        message = kv_cache_summary(num_blocks, self.config.block_size, self.config.max_model_len, per_token)
+        storage, model_dtype_per_token = self.config.dtype, 0
+        if self.config.kv_cache_dtype != "auto":
+            storage = self.config.kv_cache_dtype
+            model_dtype_per_token = sum(self.collective_rpc("kv_bytes_per_token", (True,)))
+        message = kv_cache_summary(num_blocks, self.config.block_size, self.config.max_model_len, per_token,
+                                   storage, model_dtype_per_token)
         graph_summary = self.collective_rpc("compile_or_warm_up_model")[0]
         if graph_summary:
             message += "\n" + graph_summary

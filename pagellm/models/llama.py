@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pagellm.attention.kv_quant import load_kv_scale
 from pagellm.attention.layer import Attention
 from pagellm.distributed.layout import HeadLayout, attention_head_layout
 from pagellm.distributed.parallel_state import get_parallel_context
@@ -256,6 +257,8 @@ def load_merged_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Ten
             continue
         if handled is not None and handled(name, tensor):
             continue
+        if load_kv_scale(modules, name, tensor):
+            continue  # an fp8 checkpoint's KV cache scales (used by kv_cache_dtype=fp8)
         module_path, _, leaf = name.rpartition(".")
         parent, _, proj = module_path.rpartition(".")
         if proj in merged:

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from pagellm.attention.backend import AttentionBackend
+from pagellm.attention.kv_quant import INT8_SCALE_DTYPE, KVCacheFormat, KVQuant
 from pagellm.attention.layer import Attention
 from pagellm.config import EngineConfig
 from pagellm.worker.gpu_memory import MemoryProfile, kv_cache_num_blocks
@@ -21,18 +22,20 @@ from pagellm.worker.gpu_memory import MemoryProfile, kv_cache_num_blocks
 logger = logging.getLogger(__name__)
 
 
-def kv_bytes_per_token(model_config, dtype: torch.dtype) -> int:
+def kv_bytes_per_token(model_config, dtype: torch.dtype, kv_format: KVCacheFormat | None = None) -> int:
+    """K+V bytes of one token over all layers, quantization scales included (`kv_format`: the
+    cache's storage; None: the model dtype)."""
+    kv_format = kv_format or KVCacheFormat("auto", dtype)
     num_heads = model_config.num_attention_heads
     num_kv_heads = getattr(model_config, "num_key_value_heads", None) or num_heads
     head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // num_heads
-    elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * model_config.num_hidden_layers * num_kv_heads * head_dim * elem
+    return 2 * model_config.num_hidden_layers * num_kv_heads * kv_format.bytes_per_head_token(head_dim)
 
 
-def model_kv_bytes_per_token(model: torch.nn.Module, dtype: torch.dtype) -> int:
+def model_kv_bytes_per_token(model: torch.nn.Module, dtype: torch.dtype, kv_format: KVCacheFormat | None = None) -> int:
     """KV bytes per token of a built model: its Attention layers' own (per-rank) KV heads."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    return sum(2 * layer.num_kv_heads * layer.head_dim * elem for layer in model.modules()
+    kv_format = kv_format or KVCacheFormat("auto", dtype)
+    return sum(2 * layer.num_kv_heads * kv_format.bytes_per_head_token(layer.head_dim) for layer in model.modules()
                if isinstance(layer, Attention))
 
 
@@ -95,25 +98,41 @@ def check_kv_capacity(num_blocks: int, block_size: int, max_model_len: int) -> i
     return capacity
 
 
-def kv_cache_summary(num_blocks: int, block_size: int, max_model_len: int, bytes_per_token: int) -> str:
-    """The start-up line: pool size, bytes per token, and how many max-length requests fit."""
+def kv_cache_summary(num_blocks: int, block_size: int, max_model_len: int, bytes_per_token: int,
+                     storage: str = "", model_dtype_bytes_per_token: int = 0) -> str:
+    """The start-up line: pool size, bytes per token, storage (with a quantized cache, its token
+    gain over the model dtype), and how many max-length requests fit."""
     capacity = num_blocks * block_size
+    if storage and model_dtype_bytes_per_token:
+        storage = f"{storage}, {model_dtype_bytes_per_token / bytes_per_token:.2f}x the tokens of the model dtype"
     return (f"KV cache: {num_blocks} blocks x {block_size} tokens = {capacity} tokens "
-            f"({bytes_per_token} bytes/token, {capacity * bytes_per_token / 2**20:.1f} MiB); "
+            f"({bytes_per_token} bytes/token, {capacity * bytes_per_token / 2**20:.1f} MiB"
+            f"{'; ' + storage if storage else ''}); "
             f"max concurrency at {max_model_len} tokens/request: {capacity / max_model_len:.2f}x")
 
 
 def allocate_kv_cache(model: torch.nn.Module, backend: AttentionBackend, num_blocks: int, block_size: int,
-                      dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-    """One zeroed cache tensor per attention layer, bound to that layer (with the backend)."""
+                      dtype: torch.dtype, device: torch.device,
+                      kv_format: KVCacheFormat | None = None) -> list[torch.Tensor]:
+    """One zeroed cache tensor per attention layer, bound to that layer (with the backend); an
+    int8 cache also gets its scale tensor. Returns every tensor allocated."""
+    kv_format = kv_format or KVCacheFormat("auto", dtype)
     caches = []
     for layer in model.modules():
         if isinstance(layer, Attention):
             shape = backend.kv_cache_shape(num_blocks, block_size, layer.num_kv_heads, layer.head_dim)
-            cache = torch.zeros(shape, dtype=dtype, device=device)
+            cache = torch.zeros(shape, dtype=kv_format.storage_dtype, device=device)
             layer.kv_cache = cache
             layer.backend = backend
+            layer.kv_quant = None
             caches.append(cache)
+            if kv_format.kind == "fp8":
+                layer.kv_quant = KVQuant("fp8", k_scale=layer.k_scale, v_scale=layer.v_scale)
+            elif kv_format.kind == "int8":
+                scales = torch.zeros((2, num_blocks, block_size, layer.num_kv_heads), dtype=INT8_SCALE_DTYPE,
+                                     device=device)
+                layer.kv_quant = KVQuant("int8", scales=scales)
+                caches.append(scales)
     return caches
 
 
@@ -121,3 +140,4 @@ def release_kv_cache(model: torch.nn.Module) -> None:
     for layer in model.modules():
         if isinstance(layer, Attention):
             layer.kv_cache = None
+            layer.kv_quant = None

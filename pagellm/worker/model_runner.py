@@ -26,6 +26,7 @@ from typing import Iterable, Optional
 import torch
 
 from pagellm.attention.backend import AttentionBackend, AttentionMetadata, build_metadata
+from pagellm.attention.kv_quant import KVCacheFormat
 from pagellm.attention.selector import select_attention_backend
 from pagellm.config import EngineConfig
 from pagellm.distributed.communication import pp_recv_tensors, pp_send_tensors
@@ -102,7 +103,8 @@ class ModelRunner:
             block_ids.append(list(range(next_block, next_block + count)))
             next_block += count
         caches = kv_cache.allocate_kv_cache(self.model, self.backend, next_block, self.block_size, self.dtype,
-                                            self.device)
+                                            self.device, KVCacheFormat.from_config(self.config.kv_cache_dtype,
+                                                                                   self.dtype))
         kv_bytes = sum(c.numel() * c.element_size() for c in caches)
         try:
             md = build_metadata(lens, [0] * num_reqs, block_ids, self.block_size, self.device)

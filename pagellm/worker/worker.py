@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from pagellm.attention.kv_quant import KVCacheFormat
 from pagellm.config import EngineConfig
 from pagellm.core.scheduler import SchedulerOutput
 from pagellm.distributed.parallel_state import get_parallel_context
@@ -33,6 +34,7 @@ class Worker:
         self.rank = rank
         self.device = torch.device(config.device)
         self.dtype = DTYPES[config.dtype]
+        self.kv_format = KVCacheFormat.from_config(config.kv_cache_dtype, self.dtype)
         self.model_runner: Optional[ModelRunner] = None
         self.kv_caches: list[torch.Tensor] = []
         self.parallel = get_parallel_context()  # the rank's context (it is built inside it)
@@ -68,11 +70,14 @@ class Worker:
                    if getattr(m, "qweight", None) is not None
                    or (isinstance(getattr(m, "method", None), QuantizedLinearMethod) and not m.method.dense))
 
-    def kv_bytes_per_token(self) -> int:
+    def kv_bytes_per_token(self, model_dtype: bool = False) -> int:
+        """Bytes per token of this rank's cache (scales included); `model_dtype`: what an
+        unquantized cache would take instead."""
+        kv_format = KVCacheFormat("auto", self.dtype) if model_dtype else self.kv_format
         if self.model_runner is None:
-            return kv_cache.kv_bytes_per_token(self.model_config, self.dtype)
+            return kv_cache.kv_bytes_per_token(self.model_config, self.dtype, kv_format)
         # From the built layers: with tensor parallelism a rank holds only its KV-head shard.
-        return kv_cache.model_kv_bytes_per_token(self.model_runner.model, self.dtype)
+        return kv_cache.model_kv_bytes_per_token(self.model_runner.model, self.dtype, kv_format)
 
     def determine_num_blocks(self) -> int:
         """KV blocks this worker's device can hold: from the CUDA profile, or the CPU budget."""
@@ -86,7 +91,7 @@ class Worker:
     def initialize_kv_cache(self, num_blocks: int) -> None:
         runner = self.model_runner
         self.kv_caches = kv_cache.allocate_kv_cache(runner.model, runner.backend, num_blocks, self.config.block_size,
-                                                    self.dtype, self.device)
+                                                    self.dtype, self.device, self.kv_format)
         runner.num_blocks = num_blocks
 
     def compile_or_warm_up_model(self) -> str:
