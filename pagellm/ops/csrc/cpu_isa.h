@@ -74,7 +74,7 @@ inline int64_t active_isa() {
   const int64_t mask = supported_isas();
   const char* env = std::getenv("PAGELLM_CPU_ISA");
   if (env == nullptr || *env == '\0' || std::string(env) == "auto")
-    return (mask >> kAvx512 & 1) ? kAvx512 : (mask >> kAvx2 & 1) ? kAvx2 : kScalar;
+    return (mask >> kAvx512 & 1) ? int64_t{kAvx512} : (mask >> kAvx2 & 1) ? int64_t{kAvx2} : int64_t{kScalar};
   const std::string want(env);
   const int64_t isa = want == "scalar" ? kScalar : want == "avx2" ? kAvx2 : want == "avx512" ? kAvx512 : -1;
   TORCH_CHECK(isa >= 0, "PAGELLM_CPU_ISA=", want, " is not one of auto, scalar, avx2, avx512");
