@@ -71,12 +71,12 @@ def source_tree(dest: str, version: str) -> str:
     return tree
 
 
-def build(tree: str, jobs: int) -> str:
+def build(tree: str, jobs: int, cmake_args: list[str] = ()) -> str:
     """Configures and builds the targets; returns the directory holding the binaries."""
-    build_dir = os.path.join(tree, "build")
+    build_dir = os.path.join(tree, "build" if not cmake_args else "build-custom")
     subprocess.run(["cmake", "-S", tree, "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
                     "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-                    "-DLLAMA_BUILD_SERVER=ON"], check=True)
+                    "-DLLAMA_BUILD_SERVER=ON", *cmake_args], check=True)
     subprocess.run(["cmake", "--build", build_dir, "-j", str(jobs), "--target", *TARGETS], check=True)
     return os.path.join(build_dir, "bin")
 
@@ -86,11 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dest", default=".peers/llama.cpp", help="where the source and binaries go")
     parser.add_argument("--version", default=VERSION, help=f"{PACKAGE} version (default {VERSION})")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--cmake-arg", action="append", default=[],
+                        help="extra cmake setting, repeatable; e.g. where a virtual machine lists AMX but faults "
+                             "on it: --cmake-arg=-DGGML_NATIVE=OFF --cmake-arg=-DGGML_AVX512=ON ...")
     args = parser.parse_args(argv)
     if shutil.which("cmake") is None:
         print("cmake is not installed (apt install cmake)", file=sys.stderr)
         return 2
-    built = build(source_tree(args.dest, args.version), args.jobs)
+    built = build(source_tree(args.dest, args.version), args.jobs, args.cmake_arg)
     bin_dir = os.path.join(args.dest, "bin")
     os.makedirs(bin_dir, exist_ok=True)
     for target in TARGETS:
