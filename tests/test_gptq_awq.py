@@ -19,23 +19,9 @@ from pagellm.ops import gguf_cpu
 from pagellm.ops.int_group_cpu import CpuGroupWeight
 from tests.group_quant_checkpoints import (AWQ_NIBBLE_COLUMNS, act_order_g_idx, pack_awq, pack_low_bits_first,
                                            write_quantized_llama)
+from tests.test_quantized_weights import isa, kernels  # noqa: F401  (fixtures: every GGUF kernel path)
 
 ISAS = list(gguf_cpu.ISA_NAMES)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def kernels():
-    assert gguf_cpu.load_gguf_ops(), "the GGUF C++ kernels failed to build"
-
-
-@pytest.fixture(params=ISAS)
-def isa(request, monkeypatch) -> str:
-    """Forces one kernel path through the real dispatch; only a path this CPU lacks is skipped."""
-    if request.param not in gguf_cpu.supported_isas():
-        pytest.skip(f"this CPU has no {request.param}")
-    monkeypatch.setenv(gguf_cpu.ISA_ENV, request.param)
-    assert gguf_cpu.active_isa() == request.param
-    return request.param
 
 
 def random_weight(n: int, k: int, bits: int, group_size: int, asym: bool, act_order: bool,
