@@ -94,7 +94,55 @@ class OnlineQuantization(abc.ABC):
 SubWeight = Union[QuantizedWeight, torch.Tensor]
 
 
-class QuantizedLinearMethod(LinearMethod, abc.ABC):
+class ShardCollector:
+    """Collects a linear layer's weight shard by shard: merged layers (q/k/v, gate/up) get theirs one
+    at a time. Quantized shards are kept aside (`is_quantized`); a shard stored dense is copied into
+    the dense weight the layer was built with. Once the whole weight is in, `complete(layer, parts)`
+    gets every shard in row order (quantized, or a dense slice)."""
+
+    def __init__(self) -> None:
+        self.shards: dict[Optional[str], object] = {}
+
+    def is_quantized(self, tensor) -> bool:
+        raise NotImplementedError
+
+    def complete(self, layer: nn.Module, parts: list) -> None:
+        raise NotImplementedError
+
+    def create_weights(self, layer: nn.Module, in_features: int, out_features: int, bias: bool) -> None:
+        UnquantizedLinearMethod().create_weights(layer, in_features, out_features, bias)
+
+    def load(self, layer: nn.Module, name: str, tensor, shard: Optional[str] = None) -> None:
+        if name != "weight":  # biases stay dense
+            UnquantizedLinearMethod().load(layer, name, tensor, shard)
+            return
+        local_out, local_in = layer.weight.shape  # this rank's part (the dense weight lives until complete)
+        expected = (layer.shard_offsets[shard][1] if shard is not None else local_out, local_in)
+        if tuple(tensor.shape) != expected:
+            label = f"shard {shard}.weight" if shard is not None else "weight"
+            raise ValueError(f"{label} has shape {tuple(tensor.shape)}, expected {expected}")
+        if self.is_quantized(tensor):
+            self.shards[shard] = tensor
+        else:
+            UnquantizedLinearMethod().load(layer, name, tensor, shard)
+        if shard is None or set(layer.loaded_shards) >= set(layer.shard_offsets):
+            self._finish(layer)
+
+    def _finish(self, layer: nn.Module) -> None:
+        whole = None in self.shards or not hasattr(layer, "shard_offsets")  # a fused checkpoint tensor
+        order = [None] if whole else list(layer.shard_offsets)
+        parts = []
+        for shard in order:
+            if shard in self.shards:
+                parts.append(self.shards[shard])
+            else:  # a shard the checkpoint stored dense
+                offset, size = layer.shard_offsets[shard]
+                parts.append(layer.weight.data.narrow(0, offset, size).clone())
+        self.shards = {}
+        self.complete(layer, parts)
+
+
+class QuantizedLinearMethod(ShardCollector, LinearMethod, abc.ABC):
     """A linear layer whose weight is a `QuantizedWeight`, collected shard by shard.
 
     Created by the layer when the first quantized tensor arrives (the dense weight it was built
@@ -109,39 +157,13 @@ class QuantizedLinearMethod(LinearMethod, abc.ABC):
     prepackable = False  # oneDNN packs dense float weights only
 
     def __init__(self) -> None:
-        self.shards: dict[Optional[str], SubWeight] = {}
+        super().__init__()
         self.dense = False  # fell back to a dense weight
 
-    def create_weights(self, layer: nn.Module, in_features: int, out_features: int, bias: bool) -> None:
-        UnquantizedLinearMethod().create_weights(layer, in_features, out_features, bias)
+    def is_quantized(self, tensor) -> bool:
+        return isinstance(tensor, QuantizedWeight)
 
-    def load(self, layer: nn.Module, name: str, tensor, shard: Optional[str] = None) -> None:
-        if name != "weight":  # biases stay dense
-            UnquantizedLinearMethod().load(layer, name, tensor, shard)
-            return
-        local_out, local_in = layer.weight.shape
-        expected = (layer.shard_offsets[shard][1] if shard is not None else local_out, local_in)
-        if tuple(tensor.shape) != expected:
-            label = f"shard {shard}.weight" if shard is not None else "weight"
-            raise ValueError(f"{label} has shape {tuple(tensor.shape)}, expected {expected}")
-        if isinstance(tensor, QuantizedWeight):
-            self.shards[shard] = tensor
-        else:
-            UnquantizedLinearMethod().load(layer, name, tensor, shard)
-        if shard is None or set(layer.loaded_shards) >= set(layer.shard_offsets):
-            self._finish(layer)
-
-    def _finish(self, layer: nn.Module) -> None:
-        whole = None in self.shards or not hasattr(layer, "shard_offsets")
-        order = [None] if whole else list(layer.shard_offsets)
-        parts: list[SubWeight] = []
-        for shard in order:
-            if shard in self.shards:
-                parts.append(self.shards[shard])
-            else:  # a shard the checkpoint stored dense
-                offset, size = layer.shard_offsets[shard]
-                parts.append(layer.weight.data.narrow(0, offset, size).clone())
-        self.shards = {}
+    def complete(self, layer: nn.Module, parts: list[SubWeight]) -> None:
         fused = self.fuse(parts) if all(isinstance(p, QuantizedWeight) for p in parts) else None
         if fused is None:
             logger.warning("%s: shards of mixed formats cannot be fused; using a dense weight", type(layer).__name__)

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
-from pagellm.layers.linear_method import LinearMethod, UnquantizedLinearMethod
+from pagellm.layers.linear_method import LinearMethod
+from pagellm.layers.quantization.base import ShardCollector
 from pagellm.ops.gguf_cpu import gguf_dequantize, gguf_linear
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ class GGUFQuantizedTensor:
 SubWeight = Union[GGUFQuantizedTensor, torch.Tensor]
 
 
-class GGUFLinearMethod(LinearMethod):
+class GGUFLinearMethod(ShardCollector, LinearMethod):
     """Weights as GGUF blocks (`layer.qweight`, `layer.ggml_type`), applied by the C++ kernel.
 
     Created by the layer when the first quantized tensor arrives: the dense weight the layer was
@@ -99,42 +100,17 @@ class GGUFLinearMethod(LinearMethod):
     prepackable = False  # oneDNN packs dense weights only
 
     def __init__(self) -> None:
-        self.shards: dict[Optional[str], SubWeight] = {}
+        super().__init__()
         self.parts: list[SubWeight] = []  # set once complete, when shards cannot be fused
         self.group_bits = 0  # on a GPU: the weight repacked for the Triton group GEMM (4 or 8 bits)
         self.parts_placed: Optional[tuple] = None  # (device, dtype) the parts were last moved to
 
-    def create_weights(self, layer: nn.Module, in_features: int, out_features: int, bias: bool) -> None:
-        UnquantizedLinearMethod().create_weights(layer, in_features, out_features, bias)
+    def is_quantized(self, tensor) -> bool:
+        return isinstance(tensor, GGUFQuantizedTensor)
 
-    def load(self, layer: nn.Module, name: str, tensor, shard: Optional[str] = None) -> None:
-        if name != "weight":  # biases stay dense
-            UnquantizedLinearMethod().load(layer, name, tensor, shard)
-            return
-        local_out, local_in = layer.weight.shape  # this rank's part (the dense weight lives until _finish)
-        expected = (layer.shard_offsets[shard][1] if shard is not None else local_out, local_in)
-        if tuple(tensor.shape) != expected:
-            label = f"shard {shard}.weight" if shard is not None else "weight"
-            raise ValueError(f"{label} has shape {tuple(tensor.shape)}, expected {expected}")
-        if isinstance(tensor, GGUFQuantizedTensor):
-            self.shards[shard] = tensor
-        else:
-            UnquantizedLinearMethod().load(layer, name, tensor, shard)
-        if shard is None or set(layer.loaded_shards) >= set(layer.shard_offsets):
-            self._finish(layer)
-
-    def _finish(self, layer: nn.Module) -> None:
-        """Every part has arrived: fuse the quantized shards (or keep the parts) and drop the dense copy."""
-        whole = None in self.shards or not hasattr(layer, "shard_offsets")  # a fused checkpoint tensor
-        order = [None] if whole else list(layer.shard_offsets)
-        parts: list[SubWeight] = []
-        for shard in order:
-            if shard in self.shards:
-                parts.append(self.shards[shard])
-            else:  # loaded dense before or after the switch
-                offset, size = layer.shard_offsets[shard]
-                parts.append(layer.weight.data.narrow(0, offset, size).clone())
-        self.shards = {}
+    def complete(self, layer: nn.Module, parts: list[SubWeight]) -> None:
+        """Fuses shards of one type into one weight (ggml rows are independent), else keeps the parts;
+        drops the dense copy."""
         types = {p.ggml_type for p in parts if isinstance(p, GGUFQuantizedTensor)}
         if len(types) == 1 and all(isinstance(p, GGUFQuantizedTensor) for p in parts):
             data = parts[0].data if len(parts) == 1 else torch.cat([p.data for p in parts])
