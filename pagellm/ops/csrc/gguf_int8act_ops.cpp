@@ -141,6 +141,7 @@ void dot_rows_scalar(const uint8_t* w, int64_t nb, const QuantizedRows& x, int64
     float acc = 0.f;
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* blk = w + b * kBytes<T>;
+      prefetch_block(blk, kBytes<T>);
       int codes[32];
       codes_scalar<T>(blk, codes);
       const int8_t* xq = x.q.data() + r * K + b * kBlock;
@@ -212,6 +213,7 @@ INT8_FN void dot_tile_avx2(const uint8_t* w, int64_t nb, const QuantizedRows& x,
   }
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = w + b * kBytes<T>;
+    prefetch_block(blk, kBytes<T>);
     const __m256i q = codes_avx2<T>(blk);
     const float d = _cvtsh_ss(*reinterpret_cast<const uint16_t*>(blk));
     const float bias = block_bias<T>(blk, d);

@@ -107,6 +107,7 @@ void dot_rows_scalar(const uint8_t* w, int64_t nb, const float* x, int64_t ldx, 
   float buf[kSuper];
   float acc[kFusedMaxRows] = {0};
   for (int64_t b = 0; b < nb; ++b) {
+    prefetch_block(w + b * kKBytes<T>, kKBytes<T>);
     dequant_super_scalar<T>(w + b * kKBytes<T>, buf);
     for (int64_t r = 0; r < rows; ++r) {
       const float* xr = x + r * ldx + b * kSuper;
@@ -191,6 +192,7 @@ AVX2_FN void dot_tile_avx2(const uint8_t* w, int64_t nb, const float* x, int64_t
   __m256 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
+    prefetch_block(w + b * kKBytes<T>, kKBytes<T>);
     dequant_super_avx2<T>(w + b * kKBytes<T>, buf);  // 1 KiB, stays in L1 for the R rows
     for (int r = 0; r < R; ++r) {
       const float* xr = x + r * ldx + b * kSuper;
@@ -227,6 +229,7 @@ AVX512_FN void dot_tile_avx512(const uint8_t* w, int64_t nb, const float* x, int
   __m512 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
+    prefetch_block(w + b * kKBytes<T>, kKBytes<T>);
     dequant_super_avx512<T>(w + b * kKBytes<T>, buf);
     for (int r = 0; r < R; ++r) {
       const float* xr = x + r * ldx + b * kSuper;

@@ -81,6 +81,7 @@ void dot_rows_scalar(const uint8_t* w, int64_t nb, const float* x, int64_t ldx, 
   float buf[kBlock];
   float acc[kFusedMaxRows] = {0};
   for (int64_t b = 0; b < nb; ++b) {
+    prefetch_block(w + b * kBytes<T>, kBytes<T>);
     dequant_block_scalar<T>(w + b * kBytes<T>, buf);
     for (int64_t r = 0; r < rows; ++r) {
       const float* xr = x + r * ldx + b * kBlock;
@@ -162,6 +163,7 @@ AVX2_FN void dot_tile_avx2(const uint8_t* w, int64_t nb, const float* x, int64_t
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     __m256 y[4];
+    prefetch_block(w + b * kBytes<T>, kBytes<T>);
     dequant_avx2<T>(w + b * kBytes<T>, y);
     for (int r = 0; r < R; ++r) {
       const float* xr = x + r * ldx + b * kBlock;
@@ -225,6 +227,7 @@ AVX512_FN void dot_tile_avx512(const uint8_t* w, int64_t nb, const float* x, int
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     __m512 y[2];
+    prefetch_block(w + b * kBytes<T>, kBytes<T>);
     dequant_avx512<T>(w + b * kBytes<T>, y);
     for (int r = 0; r < R; ++r) {
       const float* xr = x + r * ldx + b * kBlock;
