@@ -50,7 +50,7 @@ def test_linear_decode_and_prefill(isa, ggml_type):
     for n, k in ((1, 256), (13, 512), (67, 1024)):
         blocks = random_kblocks(ggml_type, n, k, seed=n + k)
         w = dequantize(blocks, ggml_type).reshape(n, k)
-        for rows in (1, 2, 3, 4, 5, 40):
+        for rows in (1, 2, 3, 4, 5, 16, 40):
             x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows * 7 + n))
             out = gguf_cpu.gguf_linear(x, torch.from_numpy(blocks), int(ggml_type), n)
             assert out.shape == (rows, n) and out.dtype == torch.float32

@@ -74,7 +74,7 @@ def test_dequantize_matches_gguf(isa, ggml_type):
 
 
 @pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 17, 64, 130])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 64, 130])
 def test_linear_matches_dequantize_then_matmul(isa, ggml_type, rows):
     for n, k in ((1, 32), (7, 96), (33, 256), (129, 160)):
         blocks = random_blocks(ggml_type, n, k, seed=rows * 1000 + n)
@@ -302,7 +302,7 @@ def int8_blocks_of(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("ggml_type", INT8_ACT_TYPES, ids=lambda t: t.name)
 def test_int8_activation_linear_matches_its_reference(isa, ggml_type):
-    for rows in (1, 3, 8):
+    for rows in (1, 3, 8, 16):
         for n, k in ((1, 32), (7, 96), (33, 256)):
             blocks = random_blocks(ggml_type, n, k, seed=rows * 100 + n)
             w = dequantize(blocks, ggml_type).reshape(n, k)
@@ -312,9 +312,9 @@ def test_int8_activation_linear_matches_its_reference(isa, ggml_type):
             assert_matmul_close(out, int8_blocks_of(x).float(), w)
             exact = gguf_cpu.gguf_linear(x, torch.from_numpy(blocks), int(ggml_type), n)
             assert not torch.equal(out, exact) or n == 1  # the switch really changes the arithmetic
-    # Above 8 rows (prefill) the exact float path runs whatever the switch says.
+    # Above 16 rows (prefill) the exact float path runs whatever the switch says.
     blocks = random_blocks(ggml_type, 9, 64, seed=3)
-    x = torch.randn(9, 64)
+    x = torch.randn(17, 64)
     assert torch.equal(gguf_cpu.gguf_linear(x, torch.from_numpy(blocks), int(ggml_type), 9, int8_activations=True),
                        gguf_cpu.gguf_linear(x, torch.from_numpy(blocks), int(ggml_type), 9))
 

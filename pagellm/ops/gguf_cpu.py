@@ -59,7 +59,7 @@ def gguf_linear(x: torch.Tensor, weight: torch.Tensor, ggml_type: int, out_featu
                 int8_activations: bool = False) -> torch.Tensor:
     """x (..., K) times the (out_features, K) block-quantized weight (uint8 bytes); float32 out.
 
-    int8_activations: up to 8 rows of a 32-value block type (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0) quantize x
+    int8_activations: up to 16 rows of a 32-value block type (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0) quantize x
     per 32-value block to int8 and use integer dot products (llama.cpp's trade: faster, no longer
     exact); other types and larger batches ignore it."""
     return torch.ops.pagellm_gguf.linear(x, weight, ggml_type, out_features, int8_activations)
