@@ -46,7 +46,7 @@ def test_dequantize_is_bit_exact(isa, ggml_type):
 
 @pytest.mark.parametrize("ggml_type", K_TYPES, ids=lambda t: t.name)
 def test_linear_decode_and_prefill(isa, ggml_type):
-    # ragged output sizes (not multiples of the 8-row work chunks), 1..4 rows fused, 5 and 40 rows
+    # ragged output sizes (not multiples of the 8-row work chunks), 1..4 rows fused, 5 and 16 rows fused in tiles, 40 rows
     for n, k in ((1, 256), (13, 512), (67, 1024)):
         blocks = random_kblocks(ggml_type, n, k, seed=n + k)
         w = dequantize(blocks, ggml_type).reshape(n, k)
