@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from pagellm.layers.quantization.base import CheckpointFormat
-from pagellm.layers.quantization.gptq import float16_scales, symmetric_or
-from pagellm.layers.quantization.int_group import GroupQuantizedWeight, group_count, pack_codes, unpack_int32
+from pagellm.layers.quantization.gptq import checked_scales, symmetric_or
+from pagellm.layers.quantization.int_group import GroupQuantizedWeight, pack_codes, unpack_int32
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a word holds column AWQ_ORDER[i] of its 8
 AWQ_UNDO_ORDER = tuple(AWQ_ORDER.index(j) for j in range(8))  # column j sits in nibble AWQ_UNDO_ORDER[j]
@@ -62,12 +62,7 @@ class AWQFormat(CheckpointFormat):
             raise ValueError(f"missing tensors {', '.join(prefix + '.' + s for s in missing)}")
         codes = unpack_awq(parts["qweight"]).T.contiguous()  # (N, K)
         n, k = codes.shape
-        group_size = k if self.group_size == -1 else self.group_size
-        groups = group_count(k, group_size)
-        scales = float16_scales(parts["scales"], "scales")
-        if tuple(scales.shape) != (groups, n):
-            raise ValueError(f"scales has shape {tuple(scales.shape)}, expected ({groups}, {n}) for a ({k}, {n}) "
-                             f"qweight with group_size {self.group_size}")
+        group_size, groups, scales = checked_scales(parts["scales"], n, k, self.group_size)
         zeros = None
         if "qzeros" in parts:
             if tuple(parts["qzeros"].shape) != (groups, n // 8):

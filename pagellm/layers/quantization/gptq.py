@@ -29,6 +29,18 @@ GPTQ_BITS = (4, 8)
 GPTQ_CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 
 
+def checked_scales(scales: torch.Tensor, n: int, k: int, group_size: int) -> tuple[int, int, torch.Tensor]:
+    """(group size, groups per row, float16 scales) of a GPTQ/AWQ layer's (groups, N) `scales`; group_size -1
+    is one group per row. A wrong shape is a ValueError naming the expected one."""
+    size = k if group_size == -1 else group_size
+    groups = group_count(k, size)
+    scales = float16_scales(scales, "scales")
+    if tuple(scales.shape) != (groups, n):
+        raise ValueError(f"scales has shape {tuple(scales.shape)}, expected ({groups}, {n}) for a ({k}, {n}) "
+                         f"qweight with group_size {group_size}")
+    return size, groups, scales
+
+
 def float16_scales(scales: torch.Tensor, what: str) -> torch.Tensor:
     """The fixed layout keeps float16 scales; other float dtypes are converted (with a warning if that rounds)."""
     if scales.dtype == torch.float16:
@@ -83,12 +95,7 @@ class GPTQFormat(CheckpointFormat):
             raise ValueError(f"qweight and qzeros must be int32, got {qweight.dtype} and {qzeros.dtype}")
         codes = unpack_int32(qweight, bits, dim=0).T  # (N, K)
         n, k = codes.shape
-        group_size = k if self.group_size == -1 else self.group_size
-        groups = group_count(k, group_size)
-        scales = float16_scales(parts["scales"], "scales")
-        if tuple(scales.shape) != (groups, n):
-            raise ValueError(f"scales has shape {tuple(scales.shape)}, expected ({groups}, {n}) for a ({k}, {n}) "
-                             f"qweight with group_size {self.group_size}")
+        group_size, groups, scales = checked_scales(parts["scales"], n, k, self.group_size)
         if tuple(qzeros.shape) != (groups, n * bits // 32):
             raise ValueError(f"qzeros has shape {tuple(qzeros.shape)}, expected ({groups}, {n * bits // 32})")
         zeros = unpack_int32(qzeros, bits, dim=1)
