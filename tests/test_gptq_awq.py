@@ -66,7 +66,7 @@ def assert_matmul_close(out: torch.Tensor, x: torch.Tensor, w64: torch.Tensor, r
 SHAPES = [(7, 96), (33, 576), (130, 160)]  # K=576 with G=128: a narrower last group
 
 
-def check_cpu_kernel(bits: int, group_size: int, asym: bool, act_order: bool) -> None:
+def check_cpu_kernel(bits: int, group_size: int, asym: bool, act_order: bool, tiles: bool = False) -> None:
     for i, (n, k) in enumerate(SHAPES):
         weight, codes = random_weight(n, k, bits, group_size, asym, act_order, seed=i + 10 * bits)
         w64 = reference(weight, codes)
@@ -74,6 +74,8 @@ def check_cpu_kernel(bits: int, group_size: int, asym: bool, act_order: bool) ->
         cpu = CpuGroupWeight.from_weight(weight)
         uses_kernel = (k if group_size == -1 else min(group_size, k)) % 32 == 0 and k % 32 == 0
         assert (cpu.blocks is not None) == uses_kernel
+        if tiles:
+            assert cpu.use_tiles() == uses_kernel
         for rows in (1, 8, 33):  # up to 8 rows the kernels' fused path, above it a GEMM
             x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows + k))
             out = cpu.linear(x)
@@ -84,8 +86,9 @@ def check_cpu_kernel(bits: int, group_size: int, asym: bool, act_order: bool) ->
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group_size", [32, 128, -1])
 @pytest.mark.parametrize("asym", [False, True], ids=["sym", "asym"])
-def test_cpu_kernel_matches_dequantize(isa, bits, group_size, asym):
-    check_cpu_kernel(bits, group_size, asym, act_order=False)
+@pytest.mark.parametrize("tiles", [False, True], ids=["rows", "tiles"])
+def test_cpu_kernel_matches_dequantize(isa, bits, group_size, asym, tiles):
+    check_cpu_kernel(bits, group_size, asym, act_order=False, tiles=tiles)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -100,11 +103,14 @@ def test_cpu_act_order_and_fallback_match_dequantize(bits, group_size, asym):
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("asym", [False, True], ids=["sym", "asym"])
-def test_cpu_int8_activations_are_close(isa, bits, asym):
-    """The int8-activation GGUF path quantizes x per 32 inputs: close (not exact), for decode-sized batches."""
+@pytest.mark.parametrize("tiles", [False, True], ids=["rows", "tiles"])
+def test_cpu_int8_activations_are_close(isa, bits, asym, tiles):
+    """The int8-activation GGUF path quantizes x per 32 inputs: close (not exact), for decode-sized
+    batches (row layout) or any batch (tiles)."""
     weight, codes = random_weight(40, 256, bits, 64, asym, act_order=False, seed=3)
     w64 = reference(weight, codes)
     cpu = CpuGroupWeight.from_weight(weight)
+    assert cpu.use_tiles() if tiles else not cpu.tiled
     for rows in (1, 4, 8, 20):
         x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))
         assert_matmul_close(cpu.linear(x, int8_activations=True), x, w64, rel=2e-2)

@@ -44,6 +44,8 @@ _HELP = {
     "cpu_int8_activations": "CPU: GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 layers (and GPTQ/AWQ/pack-quantized ones, repacked "
                             "into Q4_0/Q8_0) quantize decode activations to int8 per 32-value block (integer "
                             "dot products, as llama.cpp; faster, not bit-exact)",
+    "cpu_gguf_tiles": "CPU: rearrange GGUF Q4_0/Q4_1/Q8_0 linear weights into 16-row tiles at load (same bytes, "
+                      "faster matmuls); false keeps the on-disk row layout",
     "enable_expert_parallel": "MoE models: place whole experts on the tensor-parallel ranks (attention stays "
                               "tensor parallel); ignored, with a warning, for dense models",
     "data_parallel_size": "engine cores behind one server, each with its own scheduler, KV cache and tp x pp "

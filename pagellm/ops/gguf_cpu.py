@@ -18,8 +18,10 @@ import torch
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-# 32-value block types; K-quants; int8-activation variants of the 32-value types
-SOURCES = [CSRC / "gguf_ops.cpp", CSRC / "gguf_kquant_ops.cpp", CSRC / "gguf_int8act_ops.cpp"]
+# 32-value block types; K-quants; int8-activation variants of the 32-value types; the 16-row tiled
+# layout of Q4_0/Q4_1/Q8_0
+SOURCES = [CSRC / "gguf_ops.cpp", CSRC / "gguf_kquant_ops.cpp", CSRC / "gguf_int8act_ops.cpp",
+           CSRC / "gguf_tiled_ops.cpp"]
 # No fp contraction: the K-quant expansion must round like gguf's reference (mul, then sub).
 CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
 ISA_NAMES = ("scalar", "avx2", "avx512")  # the C++ Isa enum, in order
@@ -67,3 +69,24 @@ def gguf_linear(x: torch.Tensor, weight: torch.Tensor, ggml_type: int, out_featu
 
 def gguf_dequantize(weight: torch.Tensor, ggml_type: int, out_features: int, in_features: int) -> torch.Tensor:
     return torch.ops.pagellm_gguf.dequantize(weight, ggml_type, out_features, in_features)
+
+
+# The ggml types with a 16-row tiled layout (csrc/gguf_tiled_ops.cpp): Q4_0, Q4_1, Q8_0.
+TILED_TYPES = frozenset({2, 3, 8})
+
+
+def gguf_tiled_repack(weight: torch.Tensor, ggml_type: int, out_features: int, in_features: int) -> torch.Tensor:
+    """The (out_features, in_features) GGUF blocks rearranged into 16-row tiles (same bytes, rows
+    padded to a multiple of 16): the CPU layout the tiled kernels read."""
+    return torch.ops.pagellm_gguf.tiled_repack(weight, ggml_type, out_features, in_features)
+
+
+def gguf_tiled_linear(x: torch.Tensor, weight: torch.Tensor, ggml_type: int, out_features: int,
+                      int8_activations: bool = False) -> torch.Tensor:
+    """x (..., K) times a tiled weight; float32 out. int8_activations: x quantized per 32-value block
+    to int8 (integer dot products, VNNI where the CPU has it) for every row count."""
+    return torch.ops.pagellm_gguf.tiled_linear(x, weight, ggml_type, out_features, int8_activations)
+
+
+def gguf_tiled_dequantize(weight: torch.Tensor, ggml_type: int, out_features: int, in_features: int) -> torch.Tensor:
+    return torch.ops.pagellm_gguf.tiled_dequantize(weight, ggml_type, out_features, in_features)

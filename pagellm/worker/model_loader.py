@@ -12,10 +12,12 @@ import torch
 from pagellm.config import EngineConfig
 from pagellm.layers.linear import cpu_prepack_available, prepack_cpu_weights, quantize_linear_layers
 from pagellm.layers.quantization.base import OnlineQuantization
+from pagellm.layers.quantization.gguf import tile_gguf_weights
 from pagellm.layers.utils import call_on_layers
 from pagellm.loader.dummy import initialize_dummy_weights
 from pagellm.models.registry import get_model_class
 from pagellm.ops.cpu import enable_cpu_kernels, load_cpu_ops
+from pagellm.ops.gguf_cpu import load_gguf_ops
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,8 @@ def apply_cpu_switches(model: torch.nn.Module, config: EngineConfig) -> None:
         else:
             logger.warning("cpu_weight_prepack: oneDNN cannot pack %s weights with this torch build and CPU; "
                            "using plain matmuls", config.dtype)
+    if config.cpu_gguf_tiles and load_gguf_ops():
+        logger.info("GGUF weights of %d linear layers in 16-row tiles", sum(tile_gguf_weights(model)))
     if config.cpu_int8_activations:
         call_on_layers(model, "enable_int8_activations")
         logger.info("int8 decode activations on for the layers with GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks "

@@ -26,7 +26,7 @@ from torch import nn
 
 from pagellm.layers.linear_method import LinearMethod
 from pagellm.layers.quantization.base import ShardCollector
-from pagellm.ops.gguf_cpu import gguf_dequantize, gguf_linear
+from pagellm.ops.gguf_cpu import TILED_TYPES, gguf_dequantize, gguf_linear, gguf_tiled_linear, gguf_tiled_repack
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +104,7 @@ class GGUFLinearMethod(ShardCollector, LinearMethod):
         self.parts: list[SubWeight] = []  # set once complete, when shards cannot be fused
         self.group_bits = 0  # on a GPU: the weight repacked for the Triton group GEMM (4 or 8 bits)
         self.parts_placed: Optional[tuple] = None  # (device, dtype) the parts were last moved to
+        self.tiled = False  # on the CPU: `qweight` rearranged into 16-row tiles (`use_tiles`)
 
     def is_quantized(self, tensor) -> bool:
         return isinstance(tensor, GGUFQuantizedTensor)
@@ -146,6 +147,19 @@ class GGUFLinearMethod(ShardCollector, LinearMethod):
         layer.register_buffer("group_zeros", zeros, persistent=False)
         layer.qweight = None
 
+    def use_tiles(self, layer: nn.Module) -> bool:
+        """CPU: rearranges a fused Q4_0/Q4_1/Q8_0 weight into the tiled kernels' 16-row tiles (the same
+        bytes; `csrc/gguf_tiled_ops.cpp`). True when the layer now runs on tiles."""
+        qweight = getattr(layer, "qweight", None)
+        if self.tiled or self.group_bits or qweight is None or qweight.is_cuda or layer.ggml_type not in TILED_TYPES:
+            return self.tiled
+        rows = qweight.shape[0]
+        tiled = gguf_tiled_repack(qweight, layer.ggml_type, rows, self._in_features(layer))
+        layer.register_buffer("qweight", tiled, persistent=False)
+        layer.tiled_rows = rows
+        self.tiled = True
+        return True
+
     @staticmethod
     def _in_features(layer: nn.Module) -> int:
         block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(layer.ggml_type)]
@@ -163,6 +177,8 @@ class GGUFLinearMethod(ShardCollector, LinearMethod):
             return self._apply_gpu(layer, x, skip_bias)
         if self.parts:
             out = torch.cat([self._apply_part(p, x, int8) for p in self.parts], dim=-1)
+        elif self.tiled:
+            out = gguf_tiled_linear(x, layer.qweight, layer.ggml_type, layer.tiled_rows, int8).to(x.dtype)
         else:
             out = gguf_linear(x, layer.qweight, layer.ggml_type, layer.qweight.shape[0], int8).to(x.dtype)
         bias = None if skip_bias else getattr(layer, "bias", None)
@@ -194,6 +210,14 @@ class GGUFLinearMethod(ShardCollector, LinearMethod):
             return sum(t.numel() * t.element_size() for t in (layer.group_qweight, layer.group_scales, layer.group_zeros)
                        if t is not None)
         if not self.parts:
-            return layer.qweight.numel()
+            return layer.qweight.numel()  # tiles: the same bytes, rows padded to a multiple of 16
         return sum(p.nbytes if isinstance(p, GGUFQuantizedTensor) else p.numel() * p.element_size()
                    for p in self.parts)
+
+
+def tile_gguf_weights(model: nn.Module) -> list[bool]:
+    """`use_tiles` on every layer whose weight method has it (GGUF blocks, and group-quantized weights
+    repacked into them); a tied LM head shares the embedding's row-layout blocks and is left alone.
+    One bool per such layer: whether it now runs on tiles."""
+    return [m.method.use_tiles(m) for m in model.modules()
+            if callable(getattr(getattr(m, "method", None), "use_tiles", None)) and not getattr(m, "tied", False)]

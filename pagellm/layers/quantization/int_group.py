@@ -267,6 +267,13 @@ class GroupQuantizedLinearMethod(QuantizedLinearMethod):
             layer.register_buffer(name, None, persistent=False)
         self._installed = None
 
+    def use_tiles(self, layer: nn.Module) -> bool:
+        """CPU: the repacked Q4_0/Q8_0 blocks in the tiled kernels' 16-row tiles (EngineConfig.cpu_gguf_tiles)."""
+        if self.cpu is None or not self.cpu.use_tiles():
+            return False
+        layer.register_buffer("gguf_blocks", self.cpu.blocks, persistent=False)
+        return True
+
     def apply_quantized(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
             return _cuda_linear(x, self.installed_weight(layer))

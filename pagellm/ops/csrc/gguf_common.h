@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "cpu_isa.h"  // PAGELLM_X86, <immintrin.h>, the ISA enum and its run-time choice
 
@@ -50,6 +51,14 @@ int64_t kquant_block_bytes(int64_t type);
 void kquant_linear(const at::Tensor& x, const at::Tensor& w, int64_t type, at::Tensor& out);
 // Rows [0, N) of the weight as float32 into y (N, K).
 void kquant_dequantize(const at::Tensor& w, int64_t type, int64_t N, int64_t K, float* y);
+
+// Activation rows quantized per 32-value block (gguf_int8act_ops.cpp): codes (M, K) int8, scale d
+// (M, nb) = amax / 127, and ds (M, nb) = d * the block's sum of codes.
+struct QuantizedRows {
+  std::vector<int8_t> q;
+  std::vector<float> d, ds;
+};
+QuantizedRows quantize_rows(int64_t isa, const float* x, int64_t M, int64_t K);
 
 // int8 activations (gguf_int8act_ops.cpp): the 32-value block types, decode-sized row counts.
 bool int8act_supported(int64_t type);

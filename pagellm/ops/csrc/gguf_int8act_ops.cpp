@@ -33,12 +33,6 @@ constexpr bool kHasMin = (T == Q4_1 || T == Q5_1);
 template <int64_t T>
 constexpr bool kFive = (T == Q5_0 || T == Q5_1);
 
-// Activation rows quantized per block: codes (M, K) int8, scale (M, nb), scale * sum of codes (M, nb).
-struct QuantizedRows {
-  std::vector<int8_t> q;
-  std::vector<float> d, ds;
-};
-
 // One 32-value block of x: codes into q, returns the sum of the codes; *d gets the block's scale.
 // nearbyint rounds half to even, as the SIMD paths' cvtps do.
 inline int quantize_block_scalar(const float* xb, int8_t* q, float* d) {
@@ -83,6 +77,8 @@ __attribute__((target("avx2,fma,f16c"))) inline int quantize_block_avx2(const fl
 }
 #endif
 
+}  // namespace
+
 QuantizedRows quantize_rows(int64_t isa, const float* x, int64_t M, int64_t K) {
   const int64_t nb = K / kBlock;
   QuantizedRows r{std::vector<int8_t>(M * K), std::vector<float>(M * nb), std::vector<float>(M * nb)};
@@ -101,6 +97,8 @@ QuantizedRows quantize_rows(int64_t isa, const float* x, int64_t M, int64_t K) {
   }
   return r;
 }
+
+namespace {
 
 inline uint32_t u32_at(const uint8_t* p) {
   uint32_t v;
