@@ -119,6 +119,28 @@ def test_bad_constraints_name_the_problem(manager, constraint, words):
     manager.remove("bad")
 
 
+def test_a_reasoning_gate_leaves_the_output_free_until_its_end(manager, tokenizer):
+    end = tokenizer.encode("</think>", add_special_tokens=False)
+    assert len(end) > 1  # SmolLM2 has no <think> token: the gate spans tokens
+    yes = tokenizer.encode("yes", add_special_tokens=False)
+    for rid, feeds in ((f"gate-{manager.backend.name}", [[t] for t in end] + [yes]),  # one token a step
+                       (f"gate1-{manager.backend.name}", [end + yes])):  # the gate and the answer in one accept
+        _start(manager, rid, choice=["yes", "no"], reasoning_end_ids=end)
+        assert not manager.is_constraining(rid)
+        # Reasoning the grammar would refuse, with a false start of the tag in it.
+        assert manager.accept(rid, tokenizer.encode("Hmm, </thin no. <", add_special_tokens=False)) is False
+        assert not manager.is_constraining(rid)
+        done = [manager.accept(rid, ids) for ids in feeds]
+        assert manager.is_constraining(rid) and not any(done[:-1])
+        assert done[-1] or _allowed(manager, rid)[tokenizer.eos_token_id]  # "yes" was taken as the answer
+        manager.remove(rid)
+    _start(manager, "gate-mask", choice=["yes", "no"], reasoning_end_ids=end)
+    manager.accept("gate-mask", end)
+    allowed = _allowed(manager, "gate-mask")
+    assert allowed[yes[0]] and not allowed[tokenizer.encode("Hmm", add_special_tokens=False)[0]]
+    manager.remove("gate-mask")
+
+
 def test_compiles_are_cached_by_constraint(manager):
     before = len(manager.compile_seconds)
     for _ in range(3):
@@ -134,6 +156,8 @@ def test_compiles_are_cached_by_constraint(manager):
     ({"choice": []}, "non-empty"),
     ({"choice": ["a", ""]}, "non-empty"),
     ({"regex": ""}, "non-empty"),
+    ({"regex": "a", "reasoning_end_ids": []}, "reasoning_end_ids"),
+    ({"regex": "a", "reasoning_end_ids": [1, -2]}, "reasoning_end_ids"),
 ])
 def test_params_are_validated(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -1,7 +1,8 @@
 """Structured outputs through the engine: SmolLM2 (greedy) under JSON schemas, regex, choice and a
 grammar always gives output that parses and validates, and ends with "stop"; constrained and
-unconstrained requests share batches; n > 1 and preemption keep the constraint; a bad constraint
-is a ValueError before anything is queued; the guidance backend on a tiny model likewise."""
+unconstrained requests share batches; n > 1 and preemption keep the constraint; a constraint
+with a reasoning end starts after it; a bad constraint is a ValueError before anything is queued;
+the guidance backend on a tiny model likewise (with the schemas of forced tool choices)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import jsonschema
 import pytest
 
 from pagellm import SamplingParams
+from pagellm.entrypoints.openai.forced_tool_calls import forced_constraint
 from pagellm.structured_output import StructuredOutputsParams
 
 SCHEMAS = [
@@ -99,10 +101,36 @@ def test_guidance_backend(tiny_chat_model):
               quiet=True)
     params = [_params(max_tokens=100, json=SCHEMAS[1], disable_any_whitespace=True), _params(regex=r"[0-9]{4}"),
               _params(choice=["x", "y"])]
-    outs = llm.generate(["a", "b", "c"], params, use_tqdm=False)
+    # Closed objects of bounded values: under llguidance a random model adds keys where additionalProperties
+    # is unset and writes endless decimals.
+    city = {**SCHEMAS[1], "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": n, "parameters": p}} for n, p in (("f", SCHEMAS[4]), ("g", city))]
+    required = forced_constraint(tools, None, parallel=False)
+    named = forced_constraint(tools, "g", parallel=True)
+    params += [_params(max_tokens=100, **required), _params(max_tokens=100, **named)]
+    outs = llm.generate(["a", "b", "c", "d", "e"], params, use_tqdm=False)
     jsonschema.validate(json.loads(outs[0].outputs[0].text), SCHEMAS[1])
     assert re.fullmatch(r"[0-9]{4}", outs[1].outputs[0].text) and outs[2].outputs[0].text in ("x", "y")
-    assert all(o.outputs[0].finish_reason == "stop" for o in outs)
+    assert all(o.outputs[0].finish_reason == "stop" for o in outs), [o.outputs[0].text for o in outs]
+    [call] = json.loads(outs[3].outputs[0].text)  # tool_choice "required" with parallel_tool_calls=false
+    jsonschema.validate(call["parameters"], {"f": SCHEMAS[4], "g": city}[call["name"]])
+    jsonschema.validate(json.loads(outs[4].outputs[0].text), city)  # named "g"
+    _check_reasoning_gate(llm, "hello")
+
+
+def _check_reasoning_gate(llm, prompt: str) -> None:
+    """The free run's second token stands in for `</think>`: up to it the constrained run is the
+    free one, token for token (those rows unconstrained); after it, the choice grammar holds."""
+    free = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)[0].outputs[0]
+    assert free.token_ids[0] != free.token_ids[1]
+    out = llm.generate([prompt], _params(max_tokens=20, choice=["yes", "no"], reasoning_end_ids=free.token_ids[1:]),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.token_ids[:2] == free.token_ids and out.text.startswith(free.text), out.text
+    assert out.text[len(free.text):] in ("yes", "no") and out.finish_reason == "stop", out.text
+
+
+def test_constraints_apply_after_the_reasoning_end(smollm_llm):
+    _check_reasoning_gate(smollm_llm, "The capital of France is")
 
 
 def test_a_bad_constraint_is_refused_before_anything_is_queued(smollm_llm):
