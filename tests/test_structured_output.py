@@ -69,7 +69,22 @@ def _walk(manager, tokenizer, rid: str, seed: int, max_steps: int = 200) -> str:
     raise AssertionError(f"no end within {max_steps} tokens: {tokenizer.decode(out)!r}")
 
 
+ADD_TAG = {"type": "structural_tag", "triggers": ["<function="], "structures": [
+    {"begin": "<function=add>", "end": "</function>",
+     "schema": {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}},
+                "required": ["a"], "additionalProperties": False}}]}
+
+
+def _tags_hold(text: str) -> bool:
+    """Free text, but every `<function=` opens an add call whose arguments validate."""
+    for part in text.split("<function=")[1:]:
+        assert part.startswith("add>") and "</function>" in part, text
+        jsonschema.validate(json.loads(part[len("add>"):part.index("</function>")]), ADD_TAG["structures"][0]["schema"])
+    return True
+
+
 @pytest.mark.parametrize("constraint, valid, check", [
+    ({"structural_tag": ADD_TAG}, 'Sure: <function=add>{"a": 3}</function> done.', _tags_hold),
     ({"json": PERSON}, '{"name": "Ann", "age": 41, "tags": ["b"]}', lambda t: jsonschema.validate(json.loads(t), PERSON) is None),
     ({"json_object": True}, '{"k": [1, 2.5, null]}', lambda t: isinstance(json.loads(t), dict)),
     ({"regex": r"[0-9]{3}-[a-z]+"}, "123-abc", lambda t: re.fullmatch(r"[0-9]{3}-[a-z]+", t)),
@@ -139,6 +154,30 @@ def test_a_reasoning_gate_leaves_the_output_free_until_its_end(manager, tokenize
     allowed = _allowed(manager, "gate-mask")
     assert allowed[yes[0]] and not allowed[tokenizer.encode("Hmm", add_special_tokens=False)[0]]
     manager.remove("gate-mask")
+
+
+def test_structural_tag_spellings(manager, tokenizer):
+    """xgrammar's own format; a triggered_tags format both take; a tree only xgrammar compiles."""
+    triggered = {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": ["<f="], "tags": [
+        {"begin": "<f=a>", "content": {"type": "json_schema", "json_schema": {"type": "object"}}, "end": "</f>"}]}}
+    manager.compile(StructuredOutputsParams(structural_tag=triggered))
+    tree = {"type": "structural_tag", "format": {"type": "sequence", "elements": [
+        {"type": "const_string", "value": "Answer: "}, {"type": "json_schema", "json_schema": {"type": "integer"}}]}}
+    if manager.backend.name == "xgrammar":
+        manager.compile(StructuredOutputsParams(structural_tag=tree))
+    else:
+        with pytest.raises(ValueError, match="xgrammar backend compiles any format"):
+            manager.compile(StructuredOutputsParams(structural_tag=tree))
+    _start(manager, "tag-mask", structural_tag=ADD_TAG)
+    assert _allowed(manager, "tag-mask")[tokenizer.encode("Hello", add_special_tokens=False)[0]]  # free text
+    manager.accept("tag-mask", tokenizer.encode('x <function=add>{"', add_special_tokens=False))
+    allowed = _allowed(manager, "tag-mask")  # inside the tag: only the schema's key
+    assert allowed[tokenizer.encode("a", add_special_tokens=False)[0]]
+    assert not allowed[tokenizer.encode("b", add_special_tokens=False)[0]]
+    manager.remove("tag-mask")
+    off_trigger = {**ADD_TAG, "triggers": ["<call="]}
+    with pytest.raises(ValueError, match="starts with none of the triggers"):
+        manager.compile(StructuredOutputsParams(structural_tag=off_trigger))
 
 
 def test_compiles_are_cached_by_constraint(manager):

@@ -28,7 +28,7 @@ class StructuredOutputsParams:
     regex: Optional[str] = None
     choice: Optional[list[str]] = None
     grammar: Optional[str] = None
-    structural_tag: Optional[str] = None
+    structural_tag: Optional[Union[str, dict[str, Any]]] = None
     # JSON without free whitespace between tokens (fewer tokens, no runaway "\n\n\n...").
     disable_any_whitespace: bool = False
     reasoning_end_ids: Optional[list[int]] = None
@@ -40,6 +40,8 @@ class StructuredOutputsParams:
                              f"{given or 'none'}")
         if isinstance(self.json, dict):
             self.json = json.dumps(self.json)  # key order kept: properties are generated in schema order
+        if isinstance(self.structural_tag, dict):
+            self.structural_tag = json.dumps(self.structural_tag)
         if self.choice is not None:
             if not self.choice or not all(isinstance(c, str) and c for c in self.choice):
                 raise ValueError("StructuredOutputsParams.choice: a non-empty list of non-empty strings")

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import xgrammar as xgr
 
+from pagellm.structured_output import structural_tag
 from pagellm.structured_output.params import StructuredOutputsParams
 
 
@@ -64,8 +65,8 @@ class XGrammarBackend:
                 return self._compiler.compile_grammar(f"root ::= {alternatives}")
             if kind == "grammar":
                 return self._compiler.compile_grammar(spec)
-            tag = xgr.StructuralTag.from_json(spec) if hasattr(xgr.StructuralTag, "from_json") else json.loads(spec)
-            return self._compiler.compile_structural_tag(tag)
+            return self._compiler.compile_structural_tag(json.dumps(structural_tag.xgrammar_format(
+                structural_tag.parse(spec))))
         except (RuntimeError, ValueError, TypeError) as exc:
             raise ValueError(f"the {kind} constraint does not compile: {_LOG_PREFIX.sub('', str(exc)).strip()}") from None
 
