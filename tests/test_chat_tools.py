@@ -17,6 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
 from fake_engine import ScriptedEngine
 from pagellm.entrypoints.openai.forced_tool_calls import required_schema
@@ -331,3 +332,9 @@ def test_a_tool_schema_the_backend_refuses_is_a_400_naming_it(real_client, tiny_
     reply = real_client.chat.completions.create(model="tiny", messages=HI, tools=REAL_TOOLS[:1], max_tokens=120,
                                                 tool_choice="required", temperature=0)
     _validate_calls(reply.choices[0].message.tool_calls)
+    # Metrics: requests by constraint kind, and compile times (each distinct schema compiled once).
+    metrics = {f.name: f for f in text_string_to_metric_families(tiny_chat_engine.metrics.render().decode())}
+    requests = {s.labels["constraint"]: s.value for s in metrics["pagellm:structured_output_requests"].samples
+                if s.name.endswith("_total")}
+    compiles = next(s.value for s in metrics["pagellm:grammar_compile_seconds"].samples if s.name.endswith("_count"))
+    assert requests["json"] >= 1 and compiles >= 1

@@ -23,7 +23,7 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -56,14 +56,16 @@ class _Entry:
 
 
 class StructuredOutputManager:
-    def __init__(self, backend: GrammarBackend, vocab_size: int, max_workers: int = 2) -> None:
+    def __init__(self, backend: GrammarBackend, vocab_size: int, max_workers: int = 2,
+                 on_compile: Optional[Callable[[float], None]] = None) -> None:
         self.backend = backend
         self.vocab_size = vocab_size
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="pagellm-grammar")
         self._lock = threading.Lock()  # guards the compile cache (filled from pool threads)
         self._compiled: OrderedDict[tuple, Future] = OrderedDict()
         self._requests: dict[str, _Entry] = {}
-        self.compile_seconds: list[float] = []  # per compile, for the metrics
+        self.num_compiles = 0  # cache misses
+        self._on_compile = on_compile  # seconds of each compile (the metrics' histogram)
 
     def compile(self, params: StructuredOutputsParams) -> Any:
         """Compiles now (front-end validation); ValueError naming the problem."""
@@ -92,7 +94,9 @@ class StructuredOutputManager:
         try:
             return self.backend.compile(params)
         finally:
-            self.compile_seconds.append(time.perf_counter() - start)
+            self.num_compiles += 1
+            if self._on_compile is not None:
+                self._on_compile(time.perf_counter() - start)
 
     def is_ready(self, request_id: str) -> bool:
         """Compiled (or failed: then `error` says why). Builds the request's matcher on first sight."""
