@@ -180,6 +180,18 @@ def test_structural_tag_spellings(manager, tokenizer):
         manager.compile(StructuredOutputsParams(structural_tag=off_trigger))
 
 
+def test_a_length_xgrammar_would_drop_is_refused(manager):
+    """xgrammar ignores minLength/maxLength next to a pattern or format (with a log line); we refuse it."""
+    for string in ({"type": "string", "pattern": "^[a-z]+$", "maxLength": 4},
+                   {"type": "string", "format": "email", "maxLength": 20}):
+        schema = {"type": "object", "properties": {"s": string}}
+        if manager.backend.name == "xgrammar":
+            with pytest.raises(ValueError, match="at #/properties/s, .* with minLength/maxLength is not enforced"):
+                manager.compile(StructuredOutputsParams(json=schema))
+        else:
+            manager.compile(StructuredOutputsParams(json=schema))
+
+
 def test_compiles_are_cached_by_constraint(manager):
     before = manager.num_compiles
     for _ in range(3):

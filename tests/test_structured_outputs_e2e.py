@@ -6,8 +6,10 @@ the guidance backend on a tiny model likewise (with the schemas of forced tool c
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+from types import SimpleNamespace
 
 import jsonschema
 import pytest
@@ -42,6 +44,72 @@ SCHEMAS = [
      "required": ["title", "year", "genre"], "additionalProperties": False},
 ]
 PROMPT = "Answer with JSON only. Describe something:"
+
+
+# 40 schemas for a random model: every object closed and every value bounded, so a grammar-masked
+# random walk ends (an unbounded number or an open object can run to max_tokens).
+def _obj(props, required=None):
+    return {"type": "object", "properties": props, "required": list(props) if required is None else required,
+            "additionalProperties": False}
+
+
+def _S(n):
+    return {"type": "string", "maxLength": n}
+
+
+def _I(lo, hi):
+    return {"type": "integer", "minimum": lo, "maximum": hi}
+
+
+def _E(*values):
+    return {"enum": list(values)}
+
+
+BOUNDED_SCHEMAS = [
+    _obj({"name": _S(8)}),
+    _obj({"age": _I(0, 120)}),
+    _obj({"ok": {"type": "boolean"}}),
+    _obj({"color": _E("red", "green", "blue")}),
+    _obj({"name": _S(6), "age": _I(1, 99)}),
+    _obj({"name": _S(6), "nick": _S(4)}, required=["name"]),  # optional property
+    _obj({"level": _E(1, 2, 3), "tag": {"const": "x"}}),
+    _obj({"point": _obj({"x": _I(-9, 9), "y": _I(-9, 9)})}),
+    _obj({"a": _obj({"b": _obj({"c": _E("deep")})})}),  # three levels
+    _obj({"items": {"type": "array", "items": _I(0, 9), "minItems": 1, "maxItems": 3}}),
+    _obj({"tags": {"type": "array", "items": _E("a", "b"), "minItems": 2, "maxItems": 2}}),
+    _obj({"pairs": {"type": "array", "items": _obj({"k": _E("p", "q"), "v": _I(0, 5)}), "maxItems": 2}}),
+    _obj({"matrix": {"type": "array", "items": {"type": "array", "items": _I(0, 1), "minItems": 2, "maxItems": 2},
+                    "minItems": 2, "maxItems": 2}}),
+    {"type": "array", "items": _S(5), "minItems": 1, "maxItems": 2},
+    {"type": "array", "items": _E(True, False, None), "maxItems": 3},
+    _obj({"v": {"anyOf": [_I(0, 9), {"type": "null"}]}}),
+    _obj({"v": {"anyOf": [_obj({"cat": _S(4)}), _obj({"dog": _I(0, 9)})]}}),
+    {"anyOf": [_obj({"kind": {"const": "a"}, "n": _I(0, 3)}), _obj({"kind": {"const": "b"}, "s": _S(3)})]},
+    _obj({"v": {"type": ["string", "null"], "maxLength": 5}}),
+    _obj({"code": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{3}$"}}),
+    _obj({"hex": {"type": "string", "pattern": "^#[0-9a-f]{6}$"}}),
+    _obj({"word": {"type": "string", "pattern": "^[a-z]{2,4}$"}}),
+    _obj({"day": {"type": "string", "format": "date"}}),
+    _obj({"id": {"type": "string", "format": "uuid"}}),
+    _obj({"ip": {"type": "string", "format": "ipv4"}}),
+    _obj({"score": {"type": "integer", "minimum": 10, "maximum": 20}}),
+    _obj({"neg": {"type": "integer", "minimum": -100, "maximum": -50}}),
+    _obj({"big": {"type": "integer", "minimum": 1000, "maximum": 1005}}),
+    _obj({"exclusive": {"type": "integer", "exclusiveMinimum": 0, "exclusiveMaximum": 5}}),
+    _obj({"unit": {"$ref": "#/$defs/Unit"}, "n": _I(0, 9)}) | {"$defs": {"Unit": _E("kg", "lb")}},
+    _obj({"owner": {"$ref": "#/$defs/Person"}}) | {"$defs": {"Person": _obj({"name": _S(5), "age": _I(0, 99)})}},
+    _obj({"status": _E("open", "closed"), "count": _I(0, 3), "flag": {"type": "boolean"}, "note": _S(3)}),
+    _obj({"title": {"type": "string", "minLength": 1, "maxLength": 6}, "year": _I(1900, 2100)}),
+    _obj({"empty": _obj({})}),
+    _obj({"list": {"type": "array", "items": _obj({"id": _I(0, 9)}), "minItems": 1, "maxItems": 2}}),
+    _obj({"choice": {"oneOf": [_E("x"), _E("y")]}}),
+    _obj({"lang": _E("en", "fr", "de"), "words": {"type": "array", "items": _S(4), "maxItems": 2}}),
+    _obj({"a": _I(0, 1), "b": _I(0, 1), "c": _I(0, 1), "d": _I(0, 1), "e": _I(0, 1)}),
+    _obj({"nested": {"type": "array", "items": _obj({"tags": {"type": "array", "items": _E("t"), "maxItems": 1}}),
+                    "maxItems": 2}}),
+    _E("alpha", "beta", 3, None),
+]
+
 
 
 def _params(max_tokens: int = 80, **constraint) -> SamplingParams:
@@ -116,6 +184,33 @@ def test_guidance_backend(tiny_chat_model):
     jsonschema.validate(call["parameters"], {"f": SCHEMAS[4], "g": city}[call["name"]])
     jsonschema.validate(json.loads(outs[4].outputs[0].text), city)  # named "g"
     _check_reasoning_gate(llm, "hello")
+    outs = llm.generate([f"item {i}:" for i in range(len(BOUNDED_SCHEMAS))], _bounded_params(), use_tqdm=False)
+    _assert_valid(BOUNDED_SCHEMAS, [o.outputs[0] for o in outs])
+
+
+def _assert_valid(schemas, completions) -> None:
+    for i, (schema, completion) in enumerate(zip(schemas, completions)):
+        assert completion.finish_reason == "stop", (i, completion.text)
+        jsonschema.validate(json.loads(completion.text), schema, format_checker=jsonschema.FormatChecker())
+
+
+def _bounded_params(max_tokens: int = 100) -> list[SamplingParams]:
+    return [_params(max_tokens=max_tokens, json=s, disable_any_whitespace=True) for s in BOUNDED_SCHEMAS]
+
+
+def test_forty_schemas_validate_on_the_async_engine(tiny_chat_engine):
+    """xgrammar, all 40 in flight together on the shared server engine."""
+    async def one(i: int, params: SamplingParams) -> SimpleNamespace:
+        text, finish = "", None
+        async for out in tiny_chat_engine.generate(f"item {i}:", params, f"schema-{i}"):  # deltas
+            text += out.outputs[0].text
+            finish = out.outputs[0].finish_reason
+        return SimpleNamespace(text=text, finish_reason=finish)
+
+    async def run_all():
+        return await asyncio.gather(*(one(i, p) for i, p in enumerate(_bounded_params())))
+
+    _assert_valid(BOUNDED_SCHEMAS, asyncio.run(run_all()))
 
 
 def _check_reasoning_gate(llm, prompt: str) -> None:
