@@ -168,7 +168,7 @@ def test_guidance_backend(tiny_chat_model):
     llm = LLM(tiny_chat_model, max_model_len=256, kv_cache_memory=8 << 20, structured_outputs_backend="guidance",
               quiet=True)
     params = [_params(max_tokens=100, json=SCHEMAS[1], disable_any_whitespace=True), _params(regex=r"[0-9]{4}"),
-              _params(choice=["x", "y"])]
+              _params(choice=["x", "y"]), _params(grammar='start: "(" NUM ("+" NUM)? ")"\nNUM: /[0-9]/')]  # Lark
     # Closed objects of bounded values: under llguidance a random model adds keys where additionalProperties
     # is unset and writes endless decimals.
     city = {**SCHEMAS[1], "additionalProperties": False}
@@ -176,13 +176,14 @@ def test_guidance_backend(tiny_chat_model):
     required = forced_constraint(tools, None, parallel=False)
     named = forced_constraint(tools, "g", parallel=True)
     params += [_params(max_tokens=100, **required), _params(max_tokens=100, **named)]
-    outs = llm.generate(["a", "b", "c", "d", "e"], params, use_tqdm=False)
+    outs = llm.generate(["a", "b", "c", "d", "e", "f"], params, use_tqdm=False)
     jsonschema.validate(json.loads(outs[0].outputs[0].text), SCHEMAS[1])
     assert re.fullmatch(r"[0-9]{4}", outs[1].outputs[0].text) and outs[2].outputs[0].text in ("x", "y")
     assert all(o.outputs[0].finish_reason == "stop" for o in outs), [o.outputs[0].text for o in outs]
-    [call] = json.loads(outs[3].outputs[0].text)  # tool_choice "required" with parallel_tool_calls=false
+    assert re.fullmatch(r"\([0-9](\+[0-9])?\)", outs[3].outputs[0].text)
+    [call] = json.loads(outs[4].outputs[0].text)  # tool_choice "required" with parallel_tool_calls=false
     jsonschema.validate(call["parameters"], {"f": SCHEMAS[4], "g": city}[call["name"]])
-    jsonschema.validate(json.loads(outs[4].outputs[0].text), city)  # named "g"
+    jsonschema.validate(json.loads(outs[5].outputs[0].text), city)  # named "g"
     _check_reasoning_gate(llm, "hello")
     outs = llm.generate([f"item {i}:" for i in range(len(BOUNDED_SCHEMAS))], _bounded_params(), use_tqdm=False)
     _assert_valid(BOUNDED_SCHEMAS, [o.outputs[0] for o in outs])
@@ -226,6 +227,27 @@ def _check_reasoning_gate(llm, prompt: str) -> None:
 
 def test_constraints_apply_after_the_reasoning_end(smollm_llm):
     _check_reasoning_gate(smollm_llm, "The capital of France is")
+
+
+def test_constraints_with_max_tokens_stop_strings_logprobs_and_the_prefix_cache(smollm_llm):
+    prompt = "Colors are everywhere: in the sky, in the sea, in the grass and in the flowers. " * 2 + \
+        "Which color is the sky? Answer:"  # over one 16-token block, so the prefix cache keeps some of it
+    colors = ["red", "green", "blue"]
+    cut = smollm_llm.generate([prompt], _params(max_tokens=3, json=SCHEMAS[0], disable_any_whitespace=True),
+                              use_tqdm=False)[0].outputs[0]
+    assert cut.finish_reason == "length" and len(cut.token_ids) == 3
+    first, again = (smollm_llm.generate([prompt], SamplingParams(
+        temperature=0.0, max_tokens=10, logprobs=2, structured_outputs=StructuredOutputsParams(choice=colors)),
+        use_tqdm=False)[0] for _ in range(2))
+    assert first.outputs[0].text in colors and again.outputs[0].text == first.outputs[0].text
+    assert again.num_cached_tokens > 0  # the prompt came from the prefix cache; the grammar is the same
+    assert all(len(p) >= 2 for p in first.outputs[0].logprobs)  # the model's own distribution, top 2 and more
+    word = first.outputs[0].text
+    stopped = smollm_llm.generate([prompt], SamplingParams(
+        temperature=0.0, max_tokens=10, stop=[word[1:3]], structured_outputs=StructuredOutputsParams(choice=colors)),
+        use_tqdm=False)[0].outputs[0]
+    assert stopped.finish_reason == "stop" and stopped.text == word[:1] and stopped.stop_reason == word[1:3]
+    assert not smollm_llm.llm_engine.has_unfinished_requests()
 
 
 def test_a_bad_constraint_is_refused_before_anything_is_queued(smollm_llm):
