@@ -172,7 +172,8 @@ def test_guidance_backend(tiny_chat_model):
     # Closed objects of bounded values: under llguidance a random model adds keys where additionalProperties
     # is unset and writes endless decimals.
     city = {**SCHEMAS[1], "additionalProperties": False}
-    tools = [{"type": "function", "function": {"name": n, "parameters": p}} for n, p in (("f", SCHEMAS[4]), ("g", city))]
+    tools = [{"type": "function", "function": {"name": name, "parameters": schema}}
+             for name, schema in (("f", SCHEMAS[4]), ("g", city))]
     required = forced_constraint(tools, None, parallel=False)
     named = forced_constraint(tools, "g", parallel=True)
     params += [_params(max_tokens=100, **required), _params(max_tokens=100, **named)]
