@@ -69,7 +69,22 @@ def _walk(manager, tokenizer, rid: str, seed: int, max_steps: int = 200) -> str:
     raise AssertionError(f"no end within {max_steps} tokens: {tokenizer.decode(out)!r}")
 
 
+ADD_TAG = {"type": "structural_tag", "triggers": ["<function="], "structures": [
+    {"begin": "<function=add>", "end": "</function>",
+     "schema": {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}},
+                "required": ["a"], "additionalProperties": False}}]}
+
+
+def _tags_hold(text: str) -> bool:
+    """Free text, but every `<function=` opens an add call whose arguments validate."""
+    for part in text.split("<function=")[1:]:
+        assert part.startswith("add>") and "</function>" in part, text
+        jsonschema.validate(json.loads(part[len("add>"):part.index("</function>")]), ADD_TAG["structures"][0]["schema"])
+    return True
+
+
 @pytest.mark.parametrize("constraint, valid, check", [
+    ({"structural_tag": ADD_TAG}, 'Sure: <function=add>{"a": 3}</function> done.', _tags_hold),
     ({"json": PERSON}, '{"name": "Ann", "age": 41, "tags": ["b"]}', lambda t: jsonschema.validate(json.loads(t), PERSON) is None),
     ({"json_object": True}, '{"k": [1, 2.5, null]}', lambda t: isinstance(json.loads(t), dict)),
     ({"regex": r"[0-9]{3}-[a-z]+"}, "123-abc", lambda t: re.fullmatch(r"[0-9]{3}-[a-z]+", t)),
@@ -119,12 +134,70 @@ def test_bad_constraints_name_the_problem(manager, constraint, words):
     manager.remove("bad")
 
 
+def test_a_reasoning_gate_leaves_the_output_free_until_its_end(manager, tokenizer):
+    end = tokenizer.encode("</think>", add_special_tokens=False)
+    assert len(end) > 1  # SmolLM2 has no <think> token: the gate spans tokens
+    yes = tokenizer.encode("yes", add_special_tokens=False)
+    for rid, feeds in ((f"gate-{manager.backend.name}", [[t] for t in end] + [yes]),  # one token a step
+                       (f"gate1-{manager.backend.name}", [end + yes])):  # the gate and the answer in one accept
+        _start(manager, rid, choice=["yes", "no"], reasoning_end_ids=end)
+        assert not manager.is_constraining(rid)
+        # Reasoning the grammar would refuse, with a false start of the tag in it.
+        assert manager.accept(rid, tokenizer.encode("Hmm, </thin no. <", add_special_tokens=False)) is False
+        assert not manager.is_constraining(rid)
+        done = [manager.accept(rid, ids) for ids in feeds]
+        assert manager.is_constraining(rid) and not any(done[:-1])
+        assert done[-1] or _allowed(manager, rid)[tokenizer.eos_token_id]  # "yes" was taken as the answer
+        manager.remove(rid)
+    _start(manager, "gate-mask", choice=["yes", "no"], reasoning_end_ids=end)
+    manager.accept("gate-mask", end)
+    allowed = _allowed(manager, "gate-mask")
+    assert allowed[yes[0]] and not allowed[tokenizer.encode("Hmm", add_special_tokens=False)[0]]
+    manager.remove("gate-mask")
+
+
+def test_structural_tag_spellings(manager, tokenizer):
+    """xgrammar's own format; a triggered_tags format both take; a tree only xgrammar compiles."""
+    triggered = {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": ["<f="], "tags": [
+        {"begin": "<f=a>", "content": {"type": "json_schema", "json_schema": {"type": "object"}}, "end": "</f>"}]}}
+    manager.compile(StructuredOutputsParams(structural_tag=triggered))
+    tree = {"type": "structural_tag", "format": {"type": "sequence", "elements": [
+        {"type": "const_string", "value": "Answer: "}, {"type": "json_schema", "json_schema": {"type": "integer"}}]}}
+    if manager.backend.name == "xgrammar":
+        manager.compile(StructuredOutputsParams(structural_tag=tree))
+    else:
+        with pytest.raises(ValueError, match="xgrammar backend compiles any format"):
+            manager.compile(StructuredOutputsParams(structural_tag=tree))
+    _start(manager, "tag-mask", structural_tag=ADD_TAG)
+    assert _allowed(manager, "tag-mask")[tokenizer.encode("Hello", add_special_tokens=False)[0]]  # free text
+    manager.accept("tag-mask", tokenizer.encode('x <function=add>{"', add_special_tokens=False))
+    allowed = _allowed(manager, "tag-mask")  # inside the tag: only the schema's key
+    assert allowed[tokenizer.encode("a", add_special_tokens=False)[0]]
+    assert not allowed[tokenizer.encode("b", add_special_tokens=False)[0]]
+    manager.remove("tag-mask")
+    off_trigger = {**ADD_TAG, "triggers": ["<call="]}
+    with pytest.raises(ValueError, match="starts with none of the triggers"):
+        manager.compile(StructuredOutputsParams(structural_tag=off_trigger))
+
+
+def test_a_length_xgrammar_would_drop_is_refused(manager):
+    """xgrammar ignores minLength/maxLength next to a pattern or format (with a log line); we refuse it."""
+    for string in ({"type": "string", "pattern": "^[a-z]+$", "maxLength": 4},
+                   {"type": "string", "format": "email", "maxLength": 20}):
+        schema = {"type": "object", "properties": {"s": string}}
+        if manager.backend.name == "xgrammar":
+            with pytest.raises(ValueError, match="at #/properties/s, .* with minLength/maxLength is not enforced"):
+                manager.compile(StructuredOutputsParams(json=schema))
+        else:
+            manager.compile(StructuredOutputsParams(json=schema))
+
+
 def test_compiles_are_cached_by_constraint(manager):
-    before = len(manager.compile_seconds)
+    before = manager.num_compiles
     for _ in range(3):
         manager.compile(StructuredOutputsParams(json=PERSON))
         manager.compile(StructuredOutputsParams(json=json.dumps(PERSON)))  # the same text
-    assert len(manager.compile_seconds) - before <= 1
+    assert manager.num_compiles - before <= 1
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -134,6 +207,8 @@ def test_compiles_are_cached_by_constraint(manager):
     ({"choice": []}, "non-empty"),
     ({"choice": ["a", ""]}, "non-empty"),
     ({"regex": ""}, "non-empty"),
+    ({"regex": "a", "reasoning_end_ids": []}, "reasoning_end_ids"),
+    ({"regex": "a", "reasoning_end_ids": [1, -2]}, "reasoning_end_ids"),
 ])
 def test_params_are_validated(kwargs, message):
     with pytest.raises(ValueError, match=message):

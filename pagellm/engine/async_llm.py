@@ -87,6 +87,7 @@ class AsyncLLM:
         self._intake_pool = ThreadPoolExecutor(max_workers=INTAKE_WORKERS, thread_name_prefix="pagellm-intake")
         self.metrics = EngineMetrics(model_name or default_model_name(setup),
                                      num_engines=self.config.data_parallel_size)
+        self.intake.on_grammar_compile = self.metrics.record_grammar_compile
         # Guards the OutputProcessor and the tables below: the event loop and the reader thread both use them.
         self._lock = threading.Lock()
         self._streams: dict[str, OutputStream] = {}
@@ -171,6 +172,9 @@ class AsyncLLM:
             self._check_usable()  # again, under the lock: the core may have died while we tokenized
             self._admit(len(prepared.children))
             self.intake.register(prepared)
+            constraint = prepared.children[0].sampling_params.structured_outputs
+            if constraint is not None:
+                self.metrics.record_structured_request(constraint.kind)
             self._streams[request_id] = stream
             self._tracking[request_id] = _Tracking()
         finished = False

@@ -5,6 +5,9 @@
     attach_bitmask(sched)     before the step: the allowed-token bits of each constrained row that samples
     after_step(updates)       after it: advance the matchers; a finished grammar ends its request ("stop")
 
+A constraint with `reasoning_end_ids` leaves its rows out of the bitmask until the output has
+that sequence (the manager's gate).
+
 The tokenizer (which the core otherwise never needs) and the backend load at the first
 constrained request. Logprobs stay those of the model's own distribution (taken before any
 logits processor), as for every other processor.
@@ -71,8 +74,10 @@ class CoreGrammars:
         rows: dict[str, int] = {}
         for request_id, num_tokens in sched.num_scheduled_tokens.items():
             request = scheduler.requests.get(request_id)
+            # Rows still reasoning (before the constraint's reasoning end) sample freely.
             if request_id in self._constrained and request is not None and \
-                    request.num_computed_tokens + num_tokens >= request.num_tokens:
+                    request.num_computed_tokens + num_tokens >= request.num_tokens and \
+                    self._manager.is_constraining(request_id):
                 rows[request_id] = len(rows)
         if rows:
             sched.grammar_rows = rows

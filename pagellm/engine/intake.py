@@ -81,6 +81,7 @@ class RequestIntake:
         self.model_config = model_config
         self.processor = InputProcessor(config, tokenizer, model_config)
         self._grammar_checker = None  # compiles constraints up front, so a bad one is the caller's error
+        self.on_grammar_compile = None  # called with each compile's seconds (AsyncLLM's metrics)
         self.output_processor = OutputProcessor(tokenizer)
 
     def prepare(self, request_id: str, prompt: PromptType, params: SamplingParams, kind: OutputKind,
@@ -107,7 +108,8 @@ class RequestIntake:
             eos = sorted(model_eos_token_ids(self.tokenizer, self.model_config))
             backend = make_backend(self.config.structured_outputs_backend, self.tokenizer,
                                    self.model_config.vocab_size, eos)
-            self._grammar_checker = StructuredOutputManager(backend, self.model_config.vocab_size, max_workers=1)
+            self._grammar_checker = StructuredOutputManager(backend, self.model_config.vocab_size, max_workers=1,
+                                                            on_compile=self.on_grammar_compile)
         self._grammar_checker.compile(params.structured_outputs)
 
     def register(self, prepared: PreparedRequest) -> None:

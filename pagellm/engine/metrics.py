@@ -28,6 +28,7 @@ _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.7
                  20.0, 40.0, 80.0, 160.0, 640.0)
 _ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
                 10.0, 20.0, 80.0)
+_COMPILE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
                     60.0, 120.0, 240.0, 480.0, 960.0, 1920.0)
 
@@ -91,6 +92,13 @@ class EngineMetrics:
         self.request_rejected = Counter("pagellm:request_rejected_total",
                                         "Requests refused before they were queued, by reason.",
                                         _LABELS + ["reason"], registry=r)
+        # Structured outputs: compiles are those of the front end's up-front check (cache misses only).
+        self.grammar_compile_time = histogram("pagellm:grammar_compile_seconds",
+                                              "Time to compile a structured-outputs constraint (cache misses).",
+                                              _COMPILE_BUCKETS)
+        self.structured_output_requests = Counter("pagellm:structured_output_requests_total",
+                                                  "Requests with a structured-outputs constraint, by its kind.",
+                                                  _LABELS + ["constraint"], registry=r)
         self.engine_restarts = counter("pagellm:engine_restarts_total",
                                        "Times the engine core was restarted after it died.")
         # Each core reports running totals; counters move forward by the difference (per core).
@@ -135,6 +143,12 @@ class EngineMetrics:
 
     def record_rejected(self, reason: str) -> None:
         self.request_rejected.labels(self.model_name, reason).inc()
+
+    def record_grammar_compile(self, seconds: float) -> None:
+        self.grammar_compile_time.observe(max(seconds, 0.0))
+
+    def record_structured_request(self, kind: str) -> None:
+        self.structured_output_requests.labels(self.model_name, kind).inc()
 
     def record_engine_restart(self) -> None:
         self.engine_restarts.inc()

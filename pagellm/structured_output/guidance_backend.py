@@ -1,5 +1,5 @@
-"""llguidance: JSON schema, regex, choice and Lark / GBNF grammars, with an Earley parser (no
-up-front compile of the whole grammar, so large schemas start fast)."""
+"""llguidance: JSON schema, regex, choice, Lark / GBNF grammars and structural tags of JSON-schema
+tags, with an Earley parser (no up-front compile of the whole grammar, so large schemas start fast)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import llguidance.hf
 import llguidance.torch
 import torch
 
+from pagellm.structured_output import structural_tag
 from pagellm.structured_output.params import StructuredOutputsParams
 
 _FORMATS = {"json": "json_schema", "json_object": "json_schema", "regex": "regex", "choice": "choice",
-            "grammar": "grammar"}
+            "grammar": "grammar", "structural_tag": None}
 
 
 class GuidanceMatcher:
@@ -54,7 +55,12 @@ class GuidanceBackend:
             if isinstance(schema, dict):  # llguidance's own option: no whitespace between JSON tokens
                 spec = json.dumps({**schema, "x-guidance": {"whitespace_flexible": False}})
         try:
-            grammar = llguidance.grammar_from(_FORMATS[kind], spec)
+            if kind == "structural_tag":
+                grammar = llguidance.StructTag.to_grammar([
+                    llguidance.StructTag(trigger=t.trigger, begin=t.begin, grammar=t.schema, end=t.end)
+                    for t in structural_tag.tags_of(structural_tag.parse(spec))])
+            else:
+                grammar = llguidance.grammar_from(_FORMATS[kind], spec)
         except ValueError as exc:
             raise ValueError(f"the {kind} constraint does not compile: {exc}") from None
         ok, error = _validate(grammar, self._tokenizer)

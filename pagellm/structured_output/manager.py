@@ -9,6 +9,10 @@ one bitmask per step.
 A preempted request keeps its generated tokens (only its KV is recomputed), so its matcher
 stays as it is.
 
+A request with `reasoning_end_ids` starts behind a gate: `is_constraining` is False, its rows are
+left out of the bitmask and its tokens are not given to the matcher, until the output contains
+that sequence; the tokens after it are the matcher's first.
+
 A constraint that fails to compile makes `error(request_id)` return the message; the engine
 finishes that request with an error (the front end compiles first too, so users get a 400).
 """
@@ -19,7 +23,7 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -47,24 +51,28 @@ class _Entry:
     future: Future
     matcher: Optional[Matcher] = None
     error: Optional[str] = None
+    gate: Optional[list[int]] = None  # reasoning end ids not yet seen in the output
+    tail: Optional[list[int]] = None  # the output's last tokens while gated (a gate may span tokens)
 
 
 class StructuredOutputManager:
-    def __init__(self, backend: GrammarBackend, vocab_size: int, max_workers: int = 2) -> None:
+    def __init__(self, backend: GrammarBackend, vocab_size: int, max_workers: int = 2,
+                 on_compile: Optional[Callable[[float], None]] = None) -> None:
         self.backend = backend
         self.vocab_size = vocab_size
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="pagellm-grammar")
         self._lock = threading.Lock()  # guards the compile cache (filled from pool threads)
         self._compiled: OrderedDict[tuple, Future] = OrderedDict()
         self._requests: dict[str, _Entry] = {}
-        self.compile_seconds: list[float] = []  # per compile, for the metrics
+        self.num_compiles = 0  # cache misses
+        self._on_compile = on_compile  # seconds of each compile (the metrics' histogram)
 
     def compile(self, params: StructuredOutputsParams) -> Any:
         """Compiles now (front-end validation); ValueError naming the problem."""
         return self._compiled_future(params).result()
 
     def submit(self, request_id: str, params: StructuredOutputsParams) -> None:
-        self._requests[request_id] = _Entry(self._compiled_future(params))
+        self._requests[request_id] = _Entry(self._compiled_future(params), gate=params.reasoning_end_ids, tail=[])
 
     def _compiled_future(self, params: StructuredOutputsParams) -> Future:
         key = params.cache_key()
@@ -86,7 +94,9 @@ class StructuredOutputManager:
         try:
             return self.backend.compile(params)
         finally:
-            self.compile_seconds.append(time.perf_counter() - start)
+            self.num_compiles += 1
+            if self._on_compile is not None:
+                self._on_compile(time.perf_counter() - start)
 
     def is_ready(self, request_id: str) -> bool:
         """Compiled (or failed: then `error` says why). Builds the request's matcher on first sight."""
@@ -108,6 +118,10 @@ class StructuredOutputManager:
     def has(self, request_id: str) -> bool:
         return request_id in self._requests
 
+    def is_constraining(self, request_id: str) -> bool:
+        """False while the request is still reasoning (its output is free)."""
+        return self._requests[request_id].gate is None
+
     def fill_bitmask(self, rows: dict[str, int], num_rows: int) -> torch.Tensor:
         """[num_rows, words] mask; rows of requests without a grammar allow everything."""
         bitmask = allocate_bitmask(num_rows, self.vocab_size)
@@ -118,14 +132,30 @@ class StructuredOutputManager:
     def accept(self, request_id: str, token_ids: list[int]) -> bool:
         """Advances the matcher; True when the grammar is complete. A token the grammar refuses
         (it cannot happen under the mask, except for EOS handling differences) ends it too."""
-        matcher = self._requests[request_id].matcher
+        entry = self._requests[request_id]
+        if entry.gate is not None:
+            token_ids = _past_gate(entry, token_ids)
+        matcher = entry.matcher
         for token_id in token_ids:
             if not matcher.accept_token(token_id):
                 return True
-        return matcher.is_terminated()
+        return bool(token_ids) and matcher.is_terminated()
 
     def remove(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _past_gate(entry: _Entry, token_ids: list[int]) -> list[int]:
+    """The tokens after the gate's sequence (opening the gate), or [] while it is not yet seen."""
+    gate = entry.gate
+    start = max(0, len(entry.tail) - len(gate) + 1)  # a match must end in the new tokens
+    tail = entry.tail[start:] + list(token_ids)
+    for i in range(len(tail) - len(gate) + 1):
+        if tail[i:i + len(gate)] == gate:
+            entry.gate, entry.tail = None, None
+            return tail[i + len(gate):]
+    entry.tail = tail[-(len(gate) - 1):] if len(gate) > 1 else []
+    return []

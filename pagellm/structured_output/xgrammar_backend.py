@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import xgrammar as xgr
 
+from pagellm.structured_output import structural_tag
 from pagellm.structured_output.params import StructuredOutputsParams
 
 
@@ -53,6 +54,7 @@ class XGrammarBackend:
         any_ws = not params.disable_any_whitespace
         try:
             if kind in ("json", "json_object"):
+                _refuse_ignored_features(json.loads(spec))
                 # json_object's spec is {"type": "object"}: the builtin JSON grammar would allow any value.
                 # Free whitespace, but not unbounded: small models otherwise fall into "\n\n\n..." between tokens.
                 return self._compiler.compile_json_schema(spec, any_whitespace=any_ws,
@@ -64,10 +66,26 @@ class XGrammarBackend:
                 return self._compiler.compile_grammar(f"root ::= {alternatives}")
             if kind == "grammar":
                 return self._compiler.compile_grammar(spec)
-            tag = xgr.StructuralTag.from_json(spec) if hasattr(xgr.StructuralTag, "from_json") else json.loads(spec)
-            return self._compiler.compile_structural_tag(tag)
+            return self._compiler.compile_structural_tag(json.dumps(structural_tag.xgrammar_format(
+                structural_tag.parse(spec))))
         except (RuntimeError, ValueError, TypeError) as exc:
             raise ValueError(f"the {kind} constraint does not compile: {_LOG_PREFIX.sub('', str(exc)).strip()}") from None
 
     def matcher(self, compiled: xgr.CompiledGrammar) -> XGrammarMatcher:
         return XGrammarMatcher(compiled)
+
+
+def _refuse_ignored_features(schema: Any, path: str = "#") -> None:
+    """ValueError for what xgrammar would accept but not enforce (it only logs a warning): a string
+    `pattern` or `format` together with `minLength` / `maxLength` (the lengths are dropped)."""
+    if isinstance(schema, dict):
+        shaped = [k for k in ("pattern", "format") if isinstance(schema.get(k), str)]
+        if shaped and ("minLength" in schema or "maxLength" in schema):
+            raise ValueError(f"the json constraint does not compile: at {path}, {shaped[0]} with minLength/maxLength "
+                             "is not enforced by the xgrammar backend; put the length into a pattern, or use "
+                             "--structured-outputs-backend guidance")
+        for key, value in schema.items():
+            _refuse_ignored_features(value, f"{path}/{key}")
+    elif isinstance(schema, list):
+        for i, value in enumerate(schema):
+            _refuse_ignored_features(value, f"{path}/{i}")

@@ -3,8 +3,9 @@
     tools + tool_choice "auto" (the default with tools)  -> the model may call tools; its text is
                                                              parsed with --tool-call-parser
     tool_choice "none"                                    -> tools are shown to the template, nothing is parsed
-    tool_choice "required" / a named function             -> need grammar-constrained decoding (400 until
-                                                             structured outputs land)
+    tool_choice "required" / a named function             -> forced with a grammar built from the tools' JSON
+                                                             schemas (forced_tool_calls.py), parsed by its own
+                                                             parser; needs neither flag
 
 Tools are handed to the chat template (`tools=`), as transformers' templates expect them.
 """
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from pagellm.entrypoints.openai.errors import OpenAIError
+from pagellm.entrypoints.openai.forced_tool_calls import ForcedToolParser, forced_constraint
 from pagellm.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessageIn
 from pagellm.entrypoints.openai.tool_parsers import ToolParser
 
@@ -25,6 +27,14 @@ class ToolSetup:
     template_tools: Optional[list[dict[str, Any]]]  # what the template gets as `tools`
     parser: Optional[ToolParser]  # set when the output is to be parsed for tool calls
     parallel: bool = True  # False: at most one call per choice (parallel_tool_calls=false)
+    constraint: Optional[dict[str, Any]] = None  # structured-outputs fields forcing the call ("required", named)
+    named: Optional[str] = None  # the function of a named tool_choice
+
+    @property
+    def finish_reason_on_call(self) -> str:
+        """What a choice that stopped after calling tools reports: OpenAI says "stop" for a named
+        function, "tool_calls" otherwise."""
+        return "stop" if self.named is not None else "tool_calls"
 
 
 def tool_setup(request: ChatCompletionRequest, parser_cls: Optional[type[ToolParser]], auto_enabled: bool,
@@ -50,16 +60,21 @@ def tool_setup(request: ChatCompletionRequest, parser_cls: Optional[type[ToolPar
                               param="tool_choice", code="invalid_value")
     if choice == "none":
         return ToolSetup(tools, None)
+    parallel = request.parallel_tool_calls is not False
     if choice == "required" or isinstance(choice, dict):
-        raise OpenAIError("tool_choice \"required\" and a named function need grammar-constrained decoding, which "
-                          "this server does not have yet; use \"auto\"", 400, param="tool_choice",
-                          code="unsupported_parameter")
+        named = choice["function"]["name"] if isinstance(choice, dict) else None
+        if (request.response_format or {}).get("type", "text") != "text" or request.structured_outputs is not None:
+            raise OpenAIError(f"tool_choice {'named' if named else 'required'} constrains the output itself; it "
+                              "cannot be combined with response_format or structured_outputs", 400,
+                              param="tool_choice", code="invalid_value")
+        return ToolSetup(tools, ForcedToolParser(tokenizer, tools, named), parallel=parallel,
+                         constraint=forced_constraint(tools, named, parallel), named=named)
     if not auto_enabled or parser_cls is None:
         # Without a tool_choice, auto is implied by sending tools: name the field the client sent.
         raise OpenAIError('tools with "auto" tool choice need the server started with --enable-auto-tool-choice '
                           "and --tool-call-parser", 400, param="tool_choice" if choice else "tools",
                           code="unsupported_parameter")
-    return ToolSetup(tools, parser_cls(tokenizer, tools), parallel=request.parallel_tool_calls is not False)
+    return ToolSetup(tools, parser_cls(tokenizer, tools), parallel=parallel)
 
 
 def tool_message_fields(message: ChatMessageIn) -> dict[str, Any]:

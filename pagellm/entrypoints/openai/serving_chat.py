@@ -7,6 +7,8 @@ path as `LLM.chat`, so the server and the offline API see identical prompts.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 
 from dataclasses import dataclass, field
@@ -19,6 +21,7 @@ from pagellm.entrypoints.chat_utils import render_chat
 from pagellm.entrypoints.openai.chat_output import ChoiceOutputParser
 from pagellm.entrypoints.openai.chat_tools import ToolSetup, response_format_constraint, tool_message_fields, tool_setup
 from pagellm.entrypoints.openai.errors import OpenAIError
+from pagellm.entrypoints.openai.forced_tool_calls import function_parameters
 from pagellm.entrypoints.openai.limits import ServerLimits
 from pagellm.entrypoints.openai.protocol import (
     ChatCompletionLogProb,
@@ -53,6 +56,7 @@ from pagellm.entrypoints.openai.parsed_output import DeltaMessage as ParsedDelta
 from pagellm.entrypoints.openai.reasoning import ReasoningParser
 from pagellm.entrypoints.openai.tool_parsers import ToolParser
 from pagellm.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from pagellm.sampling_params import SamplingParams
 
 # Arguments of the renderer itself; template variables with these names would change how it
 # runs (tokenize=True returns ids, not text) rather than what the template sees.
@@ -157,12 +161,13 @@ class OpenAIServingChat(OpenAIServing):
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         self.limits.check_prompt_logprobs([len(prompt_ids)], request.prompt_logprobs, "prompt_logprobs")
         params = self.build_params(request, max_tokens, logprobs, request.prompt_logprobs,
-                                   response_format_constraint(request))
+                                   tools.constraint or response_format_constraint(request))
         if tools.parser is not None and tools.parser.needs_special_tokens:
             params = params.clone()
             params.skip_special_tokens = False  # the parser must see its markers ([TOOL_CALLS], <|python_tag|>)
+        params = self._constrain_after_reasoning(params, text)
         request_id = random_id("chatcmpl")
-        prepared = await self.prepare(request_id, prompt_ids, request.cache_salt, params, request.priority)
+        prepared = await self._prepare(request_id, prompt_ids, request, params, tools)
         try:
             outputs = await start_stream(self.generate(prepared, params, request_id, arrival))
         except ValueError as exc:
@@ -171,6 +176,46 @@ class OpenAIServingChat(OpenAIServing):
         if request.stream:
             return StreamingResponse(run.stream(outputs), media_type="text/event-stream")
         return JSONResponse((await run.collect(outputs)).model_dump())
+
+    def _constrain_after_reasoning(self, params: SamplingParams, prompt: str) -> SamplingParams:
+        """Under --reasoning-parser, a constraint starts after the reasoning's closing tag (unless the
+        prompt already closed it): the thinking is free text, the answer follows the grammar."""
+        constraint, parser = params.structured_outputs, self.reasoning_parser
+        if constraint is None or parser is None or constraint.reasoning_end_ids is not None or \
+                parser.prompt_closes_reasoning(prompt):
+            return params
+        params = params.clone()
+        params.structured_outputs = dataclasses.replace(constraint, reasoning_end_ids=parser.end_ids)
+        return params
+
+    async def _prepare(self, request_id: str, prompt_ids: list[int], request: ChatCompletionRequest,
+                       params: SamplingParams, tools: ToolSetup):
+        try:
+            return await self.prepare(request_id, prompt_ids, request.cache_salt, params, request.priority)
+        except OpenAIError as exc:
+            if tools.constraint is None or "does not compile" not in exc.message:
+                raise
+            raise await self._tool_schema_error(request_id, prompt_ids, request, params, tools, exc) from None
+
+    async def _tool_schema_error(self, request_id: str, prompt_ids: list[int], request: ChatCompletionRequest,
+                                 params: SamplingParams, tools: ToolSetup, error: OpenAIError) -> OpenAIError:
+        """A forced tool choice whose grammar does not compile: names the function whose parameters
+        schema the backend refuses (each one compiled alone; only on this error path)."""
+        candidates = [(i, t) for i, t in enumerate(tools.template_tools or [])
+                      if tools.named is None or t["function"]["name"] == tools.named]
+        for i, tool in candidates:
+            probe = params.clone()
+            probe.structured_outputs = dataclasses.replace(
+                probe.structured_outputs, json=json.dumps(function_parameters(tool)), reasoning_end_ids=None)
+            try:
+                await self.prepare(request_id, prompt_ids, request.cache_salt, probe, request.priority)
+            except OpenAIError as exc:
+                name = tool["function"]["name"]
+                return OpenAIError(f"the parameters schema of function {name!r} cannot be enforced: {exc.message}",
+                                   400, param=f"tools.{i}.function.parameters", code="invalid_value")
+        names = [t["function"]["name"] for _, t in candidates]
+        return OpenAIError(f"the tools' parameters schemas ({names}) cannot be enforced together for tool_choice "
+                           f"\"required\": {error.message}", 400, param="tools", code="invalid_value")
 
     @staticmethod
     def _reject_unsupported(request: ChatCompletionRequest) -> None:
@@ -215,7 +260,7 @@ class _Run:
         if delta.finish_reason is not None:
             choice.finish_reason, choice.stop_reason = delta.finish_reason, delta.stop_reason
             if choice.parser is not None and choice.parser.tools_called and delta.finish_reason == "stop":
-                choice.finish_reason = "tool_calls"
+                choice.finish_reason = self.tools.finish_reason_on_call
         return self._one_call_only(parsed), logprobs
 
     def _one_call_only(self, parsed: Optional[ParsedDelta]) -> Optional[ParsedDelta]:

@@ -39,6 +39,18 @@ class ReasoningParser:
         content = "".join(p.content or "" for p in parts if p)
         return reasoning or None, content or None
 
+    @property
+    def end_ids(self) -> Optional[list[int]]:
+        """The closing tag's token ids (None without a tokenizer)."""
+        return list(self._end_ids) if self._end_ids is not None else None
+
+    def prompt_closes_reasoning(self, prompt: str) -> bool:
+        """Whether the prompt's last reasoning tag is a closing one (Qwen3's enable_thinking=False
+        template writes `<think></think>`): the output then starts past the reasoning. A prompt
+        whose last tag opens a block (DeepSeek-R1's template), or with no tag, does not. On the
+        text: a tag that is not one special token tokenizes differently in context."""
+        return prompt.rfind(self.end_tag) > prompt.rfind(self.start_tag)
+
     def reasoning_ended(self, sequence: Union[str, Sequence[int]]) -> bool:
         """Whether the closing tag occurs in `sequence` (text, or token ids with a tokenizer).
 
@@ -126,3 +138,4 @@ def _longest_tag_prefix_suffix(text: str, tag: str) -> int:
 def _message(reasoning: list[str], content: list[str]) -> Optional[DeltaMessage]:
     msg = DeltaMessage(reasoning_content="".join(reasoning) or None, content="".join(content) or None)
     return None if msg.is_empty() else msg
+
