@@ -290,5 +290,6 @@ def test_engine_greedy_identical_with_fast_paths_on_and_off(smollm_path, fast_pa
     layers = slow_runner.model.model.layers
     assert (layers[0].mlp.down_proj.packed is None) == ("cpu_weight_prepack" in off)
     assert layers[0].input_layernorm.use_cpu_kernel == ("cpu_fused_ops" not in off)
+    assert layers[0].self_attn.rotary_emb.use_cpu_kernel == ("cpu_fused_ops" not in off)
     slow = [o.outputs[0].token_ids for o in slow_llm.generate(FAST_PATH_PROMPTS, params, use_tqdm=False)]
     assert slow == fast_path_tokens

@@ -12,12 +12,21 @@ import torch
 
 from pagellm.attention.backend import AttentionMetadata
 from pagellm.attention.kv_quant import KVQuant
-from pagellm.attention.torch_backend import TorchAttentionBackend
+from pagellm.attention.torch_backend import TorchAttentionBackend, write_cache
 from pagellm.ops.kv_quant_cpu import load_kv_quant_ops, quantized_decode_attention
 
 
 class CpuAttentionBackend(TorchAttentionBackend):
     name = "cpu"
+
+    @staticmethod
+    def _write_cache(k, v, k_cache, v_cache, slot_mapping: torch.Tensor, kv_quant: KVQuant | None = None) -> None:
+        # One C++ pass for a plain cache (the backend exists only when the kernels built); a
+        # quantized cache quantizes as it writes, in kv_quant's own code.
+        if kv_quant is None and (k.dtype is k_cache.dtype or k.dtype is torch.float32) and slot_mapping.numel():
+            torch.ops.pagellm_cpu.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+            return
+        write_cache(k, v, k_cache, v_cache, slot_mapping, kv_quant)
 
     def _decode(self, q, k_cache, v_cache, md: AttentionMetadata, scale, sliding_window, logit_softcap,
                 out, kv_quant=None) -> None:

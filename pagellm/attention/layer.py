@@ -31,16 +31,18 @@ class Attention(nn.Module):
         self.v_scale = 1.0
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: [T, Hq*D], k/v: [T, Hkv*D] -> [T, Hq*D]."""
+        """q: [T, Hq*D] or [T, Hq, D], k/v: [T, Hkv*D] or [T, Hkv, D] -> [T, Hq*D]."""
         if self.kv_cache is None or self.backend is None:
             raise RuntimeError("Attention layer has no KV cache bound; the model runner binds it at start-up")
         md = get_forward_context().attn_metadata
         t = q.shape[0]
-        quant = {} if self.kv_quant is None else {"kv_quant": self.kv_quant}
-        out = self.backend.forward(
-            q.view(t, self.num_heads, self.head_dim),
-            k.view(t, self.num_kv_heads, self.head_dim),
-            v.view(t, self.num_kv_heads, self.head_dim),
-            self.kv_cache, md, self.scale, self.sliding_window, self.logit_softcap, **quant,
-        )
+        # Views only where needed: each is a dispatch (~0.8 us), 30-60 of them a decode step.
+        if q.dim() == 2:
+            q = q.view(t, self.num_heads, self.head_dim)
+        if k.dim() == 2:
+            k = k.view(t, self.num_kv_heads, self.head_dim)
+        if v.dim() == 2:
+            v = v.view(t, self.num_kv_heads, self.head_dim)
+        out = self.backend.forward(q, k, v, self.kv_cache, md, self.scale, self.sliding_window, self.logit_softcap,
+                                   kv_quant=self.kv_quant)
         return out.reshape(t, self.num_heads * self.head_dim)

@@ -35,7 +35,7 @@ class TorchAttentionBackend(AttentionBackend):
                 sliding_window: int | None = None, logit_softcap: float | None = None,
                 kv_quant: KVQuant | None = None) -> torch.Tensor:
         k_cache, v_cache = kv_cache[0], kv_cache[1]
-        write_cache(k, v, k_cache, v_cache, metadata.slot_mapping, kv_quant)
+        self._write_cache(k, v, k_cache, v_cache, metadata.slot_mapping, kv_quant)
         out = torch.empty_like(q)
         if metadata.decode_indices:
             self._decode(q, k_cache, v_cache, metadata, scale, sliding_window, logit_softcap, out, kv_quant)
@@ -48,6 +48,10 @@ class TorchAttentionBackend(AttentionBackend):
             out[start:end] = attend(q[start:end].unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
                                     mask.unsqueeze(0), scale, logit_softcap).squeeze(0)
         return out
+
+    @staticmethod
+    def _write_cache(k, v, k_cache, v_cache, slot_mapping: torch.Tensor, kv_quant: KVQuant | None = None) -> None:
+        write_cache(k, v, k_cache, v_cache, slot_mapping, kv_quant)
 
     def _decode(self, q, k_cache, v_cache, md: AttentionMetadata, scale, sliding_window, logit_softcap,
                 out, kv_quant: KVQuant | None = None) -> None:

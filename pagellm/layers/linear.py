@@ -170,6 +170,7 @@ class MergedLinear(Linear):
         for shard, (_, part) in self.shard_parts.items():
             self.shard_offsets[shard] = (offset, part.size)
             offset += part.size
+        self.split_sizes = [size for _, size in self.shard_offsets.values()]
         self.loaded_shards: set[str] = set()  # weight shards filled so far (a quantized method fuses them)
 
     def checkpoint_shard(self, name: str, tensor: torch.Tensor, shard: Optional[str] = None) -> torch.Tensor:
@@ -196,7 +197,8 @@ class MergedLinear(Linear):
         self.method.load(self, name, tensor, shard)
 
     def split(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return out.split([size for _, size in self.shard_offsets.values()], dim=-1)
+        # split_with_sizes directly: Tensor.split's Python wrapper cost half of the call (~2 us).
+        return out.split_with_sizes(self.split_sizes, dim=-1)
 
 
 def quantize_linear_layers(model: nn.Module, online) -> int:

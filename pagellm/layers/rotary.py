@@ -37,6 +37,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin_cache", emb.sin() * attention_scaling, persistent=False)
         # Partial rotary (e.g. Phi-4-mini): only the first `rotary_dim` dims of a head rotate.
         self.rotary_dim = 2 * inv_freq.numel()
+        self.use_cpu_kernel = False  # set by enable_cpu_kernels(): one C++ call in place of ~20 torch ops
+
+    def enable_cpu_kernel(self) -> None:
+        self.use_cpu_kernel = True
 
     @staticmethod
     def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -44,7 +48,11 @@ class RotaryEmbedding(nn.Module):
         return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, Hq, D], k: [T, Hkv, D]; positions: [T]."""
+        """q: [T, Hq, D], k: [T, Hkv, D]; positions: [T]. The C++ kernel (float32 on the CPU)
+        rotates q and k in place and returns them; the torch code returns new tensors."""
+        if self.use_cpu_kernel and q.dtype is torch.float32 and k.dtype is torch.float32 and not q.is_cuda:
+            torch.ops.pagellm_cpu.rotary_embedding(positions, q, k, self.cos_cache, self.sin_cache)
+            return q, k
         cos, sin = self._rows(positions, q.dtype)
         d = self.rotary_dim
         if d == q.shape[-1]:

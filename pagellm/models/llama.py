@@ -75,7 +75,7 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary_emb(positions, q, k)
-        out = self.attn(q.reshape(t, -1), k.reshape(t, -1), v)
+        out = self.attn(q, k, v)  # [T, H, D] views: Attention takes them as they are
         return self.o_proj(out)
 
 

@@ -1,6 +1,7 @@
-"""The engine's C++ CPU kernels (`csrc/cpu_ops.cpp`): built on first use, then called via torch.ops.
+"""The engine's C++ CPU kernels (`csrc/cpu_ops.cpp`, `csrc/rotary_ops.cpp`): built on first use,
+then called via torch.ops.
 
-torch.utils.cpp_extension compiles the file with the machine's C++ compiler (about 30 s once;
+torch.utils.cpp_extension compiles the files with the machine's C++ compiler (about 30 s once;
 the result is cached under ~/.cache/torch_extensions, rebuilt when the source or its headers
 change). Where the build fails (no compiler), `load_cpu_ops()` says why once and returns False;
 callers fall back to the pure-torch code, which stays the reference these kernels are tested against.
@@ -23,7 +24,7 @@ from pagellm.layers.utils import call_on_layers
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_ops.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_ops.cpp", "rotary_ops.cpp")]
 # OpenMP gives at::parallel_for its threads (torch's own runtime, already loaded).
 CFLAGS = ["-O3", "-fopenmp"]
 ISA_NAMES = ("scalar", "avx2", "avx512")  # cpu_isa.h's Isa enum, in order
@@ -38,8 +39,8 @@ def load_cpu_ops() -> bool:
     try:
         from torch.utils.cpp_extension import load
 
-        load(name="pagellm_cpu_ops", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
-             is_python_module=False, verbose=False)
+        load(name="pagellm_cpu_ops", sources=[str(p) for p in SOURCES], extra_cflags=CFLAGS,
+             extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as exc:  # no compiler, no ninja, a broken toolchain: run on the torch code instead
         lines = str(exc).strip().splitlines() or [""]
         why = next((line for line in lines if "error" in line.lower()), lines[-1])
@@ -61,5 +62,6 @@ def active_isa() -> str:
 
 
 def enable_cpu_kernels(model: torch.nn.Module) -> int:
-    """Switches every layer that has a C++ CPU kernel (RMSNorm, SiLU-and-mul) to it; returns the count."""
+    """Switches every layer that has a C++ CPU kernel (RMSNorm, SiLU-and-mul, rotary embedding) to it;
+    returns the count."""
     return call_on_layers(model, "enable_cpu_kernel")

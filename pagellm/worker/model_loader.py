@@ -77,7 +77,7 @@ def apply_cpu_switches(model: torch.nn.Module, config: EngineConfig) -> None:
         logger.info("int8 decode activations on for the layers with GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks "
                     "(GPTQ/AWQ/pack-quantized weights included: they are repacked into Q4_0/Q8_0)")
     if config.cpu_fused_ops and load_cpu_ops():
-        logger.info("C++ CPU kernels for %d norm/activation layers", enable_cpu_kernels(model))
+        logger.info("C++ CPU kernels for %d norm/activation/rotary layers", enable_cpu_kernels(model))
 
 
 def model_weight_bytes(model: torch.nn.Module) -> int:

@@ -177,10 +177,13 @@ class GGUFLinearMethod(ShardCollector, LinearMethod):
             return self._apply_gpu(layer, x, skip_bias)
         if self.parts:
             out = torch.cat([self._apply_part(p, x, int8) for p in self.parts], dim=-1)
-        elif self.tiled:
-            out = gguf_tiled_linear(x, layer.qweight, layer.ggml_type, layer.tiled_rows, int8).to(x.dtype)
         else:
-            out = gguf_linear(x, layer.qweight, layer.ggml_type, layer.qweight.shape[0], int8).to(x.dtype)
+            if self.tiled:
+                out = gguf_tiled_linear(x, layer.qweight, layer.ggml_type, layer.tiled_rows, int8)
+            else:
+                out = gguf_linear(x, layer.qweight, layer.ggml_type, layer.qweight.shape[0], int8)
+            if out.dtype != x.dtype:  # the kernels write float32; a no-op .to() still costs a dispatch
+                out = out.to(x.dtype)
         bias = None if skip_bias else getattr(layer, "bias", None)
         return out if bias is None else out + bias
 

@@ -316,8 +316,10 @@ void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tenso
               "seq_lens must be a contiguous int32 [batch] tensor");
   int64_t longest = 0;
   if (seq_lens.numel() > 0) {
-    // The kernel reads table entries up to each length without further checks.
-    longest = seq_lens.max().item<int64_t>();
+    // The kernel reads table entries up to each length without further checks. (A plain loop:
+    // seq_lens.max().item() was two aten calls per layer.)
+    const int32_t* lens = seq_lens.data_ptr<int32_t>();
+    longest = *std::max_element(lens, lens + seq_lens.numel());
     TORCH_CHECK(longest <= block_tables.size(1) * k_cache.size(1),
                 "a seq_len (", longest, ") is longer than its block table covers");
   }

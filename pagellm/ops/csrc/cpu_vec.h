@@ -79,6 +79,7 @@ struct Avx2 {
   PAGELLM_AVX2_FN static R zero() { return _mm256_setzero_ps(); }
   PAGELLM_AVX2_FN static R set1(float v) { return _mm256_set1_ps(v); }
   PAGELLM_AVX2_FN static R add(R a, R b) { return _mm256_add_ps(a, b); }
+  PAGELLM_AVX2_FN static R sub(R a, R b) { return _mm256_sub_ps(a, b); }
   PAGELLM_AVX2_FN static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
   PAGELLM_AVX2_FN static R div(R a, R b) { return _mm256_div_ps(a, b); }
   PAGELLM_AVX2_FN static R fmadd(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
@@ -127,6 +128,7 @@ struct Avx512 {
   PAGELLM_AVX512_FN static R zero() { return _mm512_setzero_ps(); }
   PAGELLM_AVX512_FN static R set1(float v) { return _mm512_set1_ps(v); }
   PAGELLM_AVX512_FN static R add(R a, R b) { return _mm512_add_ps(a, b); }
+  PAGELLM_AVX512_FN static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
   PAGELLM_AVX512_FN static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
   PAGELLM_AVX512_FN static R div(R a, R b) { return _mm512_div_ps(a, b); }
   PAGELLM_AVX512_FN static R fmadd(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }

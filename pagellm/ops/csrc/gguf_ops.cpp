@@ -357,7 +357,10 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& w, int64_t type, i
   const int64_t K = x.size(-1);
   check_weight(w, type, out_features, K);
   TORCH_CHECK(x.device().is_cpu(), "gguf_linear runs on the CPU");
-  const at::Tensor x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();
+  // A decode step's activations are already 2-D contiguous float32: skip the no-op reshape / to /
+  // contiguous / view, a dispatch each, four linears a layer.
+  const bool flat = x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous();
+  const at::Tensor x2 = flat ? x : x.reshape({-1, K}).to(at::kFloat).contiguous();
   at::Tensor out = at::empty({x2.size(0), out_features}, x2.options());
   if (x2.size(0) > 0) {
     if (kquant_block_bytes(type)) {
@@ -368,6 +371,7 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& w, int64_t type, i
       GGUF_TYPE_SWITCH(type, linear_typed, x2, w, out);
     }
   }
+  if (x.dim() == 2) return out;
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = out_features;
   return out.view(shape);

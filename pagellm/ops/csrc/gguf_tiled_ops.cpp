@@ -621,7 +621,8 @@ at::Tensor tiled_linear(const at::Tensor& x, const at::Tensor& w, int64_t type, 
   const int64_t K = x.size(-1);
   check_tiled(w, type, N, K);
   TORCH_CHECK(x.device().is_cpu(), "tiled_linear runs on the CPU");
-  const at::Tensor x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();
+  const bool flat = x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous();  // decode: no-op casts skipped
+  const at::Tensor x2 = flat ? x : x.reshape({-1, K}).to(at::kFloat).contiguous();
   at::Tensor out = at::empty({x2.size(0), N}, x2.options());
   const int64_t M = x2.size(0);
   if (M > 0 && (M <= kFusedMaxRows || int8_activations)) {
@@ -629,6 +630,7 @@ at::Tensor tiled_linear(const at::Tensor& x, const at::Tensor& w, int64_t type, 
   } else if (M > 0) {
     TILED_TYPE_SWITCH(type, linear_dense_slabs, x2, w, N, out);
   }
+  if (x.dim() == 2) return out;
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
   return out.view(shape);
