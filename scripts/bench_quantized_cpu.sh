@@ -13,13 +13,13 @@ echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2); AVX-512: $(grep
 
 echo "== batch-1 decode: llama-bench tg128 vs pagellm bench latency (exact and int8 activations)"
 "$LLAMA_BIN/llama-bench" -m "$MODEL" -t 2 -p 0 -n 128 -r 3 -o md | tee "$OUT/llama-bench.md"
-for flags in "" "--cpu-int8-activations"; do
+for flags in "" "--cpu-int8-activations" "--cpu-gguf-tiles false"; do
   $PAGELLM bench latency --batch-size 1 --input-len 128 --output-len 128 --num-iters-warmup 1 --num-iters 3 \
       --max-model-len 512 --disable-tqdm --result-dir "$OUT" $flags | tail -4
 done
 
 echo "== throughput, random 64 x 128/128: quantized (default) vs fp32 (--quantization none), KV fp8"
-for flags in "" "--quantization none" "--kv-cache-dtype fp8"; do
+for flags in "" "--cpu-int8-activations" "--quantization none" "--kv-cache-dtype fp8"; do
   $PAGELLM bench throughput --dataset random --num-prompts 64 --input-len 128 --output-len 128 \
       --disable-tqdm --result-dir "$OUT" $flags | tail -3
 done
@@ -35,7 +35,9 @@ PATH="$LLAMA_BIN:$PATH" $PY -m pagellm.benchmarks.peers llama-server --port 8081
 PEER=$!
 wait_up http://127.0.0.1:8081 && bench_serve http://127.0.0.1:8081 llama-server
 kill $PEER; wait $PEER 2>/dev/null || true
-$PAGELLM serve --port 8082 --served-model-name smollm2 --disable-uvicorn-access-log > "$OUT/pagellm-serve.log" 2>&1 &
-SERVER=$!
-wait_up http://127.0.0.1:8082 && bench_serve http://127.0.0.1:8082 pagellm
-kill $SERVER; wait $SERVER 2>/dev/null || true
+for flags in "" "--cpu-int8-activations"; do
+  $PAGELLM serve --port 8082 --served-model-name smollm2 --disable-uvicorn-access-log $flags > "$OUT/pagellm-serve.log" 2>&1 &
+  SERVER=$!
+  wait_up http://127.0.0.1:8082 && bench_serve http://127.0.0.1:8082 "pagellm${flags:+-int8}"
+  kill $SERVER; wait $SERVER 2>/dev/null || true
+done
