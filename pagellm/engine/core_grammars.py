@@ -10,8 +10,8 @@ A constraint with `reasoning_end_ids` leaves its rows out of the bitmask until t
 that sequence (the manager's gate).
 
 The tokenizer (which the core otherwise never needs) and the backend load at the first
-constrained request. Logprobs stay those of the model's own distribution (taken before any
-logits processor), as for every other processor.
+constrained request. The runner applies the bitmask to the logits before the sampler, so logprobs
+are those of the constrained distribution.
 """
 
 from __future__ import annotations
