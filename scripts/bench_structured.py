@@ -107,7 +107,10 @@ def bench_throughput(llm: LLM, probe: StepProbe, args) -> dict:
         "json_schema": SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True,
                                       structured_outputs=constraint),
     }
-    llm.chat(conversations[:2], params["json_schema"], use_tqdm=False)  # warm: tokenizer, backend, grammar
+    # Warm both paths at the full batch (first-use costs of batch shapes; tokenizer, backend, grammar).
+    for warm in (None, constraint):
+        llm.chat(conversations, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True,
+                                               structured_outputs=warm), use_tqdm=False)
     probe.take()
     runs = []
     for repeat in range(args.repeats):
