@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 from types import SimpleNamespace
 
@@ -242,7 +243,10 @@ def test_constraints_with_max_tokens_stop_strings_logprobs_and_the_prefix_cache(
         use_tqdm=False)[0] for _ in range(2))
     assert first.outputs[0].text in colors and again.outputs[0].text == first.outputs[0].text
     assert again.num_cached_tokens > 0  # the prompt came from the prefix cache; the grammar is the same
-    assert all(len(p) >= 2 for p in first.outputs[0].logprobs)  # the model's own distribution, top 2 and more
+    # Logprobs are of the constrained distribution: what the grammar forbids has none to give.
+    assert all(len(p) >= 2 for p in first.outputs[0].logprobs)
+    assert all(sum(math.exp(e.logprob) for e in p.values()) < 1 + 1e-4 for p in first.outputs[0].logprobs)
+    assert any(abs(p[t].logprob) < 1e-4 for t, p in zip(first.outputs[0].token_ids, first.outputs[0].logprobs))
     word = first.outputs[0].text
     stopped = smollm_llm.generate([prompt], SamplingParams(
         temperature=0.0, max_tokens=10, stop=[word[1:3]], structured_outputs=StructuredOutputsParams(choice=colors)),

@@ -2,20 +2,22 @@
 
     add(request)              compile its constraint in the background (cached by constraint)
     is_ready(request)         the scheduler's admission check: only compiled requests start
-    attach_bitmask(sched)     before the step: the allowed-token bits of each constrained row that samples
+    attach_bitmask(sched)     before the step: the allowed-token bits of each constrained row that samples,
+                              filled on a thread while the step's forward runs (the runner waits for it)
     after_step(updates)       after it: advance the matchers; a finished grammar ends its request ("stop")
 
 A constraint with `reasoning_end_ids` leaves its rows out of the bitmask until the output has
 that sequence (the manager's gate).
 
 The tokenizer (which the core otherwise never needs) and the backend load at the first
-constrained request. Logprobs stay those of the model's own distribution (taken before any
-logits processor), as for every other processor.
+constrained request. The runner applies the bitmask to the logits before the sampler, so logprobs
+are those of the constrained distribution.
 """
 
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Optional
 
 from pagellm.core.scheduler import RequestUpdate, Scheduler, SchedulerOutput
@@ -32,6 +34,10 @@ class CoreGrammars:
         self._load_tokenizer = load_tokenizer
         self._manager = None
         self._constrained: set[str] = set()
+        # One thread fills the step's bitmask while the forward runs; matchers are touched by one
+        # thread at a time: every other use of them first waits for the fill in flight.
+        self._fill_pool: Optional[ThreadPoolExecutor] = None
+        self._pending_fill = None
 
     def _get_manager(self):
         if self._manager is None:
@@ -80,10 +86,28 @@ class CoreGrammars:
                     self._manager.is_constraining(request_id):
                 rows[request_id] = len(rows)
         if rows:
+            from pagellm.structured_output.bitmask import fill_in_background
+
+            if self._fill_pool is None:
+                self._fill_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagellm-bitmask")
+            self._wait_for_fill()
+            manager = self._manager
             sched.grammar_rows = rows
-            sched.grammar_bitmask = self._manager.fill_bitmask(rows, len(rows))
+            sched.grammar_bitmask = self._pending_fill = fill_in_background(
+                self._fill_pool, lambda: manager.fill_bitmask(rows, len(rows)))
+
+    def _wait_for_fill(self) -> None:
+        """Waits for the bitmask fill in flight (if any), so nothing else touches a matcher meanwhile.
+        Its error, if it failed, is the step's (the runner raised it); it is not raised again here."""
+        pending, self._pending_fill = self._pending_fill, None
+        if pending is not None:
+            try:
+                pending.result()
+            except Exception:  # noqa: BLE001 - already reported by the step that used it
+                pass
 
     def after_step(self, updates: list[RequestUpdate], scheduler: Scheduler) -> None:
+        self._wait_for_fill()
         for update in updates:
             if update.req_id not in self._constrained:
                 continue
@@ -95,6 +119,7 @@ class CoreGrammars:
                 self.remove([update.req_id])
 
     def remove(self, request_ids: Iterable[str]) -> None:
+        self._wait_for_fill()
         for request_id in request_ids:
             if request_id in self._constrained:
                 self._constrained.discard(request_id)

@@ -19,7 +19,6 @@ captures the decode CUDA graphs.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Iterable, Optional
 
@@ -210,10 +209,9 @@ class ModelRunner:
             return sampled, logprobs_out
         states, sample_rows = inputs.states, inputs.sample_rows
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        metadata = inputs.sampling_metadata
         if sched.grammar_bitmask is not None:
-            metadata = dataclasses.replace(metadata, allowed_token_mask=self._grammar_mask(sched, inputs, logits))
-        out = self.sampler(logits, metadata)
+            self._apply_grammar(sched, inputs, logits)
+        out = self.sampler(logits, inputs.sampling_metadata)
         # The sampled ids (and requested logprobs) are the step's only reads back to the host.
         tokens = out.sampled_token_ids.tolist()
         want = [j for j, i in enumerate(sample_rows) if states[i].sampling_params.logprobs is not None]
@@ -230,19 +228,20 @@ class ModelRunner:
                 logprobs_out[state.req_id] = [(ids[:k + 1], lps[:k + 1], rank)]
         return sampled, logprobs_out
 
-    def _grammar_mask(self, sched: SchedulerOutput, inputs: StepInputs, logits: torch.Tensor) -> torch.Tensor:
-        """[S, V] bool from the core's packed bitmask: grammar rows as allowed, other rows unconstrained;
-        logits columns past the bitmask's vocabulary (padding) are never allowed to a constrained row."""
-        from pagellm.structured_output.backend import bitmask_to_bool
+    def _apply_grammar(self, sched: SchedulerOutput, inputs: StepInputs, logits: torch.Tensor) -> None:
+        """Bans, in place, the tokens each constrained row's grammar forbids (and the padding columns
+        past the vocabulary). Done before the sampler, so greedy and random rows, and logprobs, all
+        see the constrained distribution. Waits here for the bitmask the core filled during the forward."""
+        from pagellm.structured_output.bitmask import apply_bitmask_, resolve_bitmask
 
-        allowed = bitmask_to_bool(sched.grammar_bitmask, min(self.vocab_size, logits.shape[1]))
-        mask = torch.ones(logits.shape, dtype=torch.bool)
+        bitmask = resolve_bitmask(sched.grammar_bitmask)
+        logit_rows, bitmask_rows = [], []
         for j, i in enumerate(inputs.sample_rows):
             row = sched.grammar_rows.get(inputs.states[i].req_id)
             if row is not None:
-                mask[j, :allowed.shape[1]] = allowed[row]
-                mask[j, allowed.shape[1]:] = False
-        return mask.to(logits.device)
+                logit_rows.append(j)
+                bitmask_rows.append(row)
+        apply_bitmask_(logits, bitmask, logit_rows, bitmask_rows, min(self.vocab_size, logits.shape[1]))
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs) -> dict[str, LogprobsLists]:
         """Logprobs of the prompt tokens each chunk predicts (teacher forcing), from raw logits."""
