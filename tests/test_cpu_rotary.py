@@ -170,3 +170,30 @@ def test_write_kv_cache_rejects_bad_arguments():
         op(k, v.double(), cache[0], cache[1], torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="k_cache/v_cache must be contiguous"):
         op(k, v, cache[0], cache[1].to(torch.bfloat16), torch.tensor([0, 1]))
+
+
+def test_write_kv_cache_fp8_matches_quantize_then_index_copy():
+    """The fp8 cache's write: clamp(x / scale) in e4m3 at the slots, bit for bit kv_quant's torch
+    code (large values saturate at 448, tiny ones round to zero or subnormals)."""
+    from pagellm.attention.kv_quant import KVQuant
+
+    gen = torch.Generator().manual_seed(4)
+    for t in (1, 5, 37):
+        for hkv, d in ((3, 64), (2, 40)):
+            _, _, k, v = _fused_qkv(gen, t, 2 * hkv, hkv, d)
+            v = v.view(t, hkv, d) * 300.0  # saturates some values at scale 0.5
+            k = k * 1e-3
+            cache, slots = _cache_and_slots(gen, t, hkv, d, torch.float32)
+            cache = cache.to(torch.float8_e4m3fn)
+            quant = KVQuant("fp8", k_scale=0.02, v_scale=0.5)
+            want = cache.clone()
+            write_cache(k, v, want[0], want[1], slots, quant)
+            CpuAttentionBackend._write_cache(k, v, cache[0], cache[1], slots, quant)
+            assert torch.equal(cache.view(torch.uint8), want.view(torch.uint8)), (t, hkv, d)
+    op = torch.ops.pagellm_cpu.write_kv_cache_fp8
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        op(k, v, cache[0].float(), cache[1].float(), slots, 1.0, 1.0)
+    with pytest.raises(ValueError, match="scales must be positive"):
+        op(k, v, cache[0], cache[1], slots, 0.0, 1.0)
+    with pytest.raises(ValueError, match="float32"):
+        op(k.bfloat16(), v.bfloat16(), cache[0], cache[1], slots, 1.0, 1.0)

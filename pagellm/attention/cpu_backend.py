@@ -21,10 +21,16 @@ class CpuAttentionBackend(TorchAttentionBackend):
 
     @staticmethod
     def _write_cache(k, v, k_cache, v_cache, slot_mapping: torch.Tensor, kv_quant: KVQuant | None = None) -> None:
-        # One C++ pass for a plain cache (the backend exists only when the kernels built); a
-        # quantized cache quantizes as it writes, in kv_quant's own code.
-        if kv_quant is None and (k.dtype is k_cache.dtype or k.dtype is torch.float32) and slot_mapping.numel():
+        # One C++ pass for a plain or an fp8 cache (the backend exists only when the kernels built);
+        # an int8 cache quantizes as it writes, in kv_quant's own code.
+        if not slot_mapping.numel():
+            return
+        if kv_quant is None and (k.dtype is k_cache.dtype or k.dtype is torch.float32):
             torch.ops.pagellm_cpu.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+            return
+        if kv_quant is not None and kv_quant.kind == "fp8" and k.dtype is torch.float32 and v.dtype is torch.float32:
+            torch.ops.pagellm_cpu.write_kv_cache_fp8(k, v, k_cache, v_cache, slot_mapping, kv_quant.scale(0),
+                                                     kv_quant.scale(1))
             return
         write_cache(k, v, k_cache, v_cache, slot_mapping, kv_quant)
 

@@ -83,9 +83,6 @@ class SamplingMetadata:
     repetition: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # value = the penalty; prompt + output
     output_penalty: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # value = count * freq + presence
     max_num_logprobs: Optional[int]  # K for the batch, None when no row asked
-    # Hook for structured outputs: [B, V] bool, True = the row's grammar accepts the token this step.
-    # Nothing fills it yet; a grammar backend would set it per step, after the static/dynamic parts.
-    allowed_token_mask: Optional[torch.Tensor] = None
 
     @classmethod
     def build(cls, rows: list[SamplingRow], vocab_size: int, device: torch.device) -> "SamplingMetadata":

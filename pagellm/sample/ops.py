@@ -24,7 +24,6 @@ def apply_logits_processors(logits: torch.Tensor, meta: SamplingMetadata) -> tor
         and m.banned is None
         and m.repetition is None
         and m.output_penalty is None
-        and m.allowed_token_mask is None
     ):
         return logits
     logits = logits.clone()
@@ -42,10 +41,6 @@ def apply_logits_processors(logits: torch.Tensor, meta: SamplingMetadata) -> tor
     if m.output_penalty is not None:
         rows, cols, delta = m.output_penalty
         logits.index_put_((rows, cols), -delta, accumulate=True)
-    if m.allowed_token_mask is not None:
-        # Structured-output hook: a grammar's per-row mask of the tokens it accepts this step,
-        # applied last so no bias or penalty can revive a token the grammar forbids.
-        logits.masked_fill_(~m.allowed_token_mask, _NEG_INF)
     return logits
 
 

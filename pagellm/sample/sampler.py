@@ -21,8 +21,9 @@ Order of operations (vLLM v1 / OpenAI / Hugging Face meanings):
      logit is divided by the penalty, a negative one multiplied by it.
    - `frequency_penalty`: minus `count_in_output * frequency_penalty`.
    - `presence_penalty`: minus `presence_penalty` if the token occurs in the output.
-   - `allowed_token_mask` (structured outputs; nothing sets it yet): tokens outside the mask
-     are set to -inf, last, so nothing above can revive them.
+   A grammar's mask (structured outputs) is already in the logits: the model runner sets the
+   tokens it forbids to -inf before sampling (`structured_output/bitmask.py`), and nothing above
+   can revive an -inf.
 3. Greedy rows (`temperature < 1e-5` or `top_k == 1`) take the argmax of the processed logits
    (the first index on ties, so `top_k=1` and `temperature=0` agree exactly).
 4. Other rows: divide by `temperature`; `top_k` keeps the tokens whose logit is >= the k-th

@@ -20,6 +20,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <c10/util/Float8_e4m3fn.h>
+
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -192,14 +195,61 @@ void write_kv_cache(const at::Tensor& k, const at::Tensor& v, at::Tensor k_cache
   });
 }
 
+// The same write into an fp8 (e4m3) cache: each value stored as clamp(x / scale, +-448) in e4m3,
+// rounded to nearest even: bit for bit what kv_quant.quantize_fp8 and two index_copy_ calls store.
+void write_kv_cache_fp8(const at::Tensor& k, const at::Tensor& v, at::Tensor k_cache, at::Tensor v_cache,
+                        const at::Tensor& slot_mapping, double k_scale, double v_scale) {
+  TORCH_CHECK_VALUE(k_cache.scalar_type() == at::kFloat8_e4m3fn && v_cache.scalar_type() == at::kFloat8_e4m3fn &&
+                        k_cache.device().is_cpu() && k_cache.dim() == 4 && k_cache.is_contiguous() &&
+                        v_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes(),
+                    "write_kv_cache_fp8: k_cache/v_cache must be contiguous CPU float8_e4m3fn "
+                    "[blocks, block_size, kv_heads, head_dim] tensors");
+  TORCH_CHECK_VALUE(slot_mapping.device().is_cpu() && slot_mapping.scalar_type() == at::kLong &&
+                        slot_mapping.dim() == 1 && slot_mapping.is_contiguous(),
+                    "write_kv_cache_fp8: slot_mapping must be a contiguous int64 CPU [tokens] tensor");
+  TORCH_CHECK_VALUE(k_scale > 0 && v_scale > 0, "write_kv_cache_fp8: scales must be positive");
+  const int64_t tokens = slot_mapping.size(0);
+  check_kv(k, "k", k_cache, tokens);
+  check_kv(v, "v", v_cache, tokens);
+  TORCH_CHECK_VALUE(k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
+                    "write_kv_cache_fp8: k and v must be float32");
+  const int64_t slots = k_cache.size(0) * k_cache.size(1), heads = k_cache.size(2), head_dim = k_cache.size(3);
+  const int64_t* slot = slot_mapping.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t)
+    TORCH_CHECK_VALUE(slot[t] >= 0 && slot[t] < slots, "write_kv_cache_fp8: slot ", slot[t],
+                      " is outside the cache's 0..", slots - 1);
+  const int64_t row = heads * head_dim;
+  const float ks = static_cast<float>(k_scale), vs = static_cast<float>(v_scale);
+  auto* kc = reinterpret_cast<uint8_t*>(k_cache.data_ptr());
+  auto* vc = reinterpret_cast<uint8_t*>(v_cache.data_ptr());
+  auto store = [&](uint8_t* dst, const float* src, int64_t head_stride, float scale) {
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t d = 0; d < head_dim; ++d) {
+        const float x = std::clamp(src[h * head_stride + d] / scale, -448.f, 448.f);
+        dst[h * head_dim + d] = c10::Float8_e4m3fn(x).x;
+      }
+  };
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  at::parallel_for(0, tokens, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row)), [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      store(kc + slot[t] * row, kp + t * k.stride(0), k.stride(1), ks);
+      store(vc + slot[t] * row, vp + t * v.stride(0), v.stride(1), vs);
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pagellm_cpu, m) {
   m.def("rotary_embedding(Tensor positions, Tensor(a!) q, Tensor(b!) k, Tensor cos_cache, Tensor sin_cache) -> ()");
   m.def("write_kv_cache(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
+  m.def("write_kv_cache_fp8(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, "
+        "float k_scale, float v_scale) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pagellm_cpu, CPU, m) {
   m.impl("rotary_embedding", &rotary_embedding);
   m.impl("write_kv_cache", &write_kv_cache);
+  m.impl("write_kv_cache_fp8", &write_kv_cache_fp8);
 }
