@@ -222,6 +222,26 @@ def test_forced_tool_calls_whole_and_streamed_without_auto_flags(tokenizer, kind
     assert _streamed(client, tools=[WEATHER, TIME], tool_choice=choice) == ("", "", expected, finish)
 
 
+@pytest.mark.parametrize("kind", sorted(FORCED))
+def test_forced_output_cut_short_shows_no_markup_as_content(tokenizer, kind):
+    """max_tokens can end a forced output mid-call: the calls written so far are kept, the
+    unfinished one is dropped, and nothing of the JSON reaches `content` (whole or streamed)."""
+    choice, text, expected, _ = FORCED[kind]
+    cut = text[:text.index('{"name": "get_time"') + 4] if kind == "required" else text[:3]
+    engine = ScriptedEngine(tokenizer, [cut[i:i + 4] for i in range(0, len(cut), 4)])
+    client = _client(engine)
+    message = client.chat.completions.create(model="tiny", messages=HI, tools=[WEATHER, TIME],
+                                             tool_choice=choice).choices[0].message
+    assert not message.content
+    if kind == "required":  # whole calls are kept, the unfinished one dropped
+        assert _calls(message.tool_calls) == expected[:1]
+    else:  # the one call's arguments as far as they got, as OpenAI returns a cut call
+        assert [(c.function.name, c.function.arguments) for c in message.tool_calls] == [("get_weather", cut)]
+    stream = client.chat.completions.create(model="tiny", messages=HI, stream=True, tools=[WEATHER, TIME],
+                                            tool_choice=choice)
+    assert "".join(c.delta.content or "" for chunk in stream for c in chunk.choices) == ""
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kind=st.sampled_from(sorted(FORCED)), cuts=st.lists(st.integers(0, 200), max_size=12), think=st.booleans())
 def test_any_chunking_of_a_forced_call_gives_the_whole_result(tokenizer, kind, cuts, think):

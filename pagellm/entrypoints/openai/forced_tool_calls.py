@@ -70,6 +70,7 @@ def forced_constraint(tools: list[dict[str, Any]], named: Optional[str], paralle
 class NamedCallScanner(ToolMarkupScanner):
     """The output is the arguments object of one known function."""
     start_triggers = "{"
+    unfinished_region_is_content = False  # the grammar wrote it: markup even when cut short
 
     def __init__(self, name: str) -> None:
         super().__init__()
@@ -99,6 +100,7 @@ class RequiredCallsScanner(ToolMarkupScanner):
     """The output is a JSON array of {"name": ..., "parameters": {...}} calls."""
     start_triggers = "["
     args_keys = (REQUIRED_ARGS_KEY,)
+    unfinished_region_is_content = False  # a call cut by max_tokens is dropped, not shown as content
 
     def _enter_region(self, marker: str) -> None:
         self._state = self._before_call

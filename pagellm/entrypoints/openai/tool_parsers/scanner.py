@@ -31,6 +31,9 @@ class ToolMarkupScanner:
     markers: tuple[str, ...] = ()  # strings that open a tool region anywhere in the content
     start_triggers: str = ""       # characters that open one when they begin the output
     args_keys: tuple[str, ...] = ("arguments",)
+    # Text of a region still open when the output ends (cut by max_tokens): content for the auto
+    # parsers (the model may not have meant a call); dropped where a grammar forced the markup.
+    unfinished_region_is_content = True
 
     def __init__(self) -> None:
         self._events: list[Event] = []
@@ -57,7 +60,7 @@ class ToolMarkupScanner:
             held, self._held = self._held, []
             for c in held:
                 self._emit_char(c)
-        elif self._fallback:
+        elif self._fallback and self.unfinished_region_is_content:
             self._give_back(self._pending)
         self._pending = []
         self._call_open = False
