@@ -165,3 +165,19 @@ def tiny_chat_engine(tiny_chat_model):
                                   engine_process=False, quiet=True)
     yield engine
     engine.shutdown()
+
+
+def isa_fixture(ops):
+    """A fixture parametrized over `ops`'s kernel paths (a module with ISA_NAMES, ISA_ENV,
+    supported_isas and active_isa): each test runs once per path, forced through the real dispatch
+    (the C++ reads PAGELLM_CPU_ISA on every call); only a path this CPU lacks is skipped."""
+
+    @pytest.fixture(params=list(ops.ISA_NAMES))
+    def isa(request, monkeypatch) -> str:
+        if request.param not in ops.supported_isas():
+            pytest.skip(f"this CPU has no {request.param}")
+        monkeypatch.setenv(ops.ISA_ENV, request.param)
+        assert ops.active_isa() == request.param
+        return request.param
+
+    return isa

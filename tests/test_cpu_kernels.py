@@ -27,6 +27,7 @@ from pagellm.layers.linear import Linear, MergedLinear, cpu_prepack_available, p
 from pagellm.layers.norm import RMSNorm
 from pagellm.ops import cpu as cpu_ops
 from pagellm.ops.cpu import enable_cpu_kernels, load_cpu_ops
+from tests.conftest import isa_fixture
 
 
 @pytest.fixture(autouse=True)
@@ -39,15 +40,7 @@ TOLERANCE = {torch.float32: dict(atol=2e-5, rtol=1e-5), torch.bfloat16: dict(ato
              torch.float16: dict(atol=2e-3, rtol=2e-3)}
 
 
-@pytest.fixture(params=cpu_ops.ISA_NAMES)
-def isa(request, monkeypatch) -> str:
-    """Forces one kernel path through the real dispatch (the C++ reads PAGELLM_CPU_ISA on every
-    call); only a path this CPU lacks is skipped."""
-    if request.param not in cpu_ops.supported_isas():
-        pytest.skip(f"this CPU has no {request.param}")
-    monkeypatch.setenv(cpu_ops.ISA_ENV, request.param)
-    assert cpu_ops.active_isa() == request.param
-    return request.param
+isa = isa_fixture(cpu_ops)
 
 
 def _paged_batch(gen, query_lens, context_lens, block_size, hq, hkv, d, dtype):

@@ -21,6 +21,7 @@ from pagellm.attention.torch_backend import write_cache
 from pagellm.layers.rotary import RotaryEmbedding, _default_inv_freq
 from pagellm.ops import cpu as cpu_ops
 from pagellm.ops.cpu import enable_cpu_kernels, load_cpu_ops
+from tests.conftest import isa_fixture
 
 
 @pytest.fixture(autouse=True)
@@ -29,14 +30,7 @@ def cpu_ops_built():
     assert load_cpu_ops(), "the C++ CPU kernels failed to build (see the warning logged above)"
 
 
-@pytest.fixture(params=cpu_ops.ISA_NAMES)
-def isa(request, monkeypatch) -> str:
-    """Forces one kernel path through the real dispatch; only a path this CPU lacks is skipped."""
-    if request.param not in cpu_ops.supported_isas():
-        pytest.skip(f"this CPU has no {request.param}")
-    monkeypatch.setenv(cpu_ops.ISA_ENV, request.param)
-    assert cpu_ops.active_isa() == request.param
-    return request.param
+isa = isa_fixture(cpu_ops)
 
 
 MAX_POSITION = 40000

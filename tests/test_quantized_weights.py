@@ -20,7 +20,7 @@ from pagellm.layers.quantization.registry import plan_quantization
 from pagellm.loader import iter_weights, resolve_model
 from pagellm.loader.gguf import read_gguf_header
 from pagellm.ops import gguf_cpu
-from tests.conftest import assert_engines_near_tie, assert_top5_near_ties, hf_greedy
+from tests.conftest import assert_engines_near_tie, assert_top5_near_ties, hf_greedy, isa_fixture
 from tests.test_loader import tiny_model_for, write_gguf
 from tests.test_smollm_parity import MAX_NEW, PROMPTS
 
@@ -34,14 +34,7 @@ def kernels():
     assert gguf_cpu.load_gguf_ops(), "the GGUF C++ kernels failed to build"
 
 
-@pytest.fixture(params=ISAS)
-def isa(request, monkeypatch) -> str:
-    """Forces one kernel path through the real dispatch; only a path this CPU lacks is skipped."""
-    if request.param not in gguf_cpu.supported_isas():
-        pytest.skip(f"this CPU has no {request.param}")
-    monkeypatch.setenv(gguf_cpu.ISA_ENV, request.param)
-    assert gguf_cpu.active_isa() == request.param
-    return request.param
+isa = isa_fixture(gguf_cpu)
 
 
 def random_blocks(ggml_type: Q, rows: int, cols: int, seed: int) -> np.ndarray:

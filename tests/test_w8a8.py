@@ -16,6 +16,7 @@ from pagellm.layers.quantization.w8 import (
     quantize_rows_int8,
 )
 from pagellm.ops import w8_cpu
+from tests.conftest import isa_fixture
 
 SHAPES = [(1, 7, 13), (2, 9, 100), (3, 33, 577), (8, 64, 64), (17, 40, 576), (64, 20, 130)]  # (M, N, K)
 
@@ -25,14 +26,7 @@ def kernels():
     assert w8_cpu.load_w8_ops(), "the 8-bit weight C++ kernels failed to build"
 
 
-@pytest.fixture(params=list(w8_cpu.ISA_NAMES))
-def isa(request, monkeypatch) -> str:
-    """Forces one kernel path through the real dispatch; only a path this CPU lacks is skipped."""
-    if request.param not in w8_cpu.supported_isas():
-        pytest.skip(f"this CPU has no {request.param}")
-    monkeypatch.setenv(w8_cpu.ISA_ENV, request.param)
-    assert w8_cpu.active_isa() == request.param
-    return request.param
+isa = isa_fixture(w8_cpu)
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -598,11 +598,8 @@ at::Tensor tiled_repack(const at::Tensor& w, int64_t type, int64_t N, int64_t K)
   TORCH_CHECK(K % kBlock == 0, "in_features ", K, " is not a multiple of ", kBlock);
   const int64_t nb = K / kBlock;
   at::Tensor out = at::empty({tiles(N) * nb * tile_block_bytes(type)}, w.options());
-  switch (type) {
-    case Q4_0: TORCH_CHECK(w.numel() == N * nb * kSrcBytes<Q4_0>, "GGUF weight size"); break;
-    case Q4_1: TORCH_CHECK(w.numel() == N * nb * kSrcBytes<Q4_1>, "GGUF weight size"); break;
-    case Q8_0: TORCH_CHECK(w.numel() == N * nb * kSrcBytes<Q8_0>, "GGUF weight size"); break;
-  }
+  const int64_t src_bytes = type == Q4_0 ? kSrcBytes<Q4_0> : type == Q4_1 ? kSrcBytes<Q4_1> : kSrcBytes<Q8_0>;
+  TORCH_CHECK(w.numel() == N * nb * src_bytes, "GGUF weight has ", w.numel(), " bytes, expected ", N * nb * src_bytes);
   TILED_TYPE_SWITCH(type, repack_typed, w.data_ptr<uint8_t>(), N, nb, out.data_ptr<uint8_t>());
   return out;
 }
