@@ -154,11 +154,15 @@ def test_serve_exits_non_zero_or_restarts_when_the_engine_core_dies(tiny_llama, 
             assert elapsed < 15 and "engine core died" in proc.log()
             return
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # 503 engine_dead while it reloads, then healthy again
+        # /health answers 200 until the death is noticed, then 503 engine_dead while a new core loads:
+        # wait for a new core and health together, or the first 200 can come before the death is seen.
+        while time.monotonic() < deadline:
             try:
-                if httpx.get(proc.url + "/health", timeout=2).status_code == 200:
+                cores = [p.pid for p in psutil.Process(proc.proc.pid).children()
+                         if "resource_tracker" not in " ".join(p.cmdline())]
+                if cores and old_core not in cores and httpx.get(proc.url + "/health", timeout=2).status_code == 200:
                     break
-            except httpx.HTTPError:
+            except (httpx.HTTPError, psutil.Error):
                 pass
             time.sleep(0.2)
         assert httpx.post(proc.url + COMPLETIONS, json=body, timeout=60).status_code == 200, proc.log()
