@@ -58,9 +58,7 @@ def _walk(manager, tokenizer, rid: str, seed: int, max_steps: int = 200) -> str:
         assert allowed, "the mask allows nothing"
         if eos in allowed and (len(allowed) == 1 or rng.random() < 0.5):
             return tokenizer.decode(out)
-        # Never control characters: xgrammar lets raw ones (\x05) into JSON strings, which strict JSON
-        # parsers refuse; a real model does not write them, and the walk is not a fuzz of the backend.
-        candidates = [t for t in allowed if t != eos and tokenizer.decode([t]).isprintable()]
+        candidates = [t for t in allowed if t != eos]
         short = [t for t in candidates if 0 < len(tokenizer.decode([t]).strip()) <= 2] or candidates
         token = rng.choice(short)
         out.append(token)
@@ -106,6 +104,24 @@ def test_valid_answers_pass_and_walks_validate(manager, tokenizer, constraint, v
         text = _walk(manager, tokenizer, walk_id, seed)
         assert check(text), text
         manager.remove(walk_id)
+
+
+def test_length_bounded_strings_are_strict_json(manager, tokenizer):
+    """Inside a string with maxLength no raw control character may come (strict JSON parsers refuse
+    them; xgrammar's own bounded-string rule lets them through), and escapes still can."""
+    schema = {"type": "object", "properties": {"s": {"type": "string", "maxLength": 10}}, "required": ["s"],
+              "additionalProperties": False}
+    rid = f"bounded-{manager.backend.name}"
+    _start(manager, rid, json=schema)
+    manager.accept(rid, tokenizer.encode('{"s": "a', add_special_tokens=False))
+    allowed = _allowed(manager, rid)
+    controls = [t for t in range(len(tokenizer)) if len(tokenizer.decode([t])) == 1 and ord(tokenizer.decode([t])) < 32]
+    assert controls and not allowed[controls].any(), [tokenizer.decode([t]) for t in controls if allowed[t]]
+    for token in tokenizer.encode('\\n\\u001f"}', add_special_tokens=False):
+        assert _allowed(manager, rid)[token], tokenizer.decode([token])
+        manager.accept(rid, [token])
+    assert _allowed(manager, rid)[tokenizer.eos_token_id]
+    manager.remove(rid)
 
 
 def test_tokens_that_break_the_constraint_are_masked(manager, tokenizer):

@@ -163,6 +163,28 @@ def test_n_samples_and_preemption_keep_the_constraint(tiny_chat_model):
     assert core.scheduler.num_preemptions_total > 0 and core.num_free_blocks == core.num_blocks
 
 
+@pytest.mark.parametrize("backend", ["xgrammar", "guidance"])
+def test_chunked_prefill_and_preemption_leave_constrained_greedy_output_unchanged(tiny_chat_model, backend):
+    """Prompts longer than the step's 32-token budget are prefilled in chunks (no token is sampled,
+    so no grammar advances, until the last chunk) while the small pool preempts decodes: the
+    constrained greedy tokens equal a run with whole prefills and room for everything."""
+    from pagellm import LLM
+
+    prompts = [f"record {i}: " + "hello world " * 30 for i in range(6)]  # 65 tokens each
+    params = _bounded_params(max_tokens=60)[:6]
+    roomy = LLM(tiny_chat_model, max_model_len=128, kv_cache_memory=8 << 20, max_num_batched_tokens=256,
+                structured_outputs_backend=backend, quiet=True)
+    # 8 blocks of 16 tokens (512 bytes a token) for six 65-token prompts: they preempt each other.
+    tight = LLM(tiny_chat_model, max_model_len=128, kv_cache_memory=8 * 16 * 512, max_num_seqs=6,
+                max_num_batched_tokens=32, structured_outputs_backend=backend, quiet=True)
+    want = [o.outputs[0] for o in roomy.generate(prompts, params, use_tqdm=False)]
+    got = [o.outputs[0] for o in tight.generate(prompts, params, use_tqdm=False)]
+    _assert_valid(BOUNDED_SCHEMAS[:6], got)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    core = tight.llm_engine.core
+    assert core.scheduler.num_preemptions_total > 0 and core.num_free_blocks == core.num_blocks
+
+
 def test_guidance_backend(tiny_chat_model):
     from pagellm import LLM
 

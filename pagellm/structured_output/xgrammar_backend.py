@@ -57,8 +57,9 @@ class XGrammarBackend:
                 _refuse_ignored_features(json.loads(spec))
                 # json_object's spec is {"type": "object"}: the builtin JSON grammar would allow any value.
                 # Free whitespace, but not unbounded: small models otherwise fall into "\n\n\n..." between tokens.
-                return self._compiler.compile_json_schema(spec, any_whitespace=any_ws,
-                                                          max_whitespace_cnt=MAX_WHITESPACE_RUN if any_ws else None)
+                grammar = xgr.Grammar.from_json_schema(spec, any_whitespace=any_ws,
+                                                       max_whitespace_cnt=MAX_WHITESPACE_RUN if any_ws else None)
+                return self._compiler.compile_grammar(_strict_bounded_strings(grammar))
             if kind == "regex":
                 return self._compiler.compile_regex(spec)
             if kind == "choice":
@@ -73,6 +74,22 @@ class XGrammarBackend:
 
     def matcher(self, compiled: xgr.CompiledGrammar) -> XGrammarMatcher:
         return XGrammarMatcher(compiled)
+
+
+# xgrammar (0.2.x, its issue #800) writes a string with minLength/maxLength as a bounded repeat of
+# this class: raw control characters pass (invalid JSON, strict parsers refuse it) and no escape can
+# be written. Each repeat becomes one JSON character instead: a plain one or one escape.
+_BOUNDED_STRING_CHAR = r'[^\"\\\r\n]'
+_JSON_CHAR_RULE = "pagellm_json_char"
+_JSON_CHAR = (_JSON_CHAR_RULE + r' ::= [^\0-\x1f\"\\] | ("\\" [\"\\/bfnrt]) | '
+              r'("\\u" [A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9])')
+
+
+def _strict_bounded_strings(grammar: xgr.Grammar) -> xgr.Grammar:
+    text = str(grammar)
+    if _BOUNDED_STRING_CHAR not in text:
+        return grammar
+    return xgr.Grammar.from_ebnf(text.replace(_BOUNDED_STRING_CHAR, _JSON_CHAR_RULE) + "\n" + _JSON_CHAR + "\n")
 
 
 def _refuse_ignored_features(schema: Any, path: str = "#") -> None:
