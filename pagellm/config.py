@@ -44,7 +44,7 @@ class EngineConfig:
     max_num_batched_tokens: Optional[int] = None  # None: 2048 with chunked prefill, else max_model_len
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
-    structured_outputs_backend: str = "xgrammar"  # or "guidance" (llguidance)
+    structured_outputs_backend: str = "auto"  # xgrammar, and llguidance for schemas xgrammar cannot enforce
     scheduling_policy: str = "fcfs"  # fcfs: arrival order; priority: (request priority, arrival), lower first
     seed: int = 0
     attention_backend: str = "auto"  # auto: triton on CUDA, cpu (C++ decode kernel) on the CPU
@@ -75,8 +75,8 @@ class EngineConfig:
             bad("device", f"must be one of {_DEVICES}")
         if self.attention_backend not in _ATTENTION_BACKENDS:
             bad("attention_backend", f"must be one of {_ATTENTION_BACKENDS}")
-        if self.structured_outputs_backend not in ("xgrammar", "guidance"):
-            bad("structured_outputs_backend", "must be one of ('xgrammar', 'guidance')")
+        if self.structured_outputs_backend not in ("auto", "xgrammar", "guidance"):
+            bad("structured_outputs_backend", "must be one of ('auto', 'xgrammar', 'guidance')")
         if self.scheduling_policy not in _SCHEDULING_POLICIES:
             bad("scheduling_policy", f"must be one of {_SCHEDULING_POLICIES}")
         if self.quantization not in _QUANTIZATION:

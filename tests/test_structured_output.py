@@ -196,16 +196,66 @@ def test_structural_tag_spellings(manager, tokenizer):
         manager.compile(StructuredOutputsParams(structural_tag=off_trigger))
 
 
-def test_a_length_xgrammar_would_drop_is_refused(manager):
-    """xgrammar ignores minLength/maxLength next to a pattern or format (with a log line); we refuse it."""
-    for string in ({"type": "string", "pattern": "^[a-z]+$", "maxLength": 4},
-                   {"type": "string", "format": "email", "maxLength": 20}):
-        schema = {"type": "object", "properties": {"s": string}}
-        if manager.backend.name == "xgrammar":
-            with pytest.raises(ValueError, match="at #/properties/s, .* with minLength/maxLength is not enforced"):
-                manager.compile(StructuredOutputsParams(json=schema))
-        else:
+# Keywords xgrammar compiles but drops: an instance that breaks only that keyword, and one that keeps it.
+DROPPED_BY_XGRAMMAR = [
+    ({"type": "number", "multipleOf": 0.5, "minimum": 0, "maximum": 9}, "0.3", "1.5"),
+    ({"type": "array", "items": {"enum": [1, 2]}, "uniqueItems": True, "maxItems": 2}, "[1,1]", "[1,2]"),
+    ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+      "dependentRequired": {"a": ["b"]}, "additionalProperties": False}, '{"a":1}', '{"a":1,"b":2}'),
+    ({"type": "integer", "minimum": 0, "maximum": 9, "not": {"const": 3}}, "3", "4"),
+    ({"allOf": [{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+                {"type": "object", "properties": {"b": {"type": "integer"}}, "required": ["b"]}]}, '{"a":1}', None),
+    ({"type": "object", "properties": {"s": {"type": "string", "pattern": "^[a-z]+$", "maxLength": 4}},
+      "required": ["s"], "additionalProperties": False}, '{"s":"abcdef"}', '{"s":"abc"}'),
+]
+
+
+def _accepts(manager, tokenizer, rid: str, schema: dict, text: str) -> bool:
+    manager.submit(rid, StructuredOutputsParams(json=schema))
+    while not manager.is_ready(rid):
+        pass
+    ok = manager.error(rid) is None and all(
+        _allowed(manager, rid)[t] and (manager.accept(rid, [t]) or True)
+        for t in tokenizer.encode(text, add_special_tokens=False))
+    ok = ok and bool(_allowed(manager, rid)[tokenizer.eos_token_id])
+    manager.remove(rid)
+    return ok
+
+
+@pytest.mark.parametrize("schema, breaks, keeps", DROPPED_BY_XGRAMMAR)
+def test_keywords_xgrammar_would_drop_are_refused_or_routed_to_llguidance(tokenizer, manager, schema, breaks, keeps):
+    """xgrammar alone refuses them (naming the keyword); "auto" sends them to llguidance, which
+    enforces them (an instance breaking only that keyword is masked out) or refuses them too."""
+    from pagellm.structured_output.auto_backend import unenforced_by_xgrammar
+
+    [where] = unenforced_by_xgrammar(schema)
+    if manager.backend.name == "xgrammar":
+        with pytest.raises(ValueError, match=f"xgrammar does not enforce {re.escape(where)}; use"):
             manager.compile(StructuredOutputsParams(json=schema))
+        return
+    auto = StructuredOutputManager(make_backend("auto", tokenizer, len(tokenizer), [tokenizer.eos_token_id]),
+                                   len(tokenizer))
+    try:
+        for mgr in (manager, auto):  # llguidance itself, then through auto
+            try:
+                mgr.compile(StructuredOutputsParams(json=schema))
+            except ValueError as exc:
+                assert "Unimplemented keys" in str(exc) or "not supported" in str(exc), exc
+                assert mgr is manager or where in str(exc), exc  # auto says xgrammar would drop it too
+                continue
+            rid = f"dropped-{mgr.backend.name}-{where}"
+            assert not _accepts(mgr, tokenizer, rid, schema, breaks), breaks
+            assert keeps is None or _accepts(mgr, tokenizer, rid, schema, keeps), keeps
+    finally:
+        auto.shutdown()
+
+
+def test_auto_keeps_xgrammar_for_what_it_enforces(tokenizer):
+    auto = make_backend("auto", tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+    backend, _ = auto.compile(StructuredOutputsParams(json=PERSON))
+    assert backend.name == "xgrammar" and auto._guidance is None  # llguidance not even loaded
+    backend, _ = auto.compile(StructuredOutputsParams(json=DROPPED_BY_XGRAMMAR[0][0]))
+    assert backend.name == "guidance"
 
 
 def test_compiles_are_cached_by_constraint(manager):
@@ -232,5 +282,5 @@ def test_params_are_validated(kwargs, message):
 
 
 def test_unknown_backend_lists_the_known_ones(tokenizer):
-    with pytest.raises(ValueError, match="available: xgrammar, guidance"):
+    with pytest.raises(ValueError, match="available: auto, xgrammar, guidance"):
         make_backend("outlines", tokenizer, len(tokenizer), [])

@@ -31,7 +31,8 @@ _HELP = {
     "max_num_batched_tokens": "token budget of one step",
     "enable_chunked_prefill": "split long prompts across steps",
     "enable_prefix_caching": "reuse KV blocks of identical prompt prefixes",
-    "structured_outputs_backend": "grammar backend for response_format / structured_outputs: xgrammar or guidance",
+    "structured_outputs_backend": "grammar backend for response_format / structured_outputs: auto (xgrammar, and llguidance for JSON-schema "
+                                  "keywords xgrammar does not enforce), xgrammar or guidance",
     "scheduling_policy": "fcfs (arrival order) or priority (lower request priority first, then arrival; "
                          "the largest is preempted first)",
     "seed": "seed of the default random generator",

@@ -30,11 +30,15 @@ import torch
 from pagellm.structured_output.backend import GrammarBackend, Matcher, allocate_bitmask
 from pagellm.structured_output.params import StructuredOutputsParams
 
-BACKENDS = ("xgrammar", "guidance")
+BACKENDS = ("auto", "xgrammar", "guidance")
 COMPILE_CACHE_SIZE = 256
 
 
 def make_backend(name: str, tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> GrammarBackend:
+    if name == "auto":
+        from pagellm.structured_output.auto_backend import AutoBackend
+
+        return AutoBackend(tokenizer, vocab_size, stop_token_ids)
     if name == "xgrammar":
         from pagellm.structured_output.xgrammar_backend import XGrammarBackend
 

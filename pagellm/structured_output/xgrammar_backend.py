@@ -10,6 +10,7 @@ import torch
 import xgrammar as xgr
 
 from pagellm.structured_output import structural_tag
+from pagellm.structured_output.auto_backend import unenforced_by_xgrammar
 from pagellm.structured_output.params import StructuredOutputsParams
 
 
@@ -44,7 +45,11 @@ class XGrammarMatcher:
 class XGrammarBackend:
     name = "xgrammar"
 
-    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> None:
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int],
+                 refuse_unenforced: bool = True) -> None:
+        """refuse_unenforced: a JSON schema with keywords xgrammar would drop is a ValueError (the
+        "auto" backend checks first and sends those schemas to llguidance)."""
+        self._refuse_unenforced = refuse_unenforced
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
         # Its own cache is by constraint text too; the manager's cache spares the lookup and the lock.
         self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
@@ -54,7 +59,10 @@ class XGrammarBackend:
         any_ws = not params.disable_any_whitespace
         try:
             if kind in ("json", "json_object"):
-                _refuse_ignored_features(json.loads(spec))
+                dropped = unenforced_by_xgrammar(json.loads(spec)) if self._refuse_unenforced else []
+                if dropped:
+                    raise ValueError(f"the json constraint does not compile: xgrammar does not enforce "
+                                     f"{'; '.join(dropped)}; use --structured-outputs-backend auto or guidance")
                 # json_object's spec is {"type": "object"}: the builtin JSON grammar would allow any value.
                 # Free whitespace, but not unbounded: small models otherwise fall into "\n\n\n..." between tokens.
                 grammar = xgr.Grammar.from_json_schema(spec, any_whitespace=any_ws,
@@ -90,19 +98,3 @@ def _strict_bounded_strings(grammar: xgr.Grammar) -> xgr.Grammar:
     if _BOUNDED_STRING_CHAR not in text:
         return grammar
     return xgr.Grammar.from_ebnf(text.replace(_BOUNDED_STRING_CHAR, _JSON_CHAR_RULE) + "\n" + _JSON_CHAR + "\n")
-
-
-def _refuse_ignored_features(schema: Any, path: str = "#") -> None:
-    """ValueError for what xgrammar would accept but not enforce (it only logs a warning): a string
-    `pattern` or `format` together with `minLength` / `maxLength` (the lengths are dropped)."""
-    if isinstance(schema, dict):
-        shaped = [k for k in ("pattern", "format") if isinstance(schema.get(k), str)]
-        if shaped and ("minLength" in schema or "maxLength" in schema):
-            raise ValueError(f"the json constraint does not compile: at {path}, {shaped[0]} with minLength/maxLength "
-                             "is not enforced by the xgrammar backend; put the length into a pattern, or use "
-                             "--structured-outputs-backend guidance")
-        for key, value in schema.items():
-            _refuse_ignored_features(value, f"{path}/{key}")
-    elif isinstance(schema, list):
-        for i, value in enumerate(schema):
-            _refuse_ignored_features(value, f"{path}/{i}")
