@@ -358,3 +358,26 @@ def test_a_tool_schema_the_backend_refuses_is_a_400_naming_it(real_client, tiny_
                 if s.name.endswith("_total")}
     compiles = next(s.value for s in metrics["pagellm:grammar_compile_seconds"].samples if s.name.endswith("_count"))
     assert requests["json"] >= 1 and compiles >= 1
+
+
+# One schema per kind of rule, the last routed to llguidance by the "auto" backend (multipleOf).
+RESPONSE_SCHEMAS = [
+    {"type": "object", "properties": {"point": {"type": "object", "properties": {
+        "x": {"type": "integer", "minimum": -9, "maximum": 9}}, "required": ["x"], "additionalProperties": False}},
+     "required": ["point"], "additionalProperties": False},
+    {"type": "array", "items": {"type": "string", "maxLength": 5}, "minItems": 1, "maxItems": 2},
+    {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{3}$"}},
+     "required": ["code"], "additionalProperties": False},
+    {"type": "object", "properties": {"step": {"type": "number", "multipleOf": 0.5, "minimum": 0, "maximum": 4}},
+     "required": ["step"], "additionalProperties": False},
+]
+
+
+@pytest.mark.parametrize("schema", RESPONSE_SCHEMAS)
+def test_response_format_streamed_equals_whole_and_validates(real_client, schema):
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+    kwargs = dict(response_format=fmt, temperature=0, max_tokens=60)
+    whole = real_client.chat.completions.create(model="tiny", messages=HI, **kwargs).choices[0]
+    jsonschema.validate(json.loads(whole.message.content), schema)
+    assert whole.finish_reason == "stop"
+    assert _streamed(real_client, **kwargs) == (whole.message.content, "", [], "stop")

@@ -14,6 +14,8 @@ import torch
 from pagellm.structured_output import structural_tag
 from pagellm.structured_output.params import StructuredOutputsParams
 
+MAX_WHITESPACE_RUN = 16  # as the xgrammar backend's
+
 _FORMATS = {"json": "json_schema", "json_object": "json_schema", "regex": "regex", "choice": "choice",
             "grammar": "grammar", "structural_tag": None}
 
@@ -50,10 +52,14 @@ class GuidanceBackend:
         if kind not in _FORMATS:
             raise ValueError(f"the guidance backend has no {kind} constraints; use the xgrammar backend")
         spec = params.spec
-        if kind in ("json", "json_object") and params.disable_any_whitespace:
+        if kind in ("json", "json_object"):
             schema = json.loads(spec)
-            if isinstance(schema, dict):  # llguidance's own option: no whitespace between JSON tokens
-                spec = json.dumps({**schema, "x-guidance": {"whitespace_flexible": False}})
+            if isinstance(schema, dict):
+                # llguidance's own options: no whitespace between JSON tokens, or runs of at most
+                # MAX_WHITESPACE_RUN (unbounded, a small model falls into endless whitespace).
+                options = {"whitespace_flexible": False} if params.disable_any_whitespace else \
+                    {"whitespace_pattern": rf"[\x20\x0A\x0D\x09]{{0,{MAX_WHITESPACE_RUN}}}"}
+                spec = json.dumps({**schema, "x-guidance": {**options, **schema.get("x-guidance", {})}})
         try:
             if kind == "structural_tag":
                 grammar = llguidance.StructTag.to_grammar([
