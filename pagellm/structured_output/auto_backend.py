@@ -21,6 +21,9 @@ _ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$comme
                           "writeOnly", "$schema", "$id", "$defs", "definitions"})
 _ALWAYS_DROPPED = ("uniqueItems", "contains", "minContains", "maxContains", "dependentRequired",
                    "dependentSchemas", "not", "if", "then", "else")
+# String formats xgrammar writes a grammar for; any other it drops (the string is then free).
+_XGRAMMAR_FORMATS = frozenset({"date", "time", "date-time", "duration", "email", "hostname", "ipv4", "ipv6", "uri",
+                               "uri-reference", "uuid", "uri-template", "json-pointer", "relative-json-pointer"})
 
 
 def _walk(schema: Any, path: str = "#") -> Iterator[tuple[str, dict]]:
@@ -43,6 +46,9 @@ def unenforced_by_xgrammar(schema: Any) -> list[str]:
         multiple = node.get("multipleOf")
         if multiple is not None and (node.get("type") != "integer" or not float(multiple).is_integer()):
             found.append(f"{path}: multipleOf (of a number)")
+        fmt = node.get("format")
+        if isinstance(fmt, str) and fmt not in _XGRAMMAR_FORMATS and node.get("type", "string") == "string":
+            found.append(f"{path}: format {fmt!r}")
         shaped = [k for k in ("pattern", "format") if isinstance(node.get(k), str)]
         if shaped and ("minLength" in node or "maxLength" in node):
             found.append(f"{path}: {shaped[0]} with minLength/maxLength")
