@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
+
+from pagellm.spec_decode.config import SpeculativeConfig
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEVICES = ("auto", "cpu", "cuda")
@@ -64,11 +66,15 @@ class EngineConfig:
     data_parallel_size: int = 1  # engine cores (each its own scheduler, KV cache and tp x pp ranks); server only
     distributed_executor_backend: str = "auto"  # auto: uni for one rank, else mp (one process per rank); ray: Ray actors
     enable_expert_parallel: bool = False  # MoE: whole experts split over the tp ranks instead of each expert sharded
+    # None: off; a dict / JSON text / SpeculativeConfig, normalized to a SpeculativeConfig here
+    speculative_config: Union[SpeculativeConfig, dict, str, None] = None
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> None:
             raise ValueError(f"EngineConfig.{name}: {why}, got {getattr(self, name)!r}")
 
+        # frozen: the one normalization done in place (a bad key is a ValueError naming it)
+        object.__setattr__(self, "speculative_config", SpeculativeConfig.parse(self.speculative_config))
         if self.dtype not in _DTYPES:
             bad("dtype", f"must be one of {_DTYPES}")
         if self.device not in _DEVICES:
@@ -158,6 +164,11 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.data_parallel_size: {self.data_parallel_size} engine cores x "
                              f"{self.world_size} ranks each ({self.layout_summary()}) = {self.total_world_size} "
                              f"devices, more than the {cuda_device_count} CUDA devices visible (one device per rank)")
+        if self.speculative_config is not None:
+            # Parsed and validated, but the scheduler / model runner do not run proposals yet:
+            # refuse rather than silently decode without speculation.
+            raise ValueError("EngineConfig.speculative_config: speculative decoding is not executed by this "
+                             "engine yet (the configuration is validated only); leave it unset")
         dtype = self.dtype
         if dtype == "auto":
             dtype = "bfloat16" if device == "cuda" else "float32"

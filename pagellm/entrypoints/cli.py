@@ -49,6 +49,9 @@ _HELP = {
                       "faster matmuls); false keeps the on-disk row layout",
     "enable_expert_parallel": "MoE models: place whole experts on the tensor-parallel ranks (attention stays "
                               "tensor parallel); ignored, with a warning, for dense models",
+    "speculative_config": "speculative decoding as a JSON object, e.g. '{\"method\": \"ngram\", "
+                          "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4}' (method: ngram, suffix or "
+                          "draft_model with \"model\": PATH); off when not given",
     "data_parallel_size": "engine cores behind one server, each with its own scheduler, KV cache and tp x pp "
                           "ranks (pagellm serve only)",
     "quantization": "auto: weights stay as the checkpoint stores them (GGUF blocks, or config.json's "
@@ -80,6 +83,8 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Tr
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
         base = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Union else hint
+        if f.name == "speculative_config":
+            base = str  # JSON text; EngineConfig parses and validates it
         help_text = f"{_HELP.get(f.name, f.name)} (default: {f.default})"
         if base is bool:
             # `--flag`, `--flag false` and `--no-flag` all work, as in vLLM.

@@ -1,0 +1,82 @@
+"""Speculative decoding configuration: what the user asked for, validated once.
+
+`SpeculativeConfig.from_dict` accepts the same JSON object as `--speculative-config` and
+`LLM(model, speculative_config={...})`; every bad key or value is a ValueError naming it.
+Speculation is off unless a config is given.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Optional, Union
+
+METHODS = ("ngram", "suffix", "draft_model")
+_PREFIX = "speculative_config"
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    method: str = "ngram"
+    num_speculative_tokens: int = 4  # k: tokens proposed per request per step
+    prompt_lookup_min: int = 1  # ngram: shortest suffix n-gram matched against the context
+    prompt_lookup_max: int = 4  # ngram: longest suffix n-gram tried first
+    model: Optional[str] = None  # draft_model: a model with the target's tokenizer / vocabulary
+    # Adaptive off-switches: no speculation in a step with more running decodes than this (0: never
+    # switch off by batch size), nor for a request whose acceptance rate over its last
+    # `acceptance_window` drafted tokens is below `min_acceptance_rate`.
+    disable_by_batch_size: int = 32
+    min_acceptance_rate: float = 0.0
+    acceptance_window: int = 64
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> None:
+            raise ValueError(f"{_PREFIX}.{name}: {why}, got {getattr(self, name)!r}")
+
+        def positive_int(name: str, minimum: int = 1) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                bad(name, f"must be an integer >= {minimum}")
+
+        if self.method not in METHODS:
+            bad("method", f"must be one of {METHODS}")
+        positive_int("num_speculative_tokens")
+        positive_int("prompt_lookup_min")
+        positive_int("prompt_lookup_max")
+        if self.prompt_lookup_max < self.prompt_lookup_min:
+            bad("prompt_lookup_max", f"must be >= prompt_lookup_min ({self.prompt_lookup_min})")
+        positive_int("disable_by_batch_size", minimum=0)
+        positive_int("acceptance_window")
+        rate = self.min_acceptance_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+            bad("min_acceptance_rate", "must be a number in [0, 1]")
+        if self.method == "draft_model":
+            if not isinstance(self.model, str) or not self.model:
+                bad("model", "method 'draft_model' needs the path of a draft model")
+        elif self.model is not None:
+            bad("model", f"is only used by method 'draft_model', not {self.method!r}")
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "SpeculativeConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"{_PREFIX}: must be a JSON object / dict, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        for key in data:
+            if key not in known:
+                raise ValueError(f"{_PREFIX}.{key}: unknown key; valid keys: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def parse(cls, value: Union[None, str, dict, "SpeculativeConfig"]) -> Optional["SpeculativeConfig"]:
+        """None (off), a SpeculativeConfig, a dict, or its JSON text (the CLI form)."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{_PREFIX}: not valid JSON ({e.msg} at character {e.pos})") from None
+        return cls.from_dict(value)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
