@@ -68,6 +68,12 @@ class EngineConfig:
     enable_expert_parallel: bool = False  # MoE: whole experts split over the tp ranks instead of each expert sharded
     # None: off; a dict / JSON text / SpeculativeConfig, normalized to a SpeculativeConfig here
     speculative_config: Union[SpeculativeConfig, dict, str, None] = None
+    # LoRA (pagellm/lora): adapters per request; max_loras slots on the device, max_cpu_loras in host memory
+    enable_lora: bool = False
+    max_loras: int = 4  # distinct adapters in one step (the device slots)
+    max_lora_rank: int = 16  # slots are sized for this rank; a larger adapter is refused
+    max_cpu_loras: Optional[int] = None  # adapters kept in host memory (None: max_loras)
+    lora_allow_bin: bool = False  # accept pickled adapter_model.bin files (unpickling can run code)
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> None:
@@ -113,6 +119,12 @@ class EngineConfig:
         if self.distributed_executor_backend == "uni" and self.world_size > 1:
             bad("distributed_executor_backend",
                 f"'uni' runs one worker, but the layout has {self.world_size} ranks ({self.layout_summary()}); use 'mp'")
+        for name in ("max_loras", "max_lora_rank"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                bad(name, "must be a positive integer")
+        if self.max_cpu_loras is not None and (not isinstance(self.max_cpu_loras, int)
+                                               or self.max_cpu_loras < self.max_loras):
+            bad("max_cpu_loras", f"must be an integer >= max_loras ({self.max_loras})")
         if not isinstance(self.seed, int):
             bad("seed", "must be an integer")
         if (
@@ -146,6 +158,11 @@ class EngineConfig:
         if self.distributed_executor_backend == "auto":
             return "uni" if self.world_size == 1 else "mp"
         return self.distributed_executor_backend
+
+    @property
+    def lora_host_slots(self) -> int:
+        """Adapters the workers keep in host memory."""
+        return self.max_cpu_loras if self.max_cpu_loras is not None else self.max_loras
 
     @classmethod
     def field_names(cls) -> set[str]:

@@ -1,5 +1,6 @@
 """The one piece of ambient state: what the current forward pass needs but the model's
-signature (`forward(input_ids, positions)`) does not carry — attention metadata."""
+signature (`forward(input_ids, positions)`) does not carry — attention metadata, and which LoRA
+adapter slot each token uses."""
 
 from __future__ import annotations
 
@@ -17,11 +18,13 @@ class ForwardContext:
     # Values every layer would otherwise recompute identically in this step (e.g. the rotary
     # cos/sin rows of the step's positions), keyed by their owner; gone with the step.
     step_cache: dict = field(default_factory=dict)
+    # The step's `pagellm.lora.ops.LoRAMapping` (None: no token uses an adapter, LoRA layers add nothing).
+    lora: Any = None
 
 
 @contextlib.contextmanager
-def set_forward_context(attn_metadata: Any) -> Iterator[ForwardContext]:
-    token = _CURRENT.set(ForwardContext(attn_metadata))
+def set_forward_context(attn_metadata: Any, lora: Any = None) -> Iterator[ForwardContext]:
+    token = _CURRENT.set(ForwardContext(attn_metadata, lora=lora))
     try:
         yield _CURRENT.get()
     finally:

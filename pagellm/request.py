@@ -45,6 +45,7 @@ class Request:
         arrival_time: Optional[float] = None,
         cache_salt: Optional[str] = None,
         priority: int = 0,
+        lora_request=None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -73,6 +74,8 @@ class Request:
         self.num_failed_steps = 0
         self.suspect = False
         self.error: Optional[str] = None  # why it finished with FINISHED_ERROR
+        # A pagellm.lora.LoRARequest (None: the base model); its id keys the prefix cache too.
+        self.lora_request = lora_request
 
     @property
     def all_token_ids(self) -> list[int]:

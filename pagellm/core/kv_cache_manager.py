@@ -4,7 +4,8 @@ Token `t` of a request lives in block `blocks[t // block_size]`, slot `t % block
 
 Prefix caching: block i of a request is known by the hash of (block i-1's hash, its
 token ids, extra keys); the first block chains on a seeded root hash and carries the
-request's `cache_salt`, so requests with different salts never share a block. A block is
+request's `cache_salt` and LoRA adapter id, so requests with different salts or adapters never
+share a block. A block is
 registered under its hash when the step that computes its last token is scheduled: every
 layer writes the step's K/V before any attention reads the cache, so a request admitted
 later in the same step may already read it. Registered blocks stay findable after their
@@ -57,9 +58,14 @@ class KVCacheManager:
     def extra_keys(request: Request, block_index: int) -> tuple:
         """What besides token ids decides a block's KV. Only the first block needs the request-wide
         keys: every later hash chains on it."""
-        if block_index == 0 and request.cache_salt is not None:
-            return ("salt", request.cache_salt)
-        return ()
+        if block_index != 0:
+            return ()
+        keys: tuple = ()
+        if request.cache_salt is not None:
+            keys = ("salt", request.cache_salt)
+        if request.lora_request is not None:  # KV computed under an adapter serves only that adapter
+            keys += ("lora", request.lora_request.lora_int_id)
+        return keys
 
     def _hash_blocks(self, request: Request, num_tokens: int) -> list[BlockHash]:
         """Makes sure the request's full blocks among its first `num_tokens` tokens are hashed.

@@ -47,6 +47,7 @@ class NewRequestData:
     eos_token_ids: set[int]
     block_ids: list[int]
     num_computed_tokens: int
+    lora_request: Optional[Any] = None  # a pagellm.lora.LoRARequest, or None for the base model
 
 
 @dataclass
@@ -105,6 +106,8 @@ class SchedulerStats:
     num_preemptions_total: int
     prefix_cache_queries: int
     prefix_cache_hits: int
+    lora_running: dict = field(default_factory=dict)  # adapter name -> requests (EngineCore fills them)
+    lora_waiting: dict = field(default_factory=dict)
 
 
 SCHEDULING_POLICIES = ("fcfs", "priority")
@@ -126,12 +129,14 @@ class Scheduler:
         policy: str = "fcfs",
         is_ready: Optional[Callable[[Request], bool]] = None,
         pipeline_parallel: bool = False,
+        lora: Optional[Any] = None,  # a pagellm.lora.admission.LoRAAdmission (caps distinct adapters)
     ) -> None:
         if policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling policy must be one of {SCHEDULING_POLICIES}, got {policy!r}")
         self.policy = policy
         # Whether a waiting request may be admitted yet (structured outputs: its grammar is compiled).
         self.is_ready = is_ready
+        self.lora = lora
         self.kv = kv_cache_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -275,6 +280,7 @@ class Scheduler:
             eos_token_ids=request.eos_token_ids,
             block_ids=list(self.kv.get_block_ids(request.request_id)),
             num_computed_tokens=num_cached_tokens,
+            lora_request=request.lora_request,
         )
 
     def _step_output(self, new_reqs: list[NewRequestData], cached_reqs: list[CachedRequestData],
@@ -309,6 +315,8 @@ class Scheduler:
 
     def _next_ready(self) -> Optional[int]:
         """The first waiting request that may be admitted: others pass one still compiling its grammar."""
+        if self.lora is not None:
+            return self.lora.next_admissible(self.waiting, self.running, self.is_ready)
         if self.is_ready is None:
             return 0
         return next((i for i, r in enumerate(self.waiting) if self.is_ready(r)), None)

@@ -23,6 +23,7 @@ from pagellm.engine.core_interface import EngineCoreRequest  # noqa: F401 - re-e
 from pagellm.engine.setup import ModelSetup
 from pagellm.executor import RankFailure
 from pagellm.executor import Executor
+from pagellm.lora.admission import LoRAAdmission
 
 if TYPE_CHECKING:
     from pagellm.executor.base import StepFuture
@@ -57,6 +58,7 @@ class EngineCore:
             policy=config.scheduling_policy,
             is_ready=self.grammars.is_ready,
             pipeline_parallel=executor.max_concurrent_batches > 1,
+            lora=LoRAAdmission(config.max_loras) if config.enable_lora else None,
         )
         # Steps in flight (pipeline parallelism only; None: every step is synchronous).
         self._batch_queue_size = executor.max_concurrent_batches
@@ -89,7 +91,8 @@ class EngineCore:
     def add_request(self, req: EngineCoreRequest) -> Request:
         """Queues the request; returns its scheduler state (read-only to callers, e.g. for queue-time metrics)."""
         request = Request(req.request_id, req.prompt_token_ids, req.sampling_params, req.eos_token_ids,
-                          arrival_time=req.arrival_time, cache_salt=req.cache_salt, priority=req.priority)
+                          arrival_time=req.arrival_time, cache_salt=req.cache_salt, priority=req.priority,
+                          lora_request=req.lora_request)
         request.share_prefix = req.share_prefix
         self.grammars.add(request)  # starts compiling; the scheduler admits it once compiled
         try:
@@ -186,7 +189,11 @@ class EngineCore:
         return self.scheduler.take_first_scheduled()
 
     def stats(self) -> SchedulerStats:
-        return self.scheduler.stats()
+        stats = self.scheduler.stats()
+        if self.config.enable_lora:
+            stats.lora_running = LoRAAdmission.per_adapter(self.scheduler.running)
+            stats.lora_waiting = LoRAAdmission.per_adapter(self.scheduler.waiting)
+        return stats
 
     def reset_prefix_cache(self) -> bool:
         """Forgets every cached block; refused (False) while any request holds KV blocks."""

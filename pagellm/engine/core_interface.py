@@ -34,6 +34,8 @@ class EngineCoreRequest:
     cache_salt: Optional[str] = None
     # Lower is scheduled earlier under the "priority" policy (vLLM's meaning).
     priority: int = 0
+    # A pagellm.lora.LoRARequest (validated by the front end), or None for the base model.
+    lora_request: Optional[object] = None
 
 
 def admit_all_or_none(children: list[EngineCoreRequest], add: Callable[[EngineCoreRequest], T],

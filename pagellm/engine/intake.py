@@ -19,6 +19,8 @@ from pagellm.core.scheduler import RequestUpdate
 from pagellm.engine.core_interface import EngineCoreRequest
 from pagellm.engine.output_processor import OutputKind, OutputProcessor, RequestState
 from pagellm.engine.processor import InputProcessor, PromptType
+from pagellm.lora.registry import LoRARegistry
+from pagellm.lora.request import LoRARequest
 from pagellm.outputs import RequestOutput
 from pagellm.sampling_params import SamplingParams
 
@@ -83,13 +85,17 @@ class RequestIntake:
         self._grammar_checker = None  # compiles constraints up front, so a bad one is the caller's error
         self.on_grammar_compile = None  # called with each compile's seconds (AsyncLLM's metrics)
         self.output_processor = OutputProcessor(tokenizer)
+        self.loras = LoRARegistry(config, model_config)  # adapters checked before their requests queue
 
     def prepare(self, request_id: str, prompt: PromptType, params: SamplingParams, kind: OutputKind,
-                arrival_time: Optional[float] = None, priority: int = 0) -> PreparedRequest:
+                arrival_time: Optional[float] = None, priority: int = 0,
+                lora_request: Optional[LoRARequest] = None) -> PreparedRequest:
         """Validates and tokenizes (once), then fans out; raises ValueError on bad input. Touches no shared state."""
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
+        self.loras.check(lora_request)
         text, core_req = self.processor.process(request_id, prompt, params, arrival_time, priority)
+        core_req.lora_request = lora_request
         if params.structured_outputs is not None:
             self._check_constraint(params)
         state = RequestState(request_id, text, core_req.prompt_token_ids, core_req.sampling_params, self.tokenizer,

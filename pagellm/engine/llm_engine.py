@@ -42,8 +42,9 @@ class LLMEngine:
     # -- requests -----------------------------------------------------------------
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
                     kind: OutputKind = OutputKind.CUMULATIVE, arrival_time: Optional[float] = None,
-                    priority: int = 0) -> None:
-        self.add_prepared(self.intake.prepare(request_id, prompt, params, kind, arrival_time, priority))
+                    priority: int = 0, lora_request=None) -> None:
+        self.add_prepared(self.intake.prepare(request_id, prompt, params, kind, arrival_time, priority,
+                                              lora_request=lora_request))
 
     def add_prepared(self, prepared: PreparedRequest) -> None:
         """Queues a request `intake.prepare` made (LLM.generate validates a whole batch first this way)."""

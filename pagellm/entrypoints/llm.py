@@ -12,6 +12,7 @@ from pagellm.engine.llm_engine import LLMEngine
 from pagellm.engine.output_processor import OutputKind
 from pagellm.engine.processor import PromptType
 from pagellm.entrypoints.chat_utils import render_chat
+from pagellm.lora.request import LoRARequest
 from pagellm.outputs import RequestOutput
 from pagellm.sampling_params import SamplingParams
 
@@ -47,18 +48,21 @@ class LLM:
         sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
         use_tqdm: bool = True,
         priority: Optional[Sequence[int]] = None,
+        lora_request: Union[LoRARequest, Sequence[Optional[LoRARequest]], None] = None,
     ) -> list[RequestOutput]:
         """Generates for one prompt or a list: text, token ids, or dicts {"prompt": text} /
         {"prompt_token_ids": ids}, optionally with "cache_salt": only prompts with the same salt
         share prefix-cache blocks. Each output's `num_cached_tokens` counts the prompt tokens whose
         KV came from the prefix cache. `priority` (one per prompt, lower first) needs
         scheduling_policy="priority". A request whose step failed (and was isolated as the cause)
-        comes back with finish_reason "error"; the others are unaffected."""
+        comes back with finish_reason "error"; the others are unaffected. `lora_request` (needs
+        enable_lora=True): one adapter for every prompt, or one (or None: the base model) per prompt."""
         prompt_list = _as_prompt_list(prompts)
         params_list = _as_params_list(sampling_params, len(prompt_list))
         if priority is not None and len(priority) != len(prompt_list):
             raise ValueError(f"got {len(priority)} priorities for {len(prompt_list)} prompts; pass one per prompt")
-        return self._run(prompt_list, params_list, use_tqdm, list(priority) if priority is not None else None)
+        loras = _as_lora_list(lora_request, len(prompt_list))
+        return self._run(prompt_list, params_list, use_tqdm, list(priority) if priority is not None else None, loras)
 
     def chat(
         self,
@@ -89,14 +93,17 @@ class LLM:
         return self._run(prompts, _as_params_list(sampling_params, len(prompts)), use_tqdm)
 
     def _run(self, prompts: list[PromptType], params: list[SamplingParams], use_tqdm: bool,
-             priorities: Optional[list[int]] = None) -> list[RequestOutput]:
+             priorities: Optional[list[int]] = None,
+             loras: Optional[list[Optional[LoRARequest]]] = None) -> list[RequestOutput]:
         engine = self.llm_engine
         # Prepare (validate + tokenize, once) everything before anything is queued, so a bad
         # prompt leaves no half-added batch.
         ids = [str(next(self._counter)) for _ in prompts]
         priorities = priorities or [0] * len(prompts)
-        prepared = [engine.intake.prepare(request_id, prompt, p, OutputKind.FINAL_ONLY, priority=priority)
-                    for request_id, prompt, p, priority in zip(ids, prompts, params, priorities)]
+        loras = loras or [None] * len(prompts)
+        prepared = [engine.intake.prepare(request_id, prompt, p, OutputKind.FINAL_ONLY, priority=priority,
+                                          lora_request=lora)
+                    for request_id, prompt, p, priority, lora in zip(ids, prompts, params, priorities, loras)]
         try:
             for request in prepared:
                 engine.add_prepared(request)
@@ -136,3 +143,12 @@ def _as_params_list(params, n: int) -> list[SamplingParams]:
     if len(params) != n:
         raise ValueError(f"got {len(params)} SamplingParams for {n} prompts; pass one, or one per prompt")
     return params
+
+
+def _as_lora_list(lora, n: int) -> list[Optional[LoRARequest]]:
+    if lora is None or isinstance(lora, LoRARequest):
+        return [lora] * n
+    loras = list(lora)
+    if len(loras) != n:
+        raise ValueError(f"got {len(loras)} LoRA requests for {n} prompts; pass one, or one per prompt")
+    return loras

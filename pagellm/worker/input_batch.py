@@ -31,6 +31,7 @@ class CachedRequestState:
     block_ids: list[int]
     num_computed_tokens: int
     generator: Optional[torch.Generator]
+    lora_request: Optional[object] = None  # a pagellm.lora.LoRARequest, or None for the base model
 
     @property
     def num_tokens(self) -> int:
@@ -99,7 +100,8 @@ class InputBatch:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(params.seed)
         state = CachedRequestState(new.req_id, list(new.prompt_token_ids), list(new.output_token_ids), params,
-                                   set(new.eos_token_ids), list(new.block_ids), new.num_computed_tokens, generator)
+                                   set(new.eos_token_ids), list(new.block_ids), new.num_computed_tokens, generator,
+                                   new.lora_request)
         if new.req_id in self.requests:
             self.remove_request(new.req_id)
         row = self._free_row()

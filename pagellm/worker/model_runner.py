@@ -44,6 +44,17 @@ from pagellm.worker.outputs import LogprobsLists, ModelRunnerOutput
 logger = logging.getLogger(__name__)
 
 
+def make_lora_manager(config: EngineConfig, model_config, model, dtype, device):
+    """The worker's adapter slots (pagellm/lora/worker_manager.py), or None without enable_lora."""
+    if not config.enable_lora:
+        return None
+    from pagellm.lora.worker_manager import LoRAManager
+
+    return LoRAManager(model, model_config, max_loras=config.max_loras, max_lora_rank=config.max_lora_rank,
+                       max_cpu_loras=config.lora_host_slots, dtype=dtype, device=device,
+                       allow_bin=config.lora_allow_bin)
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_config, model: torch.nn.Module) -> None:
         self.config = config
@@ -68,6 +79,7 @@ class ModelRunner:
         self.graphs: Optional[DecodeGraphs] = None
         self.memory_profile: Optional[MemoryProfile] = None
         self.graph_summary = ""  # one line for the start-up log once graphs are captured
+        self.lora = make_lora_manager(config, model_config, model, self.dtype, self.device)
 
     @classmethod
     def load(cls, config: EngineConfig, model_config, weights: Optional[Iterable], online=None) -> "ModelRunner":
@@ -84,7 +96,7 @@ class ModelRunner:
     def uses_cuda_graphs(self) -> bool:
         # Graphs capture one whole-model forward; a pipeline stage's sends and receives are not captured.
         return (self.device.type == "cuda" and not self.config.enforce_eager and self.backend.supports_cuda_graphs
-                and self.stage is None)
+                and self.stage is None and self.lora is None)
 
     def profile_cuda_memory(self) -> MemoryProfile:
         graph_batch = capture_batch_sizes(self.config.max_num_seqs)[-1] if self.uses_cuda_graphs else 0
@@ -157,10 +169,10 @@ class ModelRunner:
         self.graph_summary = message
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata,
-                 allow_graphs: bool = True) -> torch.Tensor:
+                 allow_graphs: bool = True, lora=None) -> torch.Tensor:
         if allow_graphs and self.graphs is not None and self.graphs.can_run(md.num_reqs, md.max_query_len):
             return self.graphs.run(input_ids, positions, md)
-        with set_forward_context(self.attn_builder.build(md)):
+        with set_forward_context(self.attn_builder.build(md), lora=lora):
             return self.model(input_ids, positions)
 
     # -- the step -------------------------------------------------------------------
@@ -170,17 +182,19 @@ class ModelRunner:
         if sched.is_empty:
             return ModelRunnerOutput({})
         inputs = self.input_batch.prepare(sched)
+        lora = None if self.lora is None else self.lora.prepare_step([s.lora_request for s in inputs.states],
+                                                                    inputs.query_lens)
         if self.stage is None:
-            hidden = self._forward(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+            hidden = self._forward(inputs.input_ids, inputs.positions, inputs.attn_metadata, lora=lora)
         else:
-            hidden = self._forward_stage(inputs)
+            hidden = self._forward_stage(inputs, lora)
             if hidden is None:
                 return ModelRunnerOutput({})  # sent on to the next stage
         sampled, logprobs = self._sample(hidden, inputs, sched)
         prompt_logprobs = self._prompt_logprobs(hidden, inputs)
         return ModelRunnerOutput(sampled, logprobs, prompt_logprobs)
 
-    def _forward_stage(self, inputs: StepInputs) -> Optional[torch.Tensor]:
+    def _forward_stage(self, inputs: StepInputs, lora=None) -> Optional[torch.Tensor]:
         """This stage's layers: the final hidden states on the last stage; elsewhere the outputs go
         to the next stage and None is returned. The shapes are known to both sides: every rank
         got the same SchedulerOutput (the step's token count) and the config (the hidden size)."""
@@ -189,7 +203,7 @@ class ModelRunner:
         if not stage.is_first_stage:
             shape = (inputs.input_ids.shape[0], self.hidden_size)
             intermediate = pp_recv_tensors(self.model.intermediate_names, shape, self.dtype, self.device, stage)
-        with set_forward_context(self.attn_builder.build(inputs.attn_metadata)):
+        with set_forward_context(self.attn_builder.build(inputs.attn_metadata), lora=lora):
             out = self.model(inputs.input_ids, inputs.positions, intermediate)
         if stage.is_last_stage:
             return out
