@@ -235,3 +235,79 @@ def test_grouped_ops_match_token_by_token(slices):
             torch.testing.assert_close(add_lora_masked_dense(torch.zeros_like(want), x, a, bs[0], mapping), want,
                                        rtol=1e-4, atol=1e-4)
     assert build_mapping([-1, -1], [2, 3], torch.float32, torch.device("cpu")) is None
+
+
+# -- the server ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lora_server(tiny_chat_model, tmp_path_factory):
+    """An AsyncLLM (core on a thread) over the tiny chat model with LoRA on, and adapters built for it."""
+    from pagellm.config import EngineConfig
+    from pagellm.engine.async_llm import AsyncLLM
+
+    root = tmp_path_factory.mktemp("server-adapters")
+    paths = {"sql": make_adapter(tiny_chat_model, str(root / "sql"), 4, 8, ["q_proj", "v_proj", "down_proj"],
+                                 False, seed=11),
+             "big": make_adapter(tiny_chat_model, str(root / "big"), 16, 16, ["q_proj"], False, seed=12)}
+    engine = AsyncLLM.from_config(EngineConfig(model=tiny_chat_model, max_model_len=128, kv_cache_memory=4 << 20,
+                                               enable_lora=True, max_loras=2, max_lora_rank=8),
+                                  engine_process=False, quiet=True)
+    engine.intake.loras.add("sql", paths["sql"])  # what --lora-modules sql=PATH does at start-up
+    yield engine, paths
+    engine.shutdown()
+
+
+def test_server_lists_loads_uses_and_unloads_adapters(lora_server):
+    import asyncio
+
+    import httpx
+
+    from pagellm.entrypoints.openai.server import build_app
+
+    engine, paths = lora_server
+
+    async def main():
+        transport = httpx.ASGITransport(app=build_app(engine, "tiny"))
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost", timeout=60) as client:
+            def complete(model, **extra):
+                return client.post("/v1/completions", json={"model": model, "prompt": "Hello there", "max_tokens": 6,
+                                                            "temperature": 0, "ignore_eos": True, **extra})
+
+            models = (await client.get("/v1/models")).json()["data"]
+            assert [(m["id"], m.get("parent")) for m in models] == [("tiny", None), ("sql", "tiny")]
+            base, sql = (await complete("tiny")).json(), (await complete("sql")).json()
+            assert base["choices"][0]["text"] != sql["choices"][0]["text"]
+            r = await client.post("/v1/load_lora_adapter", json={"lora_name": "new", "lora_path": paths["sql"]})
+            assert r.status_code == 200, r.text
+            assert (await complete("new")).json()["choices"][0]["text"] == sql["choices"][0]["text"]
+            r = await client.post("/v1/load_lora_adapter", json={"lora_name": "new", "lora_path": paths["sql"]})
+            assert r.status_code == 409 and r.json()["error"]["code"] == "adapter_exists"
+            # unloading while a request still runs under the adapter: 409, then 200 once it finished
+            long = asyncio.ensure_future(complete("new", max_tokens=100))
+            while not (engine.get_stats() and engine.get_stats().lora_running.get("new")):
+                await asyncio.sleep(0.002)
+            metrics = (await client.get("/metrics")).text
+            busy = await client.post("/v1/unload_lora_adapter", json={"lora_name": "new"})
+            assert (await long).status_code == 200
+            assert busy.status_code == 409 and busy.json()["error"]["code"] == "adapter_in_use"
+            assert any('lora_name="new"' in line and 'state="running"' in line and line.endswith(" 1.0")
+                       for line in metrics.splitlines())
+            r = await client.post("/v1/unload_lora_adapter", json={"lora_name": "new"})
+            assert r.status_code == 200, r.text
+            gone = await complete("new")
+            assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
+            r = await client.post("/v1/unload_lora_adapter", json={"lora_name": "new"})
+            assert r.status_code == 404
+            bad = {"big": "max_lora_rank", "x": "the base model needs", "nowhere": "is not a directory"}
+            for name, why in bad.items():
+                path = paths.get(name) or (lora_base_adapter if name == "x" else "/nonexistent")
+                r = await client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path})
+                assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_adapter", r.text
+                assert why in r.json()["error"]["message"]
+            assert [m["id"] for m in (await client.get("/v1/models")).json()["data"]] == ["tiny", "sql"]
+        return await engine.wait_for_stats()
+
+    other_base = make_tiny_llama(os.path.join(paths["sql"], "..", "narrow-base"), hidden=32, heads=2, tie=False)
+    lora_base_adapter = make_adapter(other_base, os.path.join(paths["sql"], "..", "wrong-base"), 4, 8, ["q_proj"],
+                                     False, seed=13)
+    stats = asyncio.run(main())
+    assert stats.kv_cache_usage == 0 and stats.num_running == 0 and not stats.lora_running

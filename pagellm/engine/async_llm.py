@@ -144,11 +144,11 @@ class AsyncLLM:
                                                                 functools.partial(fn, *args, **kwargs))
 
     async def prepare(self, prompt: PromptType, sampling_params: SamplingParams, request_id: str,
-                      arrival_time: Optional[float] = None, priority: int = 0) -> PreparedRequest:
+                      arrival_time: Optional[float] = None, priority: int = 0, lora_request=None) -> PreparedRequest:
         """Validates and tokenizes off the event loop; ValueError on bad input. Queues nothing."""
         self._check_usable()
         return await self.run_off_loop(self.intake.prepare, request_id, prompt, sampling_params, OutputKind.DELTA,
-                                       arrival_time, priority)
+                                       arrival_time, priority, lora_request)
 
     async def generate(self, prompt: Union[PromptType, PreparedRequest], sampling_params: Optional[SamplingParams],
                        request_id: Optional[str], arrival_time: Optional[float] = None, *,

@@ -59,7 +59,17 @@ def combine_stats(stats: Iterable[SchedulerStats]) -> SchedulerStats:
         num_preemptions_total=sum(s.num_preemptions_total for s in items),
         prefix_cache_queries=sum(s.prefix_cache_queries for s in items),
         prefix_cache_hits=sum(s.prefix_cache_hits for s in items),
+        lora_running=_sum_counts(s.lora_running for s in items),
+        lora_waiting=_sum_counts(s.lora_waiting for s in items),
     )
+
+
+def _sum_counts(dicts) -> dict:
+    total: dict = {}
+    for counts in dicts:
+        for key, n in counts.items():
+            total[key] = total.get(key, 0) + n
+    return total
 
 
 @dataclass

@@ -64,6 +64,10 @@ class EngineMetrics:
         # One child per engine core (index = its data-parallel rank).
         self.num_requests_running = core_gauge("pagellm:num_requests_running",
                                                "Number of requests in the running batch.")
+        # Per LoRA adapter: requests running / waiting under it (an adapter's series drop to 0 when idle).
+        self.lora_requests = Gauge("pagellm:lora_requests", "Requests per LoRA adapter, by state.",
+                                   [*_CORE_LABELS, "lora_name", "state"], registry=r)
+        self._lora_seen: set[tuple[str, str, str]] = set()
         self.num_requests_waiting = core_gauge("pagellm:num_requests_waiting",
                                                "Number of requests waiting to be scheduled.")
         self.kv_cache_usage_perc = core_gauge("pagellm:kv_cache_usage_perc",
@@ -110,6 +114,7 @@ class EngineMetrics:
         self.num_requests_running[engine].set(stats.num_running)
         self.num_requests_waiting[engine].set(stats.num_waiting)
         self.kv_cache_usage_perc[engine].set(stats.kv_cache_usage)
+        self._record_lora(stats, str(engine))
         totals = self._last_totals[engine]
         self._advance(self.num_preemptions[engine], totals, "preemptions", stats.num_preemptions_total)
         self._advance(self.prefix_cache_queries[engine], totals, "queries", stats.prefix_cache_queries)
@@ -122,6 +127,14 @@ class EngineMetrics:
             counter.inc(delta)
         # A restarted core counts from 0 again: follow it down, so its next increments count.
         totals[key] = total
+
+    def _record_lora(self, stats: SchedulerStats, engine: str) -> None:
+        now = {(engine, name, "running"): n for name, n in stats.lora_running.items()}
+        now.update({(engine, name, "waiting"): n for name, n in stats.lora_waiting.items()})
+        for key in self._lora_seen | set(now):
+            if key[0] == engine:
+                self.lora_requests.labels(self.model_name, *key).set(now.get(key, 0))
+        self._lora_seen |= set(now)
 
     def record_first_token(self, ttft: float, num_prompt_tokens: int) -> None:
         self.time_to_first_token.observe(max(ttft, 0.0))

@@ -54,6 +54,11 @@ _HELP = {
                           "draft_model with \"model\": PATH); off when not given",
     "data_parallel_size": "engine cores behind one server, each with its own scheduler, KV cache and tp x pp "
                           "ranks (pagellm serve only)",
+    "enable_lora": "serve LoRA adapters (per request; see --lora-modules and /v1/load_lora_adapter)",
+    "max_loras": "distinct LoRA adapters in one batch (the device's adapter slots)",
+    "max_lora_rank": "largest LoRA rank accepted (slots are sized for it)",
+    "max_cpu_loras": "LoRA adapters kept in host memory for swapping into slots (default: max_loras)",
+    "lora_allow_bin": "accept pickled adapter_model.bin adapters (unpickling can run code)",
     "quantization": "auto: weights stay as the checkpoint stores them (GGUF blocks, or config.json's "
                     "quantization_config: gptq, awq, compressed-tensors, fp8); none: dequantize every weight at load; "
                     "fp8 / int8 on a full-precision checkpoint: quantize linear weights at load (W8A8)",

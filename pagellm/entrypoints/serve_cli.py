@@ -12,6 +12,13 @@ def _host_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def _lora_module(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH (a PEFT adapter directory), got {text!r}")
+    return name, path
+
+
 def register(sub) -> None:
     from pagellm.entrypoints.cli import add_engine_args
 
@@ -89,6 +96,9 @@ def register(sub) -> None:
                         choices=["critical", "error", "warning", "info", "debug", "trace"],
                         help="uvicorn's log level (default: info)")
     parser.add_argument("--disable-uvicorn-access-log", action="store_true", help="no line per HTTP request")
+    parser.add_argument("--lora-modules", type=_lora_module, nargs="+", default=None, metavar="NAME=PATH",
+                        help="LoRA adapters served under their names (needs --enable-lora); more can be loaded "
+                             "at run time with POST /v1/load_lora_adapter")
     parser.set_defaults(func=cmd_serve)
 
 
@@ -101,6 +111,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError("--header-read-timeout, --body-read-timeout and --timeout-keep-alive must be positive")
     if args.request_timeout is not None and not args.request_timeout > 0:
         raise ValueError(f"--request-timeout must be positive, got {args.request_timeout}")
+    if args.lora_modules and not args.enable_lora:
+        raise ValueError("--lora-modules needs --enable-lora")
     if args.max_n is not None and not 1 <= args.max_n <= 128:
         raise ValueError(f"--max-n must be in [1, 128], got {args.max_n}")
     for flag in ("max_prompt_chars", "max_chat_messages", "max_prompts_per_request", "prompt_logprobs_budget"):

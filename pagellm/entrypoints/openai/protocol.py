@@ -373,6 +373,7 @@ class ModelCard(ResponseModel):
     created: int = Field(default_factory=now)
     owned_by: str = "pagellm"
     root: Optional[str] = None
+    parent: Optional[str] = None  # a LoRA adapter's base model
     max_model_len: Optional[int] = None
 
 

@@ -58,6 +58,7 @@ from pagellm.entrypoints.openai.protocol import (
 from pagellm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagellm.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagellm.entrypoints.openai.serving_engine import ClientDisconnected, cancel_on_disconnect
+from pagellm.entrypoints.openai.serving_lora import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 
 logger = logging.getLogger(__name__)
 
@@ -192,14 +193,26 @@ def build_app(engine, served_model_name: str, api_key: Optional[str] = None, cha
         root = engine.config.model
         return ModelCard(id=served_model_name, root=root, max_model_len=max_model_len)
 
+    def adapter_cards() -> list[ModelCard]:
+        return [ModelCard(**card, max_model_len=max_model_len) for card in completions.loras.cards()]
+
     @app.get("/v1/models")
     async def list_models():
-        return JSONResponse(ModelList(data=[model_card()]).model_dump())
+        return JSONResponse(ModelList(data=[model_card(), *adapter_cards()]).model_dump())
 
     @app.get("/v1/models/{model_id:path}")
     async def retrieve_model(model_id: str):
-        completions.check_model(model_id)
+        if completions.check_model(model_id) is not None:
+            return JSONResponse(next(c for c in adapter_cards() if c.id == model_id).model_dump())
         return JSONResponse(model_card().model_dump())
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoRAAdapterRequest):
+        return Response(await completions.loras.load(body), media_type="text/plain")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest):
+        return Response(await completions.loras.unload(body), media_type="text/plain")
 
     @app.get("/health")
     async def health():
@@ -383,6 +396,8 @@ def run_server(args: argparse.Namespace) -> int:
     app = None
     engine_died = threading.Event()
     try:
+        for name, path in (getattr(args, "lora_modules", None) or []):
+            engine.intake.loras.add(name, path)  # ValueError (bad adapter, or no --enable-lora): the CLI's message
         app = build_app(engine, served_name, api_key, chat_template,
                         options=server_options(args, engine.config.max_model_len))
         server = GracefulServer(uvicorn_config(app, args), grace_s=args.shutdown_timeout, abort_all=engine.shutdown)

@@ -147,7 +147,7 @@ class OpenAIServingChat(OpenAIServing):
 
     async def create(self, request: ChatCompletionRequest):
         arrival = time.monotonic()
-        self.check_model(request.model)
+        lora = self.check_model(request.model)
         self._reject_unsupported(request)
         tools = tool_setup(request, self.tool_parser, self.enable_auto_tool_choice, self.require_tokenizer("chat"))
         text = await self.engine.run_off_loop(self.render_prompt, request.messages, request.add_generation_prompt,
@@ -167,7 +167,7 @@ class OpenAIServingChat(OpenAIServing):
             params.skip_special_tokens = False  # the parser must see its markers ([TOOL_CALLS], <|python_tag|>)
         params = self._constrain_after_reasoning(params, text)
         request_id = random_id("chatcmpl")
-        prepared = await self._prepare(request_id, prompt_ids, request, params, tools)
+        prepared = await self._prepare(request_id, prompt_ids, request, params, tools, lora)
         try:
             outputs = await start_stream(self.generate(prepared, params, request_id, arrival))
         except ValueError as exc:
@@ -189,9 +189,9 @@ class OpenAIServingChat(OpenAIServing):
         return params
 
     async def _prepare(self, request_id: str, prompt_ids: list[int], request: ChatCompletionRequest,
-                       params: SamplingParams, tools: ToolSetup):
+                       params: SamplingParams, tools: ToolSetup, lora=None):
         try:
-            return await self.prepare(request_id, prompt_ids, request.cache_salt, params, request.priority)
+            return await self.prepare(request_id, prompt_ids, request.cache_salt, params, request.priority, lora)
         except OpenAIError as exc:
             if tools.constraint is None or "does not compile" not in exc.message:
                 raise

@@ -65,7 +65,7 @@ class _Choice:
 class OpenAIServingCompletion(OpenAIServing):
     async def create(self, request: CompletionRequest):
         arrival = time.monotonic()
-        self.check_model(request.model)
+        lora = self.check_model(request.model)
         if request.suffix is not None:
             raise OpenAIError("suffix is not supported (pagellm has no fill-in-the-middle mode); remove it",
                               400, param="suffix", code="unsupported_parameter")
@@ -90,7 +90,7 @@ class OpenAIServingCompletion(OpenAIServing):
                                                                     "max_tokens")
             params = self.build_params(request, max_tokens, request.logprobs, prompt_logprobs)
             rid = f"{request_id}-{i}"
-            prepared = await self.prepare(rid, prompt.token_ids, request.cache_salt, params, request.priority)
+            prepared = await self.prepare(rid, prompt.token_ids, request.cache_salt, params, request.priority, lora)
             streams.append((prepared, params, rid))
         merged = merge_streams([self.generate(prepared, params, rid, arrival) for prepared, params, rid in streams])
         try:

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from pagellm.entrypoints.openai.errors import (OpenAIError, error_body, from_engine_error, from_value_error,
                                             internal_error_message)
 from pagellm.entrypoints.openai.limits import ServerLimits
+from pagellm.entrypoints.openai.serving_lora import LoRAServing
 from pagellm.outputs import Logprob, PositionLogprobs
 from pagellm.sampling_params import SamplingParams
 
@@ -78,12 +79,12 @@ class OpenAIServing:
         self.tokenizer = engine.tokenizer
         self.max_model_len: int = engine.config.max_model_len
         self.limits = limits or ServerLimits.for_context(self.max_model_len)
+        self.loras = LoRAServing(engine, served_model_name)
 
     # -- checks ---------------------------------------------------------------------------
-    def check_model(self, model: Optional[str]) -> None:
-        if model is not None and model != self.model_name:
-            raise OpenAIError(f"the model `{model}` does not exist; this server serves `{self.model_name}`",
-                              404, param="model", code="model_not_found")
+    def check_model(self, model: Optional[str]):
+        """The LoRARequest `model` names (None: the base model); 404 for a name this server does not serve."""
+        return self.loras.resolve(model)
 
     def require_tokenizer(self, what: str) -> Any:
         if self.tokenizer is None:
@@ -123,7 +124,7 @@ class OpenAIServing:
             raise self.bad_value(exc) from None
 
     async def prepare(self, request_id: str, prompt_ids: list[int], cache_salt: Optional[str],
-                      params: SamplingParams, priority: int = 0):
+                      params: SamplingParams, priority: int = 0, lora_request=None):
         """The engine's own input checks (vocabulary, lengths) and tokenization, off the event loop.
 
         Nothing is queued yet: a multi-prompt request prepares every prompt first, so a bad
@@ -131,7 +132,7 @@ class OpenAIServing:
         """
         try:
             return await self.engine.prepare(self.engine_prompt(prompt_ids, cache_salt), params, request_id,
-                                             priority=priority)
+                                             priority=priority, lora_request=lora_request)
         except ValueError as exc:
             raise self.bad_value(exc) from None
 
