@@ -192,13 +192,15 @@ def main() -> None:
     parser.add_argument("--compiles", type=int, default=20, help="distinct schemas compiled cold per backend")
     parser.add_argument("--ttft-runs", type=int, default=10)
     parser.add_argument("--skip", default="", help="comma list of parts to skip: throughput,compile,ttft")
+    parser.add_argument("--backend", default="auto", choices=("auto", "xgrammar", "guidance"),
+                        help="structured-outputs backend of the throughput and TTFT runs")
     parser.add_argument("--json", default=None, help="also write the numbers to this file")
     args = parser.parse_args()
     skip = {s for s in args.skip.split(",") if s}
     if skip - {"throughput", "compile", "ttft"}:
         raise ValueError(f"--skip: unknown parts {sorted(skip - {'throughput', 'compile', 'ttft'})}")
 
-    llm = LLM(args.model, max_model_len=args.max_model_len, quiet=True)
+    llm = LLM(args.model, max_model_len=args.max_model_len, structured_outputs_backend=args.backend, quiet=True)
     probe = StepProbe(llm)
     results = {"command": " ".join(sys.argv), "device": llm.llm_engine.config.device}
     if "throughput" not in skip:

@@ -13,6 +13,7 @@ class RaisingEngine:
     def __init__(self, error: BaseException, *, after_first: bool = False, tokenizer=None,
                  vocab_size: int = 100, max_model_len: int = 64) -> None:
         from pagellm.engine.processor import InputProcessor
+        from pagellm.lora.registry import LoRARegistry
 
         self.error = error
         self.after_first = after_first
@@ -20,11 +21,13 @@ class RaisingEngine:
         self.tokenizer = tokenizer
         self.model_config = SimpleNamespace(vocab_size=vocab_size, eos_token_id=2)
         self.processor = InputProcessor(self.config, tokenizer, self.model_config)
+        self.intake = SimpleNamespace(loras=LoRARegistry(self.config, self.model_config))  # none loaded
         self.metrics = SimpleNamespace(render=lambda: b"", CONTENT_TYPE="text/plain")
         self.errored = False
         self.shut_down = False
 
-    async def prepare(self, prompt, sampling_params, request_id, arrival_time=None, priority: int = 0):
+    async def prepare(self, prompt, sampling_params, request_id, arrival_time=None, priority: int = 0,
+                      lora_request=None):
         self.processor.process(request_id, prompt, sampling_params, priority=priority)  # the real engine's checks
         return prompt
 

@@ -85,16 +85,17 @@ class XGrammarBackend:
 
 
 # xgrammar (0.2.x, its issue #800) writes a string with minLength/maxLength as a bounded repeat of
-# this class: raw control characters pass (invalid JSON, strict parsers refuse it) and no escape can
-# be written. Each repeat becomes one JSON character instead: a plain one or one escape.
+# this class, which lets raw control characters through (invalid JSON; strict parsers refuse it).
+# The repeat keeps one character class, without them. A rule per character that also allowed
+# escapes made the token-mask fill ~400x slower (1.69 vs 0.004 ms a token on a 30-field schema):
+# xgrammar's mask cache only covers a repeated class. So no escape inside a length-bounded string
+# on this backend; llguidance (`--structured-outputs-backend guidance`) writes them.
 _BOUNDED_STRING_CHAR = r'[^\"\\\r\n]'
-_JSON_CHAR_RULE = "pagellm_json_char"
-_JSON_CHAR = (_JSON_CHAR_RULE + r' ::= [^\0-\x1f\"\\] | ("\\" [\"\\/bfnrt]) | '
-              r'("\\u" [A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9])')
+_STRICT_JSON_CHAR = r'[^\0-\x1f\"\\]'
 
 
 def _strict_bounded_strings(grammar: xgr.Grammar) -> xgr.Grammar:
     text = str(grammar)
     if _BOUNDED_STRING_CHAR not in text:
         return grammar
-    return xgr.Grammar.from_ebnf(text.replace(_BOUNDED_STRING_CHAR, _JSON_CHAR_RULE) + "\n" + _JSON_CHAR + "\n")
+    return xgr.Grammar.from_ebnf(text.replace(_BOUNDED_STRING_CHAR, _STRICT_JSON_CHAR))
