@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pagellm.loader.gguf import read_gguf_header
-from pagellm.loader.hf import load_hf_config
+from pagellm.loader.hf import file_identity, load_hf_config
 from pagellm.loader.source import ModelSource
 
 # Any of these means the directory ships a tokenizer; without one, transformers fails with an
@@ -46,11 +48,31 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> PreT
         kwargs = {}
         where = directory
     try:
+        if source.kind == "gguf":
+            # A copy: callers may add tokens or change settings; the cached one stays as the file says.
+            return copy.deepcopy(_gguf_tokenizer(*file_identity(source.gguf_path), kwargs.get("tokenizer_type"),
+                                                 trust_remote_code))
         return AutoTokenizer.from_pretrained(
             directory, trust_remote_code=trust_remote_code, local_files_only=True, **kwargs
         )
     except (OSError, ValueError, KeyError) as exc:
         raise ValueError(f"could not load the tokenizer of {where}: {exc}; {_HINT}") from exc
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_tokenizer(path: str, mtime_ns: int, size: int, tokenizer_type: str | None,
+                    trust_remote_code: bool) -> PreTrainedTokenizerBase:
+    """AutoTokenizer's build from a GGUF file, once per file per process.
+
+    transformers converts the vocabulary by walking the file's metadata with gguf-py (seconds for
+    SmolLM2's 49k tokens, more for Gemma 3's 262k), and each engine built in one process (the
+    offline LLM, the server's front end, tests) needs it; a copy of the result costs ~0.1 s.
+    `mtime_ns` and `size` only key the cache (a rewritten file is converted again).
+    """
+    directory, name = os.path.split(path)
+    kwargs = {"gguf_file": name} if tokenizer_type is None else {"gguf_file": name, "tokenizer_type": tokenizer_type}
+    return AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code, local_files_only=True,
+                                         **kwargs)
 
 
 def _gguf_tokenizer_type(source: ModelSource) -> str | None:
