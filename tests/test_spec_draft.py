@@ -17,6 +17,7 @@ from pagellm import LLM, SamplingParams
 from pagellm.config import EngineConfig
 from pagellm.engine.setup import resolve_setup
 from pagellm.spec_decode.config import SpeculativeConfig
+from pagellm.spec_decode.draft_kv import DraftBlockTable, common_prefix_len
 from pagellm.spec_decode.draft_model import DraftModelProposer
 from tests.conftest import make_tiny_llama
 
@@ -168,6 +169,7 @@ def test_bad_call_arguments(self_draft):
     _assert_pool_full(self_draft)
 
 
+@pytest.mark.slow
 def test_real_gguf_draft_equal_to_target_matches_its_greedy_output(smollm_path, smollm_llm):
     """SmolLM2's GGUF (weights kept quantized, as the shared engine runs it) as its own draft."""
     tokenizer = smollm_llm.get_tokenizer()
@@ -180,3 +182,19 @@ def test_real_gguf_draft_equal_to_target_matches_its_greedy_output(smollm_path, 
                                                             num_speculative_tokens=4), num_blocks=8)
     assert proposer.propose(prompts, [4, 4]) == [list(o.outputs[0].token_ids) for o in outs]
     _assert_pool_full(proposer)
+
+
+def test_block_table_rolls_back_reserves_and_frees():
+    table = DraftBlockTable(num_blocks=4, block_size=4)
+    assert table.rollback("a", [1, 2, 3, 4, 5, 6]) == 0
+    assert table.reserve("a", 9)  # 3 blocks
+    table.append("a", [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    assert not table.reserve("b", 5) and table.num_free_blocks == 1  # needs 2: nothing taken
+    # Accepted up to 7, then another token: keeps 7 tokens (2 blocks), frees the third.
+    assert table.rollback("a", [1, 2, 3, 4, 5, 6, 7, 0, 11]) == 7 and table.num_free_blocks == 2
+    # The last history token is always fed again, even when the draft already holds it.
+    assert table.rollback("a", [1, 2, 3, 4, 5]) == 4 and table.num_free_blocks == 3
+    assert common_prefix_len([1, 2, 3], (1, 2, 4, 5)) == 2 and common_prefix_len([], [1]) == 0
+    table.free("a")
+    table.free("a")
+    assert table.num_free_blocks == 4

@@ -23,7 +23,9 @@ def cdiv(a: int, b: int) -> int:
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
-    if list(a[:n]) == list(b[:n]):  # the usual case: one extends the other (C-speed list compare)
+    if not (isinstance(a, list) and isinstance(b, list)):
+        a, b = list(a[:n]), list(b[:n])
+    if a[:n] == b[:n]:  # the usual case: one extends the other (a C-speed list compare)
         return n
     diff = np.flatnonzero(np.asarray(a[:n], dtype=np.int64) != np.asarray(b[:n], dtype=np.int64))
     return int(diff[0])

@@ -185,7 +185,7 @@ class DraftModelProposer(Proposer):
         for i, (history, k, req_id) in enumerate(zip(histories, num_tokens, req_ids)):
             # The target verifies at positions up to len + k - 1, which must stay under max_len.
             k = min(int(k), self.max_len - len(history))
-            if k <= 0 or not history:
+            if k <= 0 or len(history) == 0:
                 continue
             self.table.rollback(req_id, history)
             if not self.table.reserve(req_id, len(history) + k - 1):
