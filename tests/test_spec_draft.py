@@ -57,11 +57,11 @@ def _assert_pool_full(proposer: DraftModelProposer) -> None:
 
 
 def test_draft_equal_to_target_proposes_the_target_greedy_continuation(tiny_llama, self_draft):
-    expected = _greedy(tiny_llama, PROMPTS, K)
+    continuations = _greedy(tiny_llama, PROMPTS, K + 1 + K)
     ids = [f"same-{i}" for i in range(len(PROMPTS))]
-    assert self_draft.propose(PROMPTS, [K] * len(PROMPTS), req_ids=ids) == expected
+    assert self_draft.propose(PROMPTS, [K] * len(PROMPTS), req_ids=ids) == [c[:K] for c in continuations]
     # ... and keeps doing so after every proposal was accepted (history + k proposals + bonus).
-    longer = [p + e for p, e in zip(PROMPTS, _greedy(tiny_llama, PROMPTS, K + 1 + K))]
+    longer = [p + c for p, c in zip(PROMPTS, continuations)]
     histories = [h[:len(p) + K + 1] for h, p in zip(longer, PROMPTS)]
     assert self_draft.propose(histories, [K] * len(PROMPTS), req_ids=ids) == \
         [h[len(p) + K + 1:] for h, p in zip(longer, PROMPTS)]
