@@ -9,7 +9,7 @@ windows per request (numpy), no Python loop over positions.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -24,7 +24,10 @@ class NgramProposer(Proposer):
         self.min_n = prompt_lookup_min
         self.max_n = prompt_lookup_max
 
-    def propose(self, histories: Sequence[Sequence[int]], num_tokens: Sequence[int]) -> list[list[int]]:
+    def propose(self, histories: Sequence[Sequence[int]], num_tokens: Sequence[int],
+                req_ids: Optional[Sequence[str]] = None,
+                prompt_lens: Optional[Sequence[int]] = None) -> list[list[int]]:
+        del req_ids, prompt_lens  # stateless: only the histories matter
         return [self._propose_one(np.asarray(h, dtype=np.int64), k) if k > 0 else []
                 for h, k in zip(histories, num_tokens)]
 
