@@ -241,23 +241,33 @@ class SuffixProposer(Proposer):
         n = len(state.tokens)
         for start, node in state.active:  # longest suffix first
             m = n - start
-            if m == 0 or not node.children:
-                continue
-            draft = _walk(state.trie, node, m, self._max_len(m, k), self.min_token_prob)
-            if draft.score > best.score:
-                best = draft
+            limit = self._max_len(m, k)
+            if limit <= best.score:  # a score is at most its length; shorter matches allow no more
+                break
+            if node.children:
+                draft = _walk(state.trie, node, m, limit, self.min_token_prob)
+                if draft.score > best.score:
+                    best = draft
         return best
 
     def _best_global(self, context: list[int], k: int) -> _Draft:
         best = _Draft()
         if not self._cached:
             return best
-        for m in range(1, min(self.max_depth, len(context) + 1)):
-            at = self._global.match(context, m)
-            if at is None:  # a longer suffix cannot be there either
+        # A suffix in the trie means its own suffixes are too: bisect for the longest one.
+        lo, hi = 0, min(self.max_depth - 1, len(context))
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self._global.match(context, mid) is None:
+                hi = mid - 1
+            else:
+                lo = mid
+        for m in range(lo, 0, -1):
+            limit = self._max_len(m, k)
+            if limit <= best.score:
                 break
-            draft = _walk(self._global, at, m, self._max_len(m, k), self.min_token_prob)
-            if draft.score >= best.score and draft.tokens:  # ties: the longer match
+            draft = _walk(self._global, self._global.match(context, m), m, limit, self.min_token_prob)
+            if draft.score > best.score:
                 best = draft
         return best
 
