@@ -213,7 +213,8 @@ class SuffixProposer(Proposer):
     def _sync(self, req_id: str, history: Sequence[int], prompt_len: Optional[int]) -> _RequestState:
         """The request's trie, extended by the tokens it has not indexed yet; rebuilt when the
         history is not an extension of what was indexed (recomputed or replaced)."""
-        history = history if isinstance(history, list) else list(history)
+        if not isinstance(history, list):  # numpy arrays / tensors: plain ints, compared in one go
+            history = history.tolist() if hasattr(history, "tolist") else list(history)
         state = self._requests.get(req_id)
         if state is not None:
             done = len(state.tokens)
