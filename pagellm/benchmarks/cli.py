@@ -194,12 +194,14 @@ def cmd_latency(args: argparse.Namespace) -> int:
     result = run_latency(llm, samples, args.num_iters_warmup, args.num_iters, show_progress=not args.disable_tqdm)
     e2e = result["e2e"]
     mean_in = sum(s.prompt_len for s in samples) / len(samples)
-    print(f"{args.dataset} batch {args.batch_size}, in {mean_in:.0f} / out {args.output_len}: e2e median {e2e['median_ms']:.1f} ms, "
+    print(f"{args.dataset} batch {args.batch_size}, in {mean_in:.0f} / out {args.output_len}: "
+          f"e2e median {e2e['median_ms']:.1f} ms, "
           f"p90 {e2e['p90_ms']:.1f} ms; prefill median {result['prefill']['median_ms']:.1f} ms; "
           f"decode {result['decode_per_token_median_ms']:.2f} ms/token per step "
           f"({result['decode_tokens_per_s']:.1f} tok/s)", flush=True)
     config = {"command": "latency", "engine": {k: str(v) for k, v in kwargs.items()}, "batch_size": args.batch_size,
-              "dataset": args.dataset, "mean_input_len": mean_in, "input_len": args.input_len, "output_len": args.output_len, "num_iters": args.num_iters,
+              "dataset": args.dataset, "mean_input_len": mean_in, "input_len": args.input_len,
+              "output_len": args.output_len, "num_iters": args.num_iters,
               "num_iters_warmup": args.num_iters_warmup, "model": llm.llm_engine.setup.source.path}
     path = write_result(args.result_dir, "latency", config, result, args.result_name)
     if path:

@@ -41,7 +41,8 @@ def _function(rng: random.Random, shared: str) -> str:
         if pick == 0:
             lines += [f"    for {step} in {a}:", f"        {total} {rng.choice(_OPS)}= {step} * {rng.randint(2, 99)}"]
         elif pick == 1:
-            lines += [f"    if {a} > {rng.randint(1, 500)}:", f"        {b} = {a} {rng.choice(_OPS)} {rng.randint(1, 9)}"]
+            lines += [f"    if {a} > {rng.randint(1, 500)}:",
+                      f"        {b} = {a} {rng.choice(_OPS)} {rng.randint(1, 9)}"]
         else:
             lines += [f"    {total} = {total} {rng.choice(_OPS)} len({a}) + {b}"]
     lines.append(f"    return {total} {rng.choice(_OPS)} {shared}")
