@@ -114,6 +114,19 @@ def test_global_trie_serves_a_new_request_repeating_a_finished_output():
     assert off.propose([prompt_b + output[:6]], [4], req_ids=["b"]) == [[]]
 
 
+def test_the_better_scoring_trie_wins():
+    proposer = SuffixProposer(min_token_prob=0.0)
+    for i in range(3):  # three earlier answers all went 1 2 3 -> 40 41 42
+        proposer.propose([[900 + i, 1, 2, 3, 40, 41, 42]], [0], req_ids=[f"old{i}"], prompt_lens=[1])
+        proposer.request_finished(f"old{i}")
+    # the request's own history is split between 50 and 60 after (1, 2, 3): the global trie is surer
+    ambiguous = [1, 2, 3, 50, 7, 1, 2, 3, 60, 8, 1, 2, 3]
+    assert proposer.propose([ambiguous], [3], req_ids=["r"]) == [[40, 41, 42]]
+    # a request that repeated its own (1, 2, 3, 70, 71, 72) twice trusts itself over the cache (tie: own)
+    repeated = [1, 2, 3, 70, 71, 72, 5, 1, 2, 3, 70, 71, 72, 6, 1, 2, 3]
+    assert proposer.propose([repeated], [3], req_ids=["s"]) == [[70, 71, 72]]
+
+
 def test_without_prompt_lens_the_first_history_is_taken_as_prompt_plus_one_token():
     proposer = SuffixProposer()
     prompt, output = list(range(500, 520)), list(range(600, 630))
