@@ -127,6 +127,21 @@ def test_prefix_shared_reports_hits_and_counts_only_computed_flops(tiny_model, t
     assert tflops["--enable-prefix-caching"] < tflops["--no-enable-prefix-caching"]
 
 
+def test_edit_like_dataset_in_latency_and_throughput(tiny_chat_model, tmp_path, capsys, monkeypatch):
+    """Text prompts through the model's tokenizer (`bench serve` builds them the same way)."""
+    monkeypatch.setattr("pagellm.benchmarks.flops.matmul_flops_per_s", lambda *a, **k: 1e9)  # 2 s, not tested here
+    common = ["--model", tiny_chat_model, "--kv-cache-memory", str(4 << 20), "--max-model-len", "256",
+              "--dataset", "edit-like", "--input-len", "64", "--output-len", "4", "--disable-tqdm"]
+    assert main(["bench", "latency", *common, "--batch-size", "2", "--num-iters-warmup", "0", "--num-iters", "1",
+                 "--result-dir", str(tmp_path / "lat")]) == 0
+    assert "edit-like batch 2" in capsys.readouterr().out
+    config = _result(str(tmp_path / "lat"), "latency")["config"]
+    assert config["dataset"] == "edit-like" and 64 < config["mean_input_len"] < 200
+    assert main(["bench", "throughput", *common, "--num-prompts", "2", "--result-dir", str(tmp_path / "tp")]) == 0
+    res = _result(str(tmp_path / "tp"), "throughput")
+    assert res["config"]["dataset"] == "edit-like" and res["results"]["pagellm"]["output_tokens"] == 8
+
+
 def test_collectives_dispatch_is_a_real_decode_step_and_the_table_adds_up():
     from pagellm.benchmarks.collectives import decode_step_output, format_table, measure_dispatch, step_rows
 

@@ -4,6 +4,7 @@ length statistics, model FLOP counts, Poisson arrivals."""
 from __future__ import annotations
 
 import math
+import random
 import statistics
 
 import numpy as np
@@ -114,6 +115,48 @@ def test_prefix_shared_dataset():
     assert len(set(prefixes)) == 3
     assert all(prefixes[i] == prefixes[i % 3] for i in range(12))
     assert len({tuple(s.prompt_token_ids[40:]) for s in samples}) == 12
+
+
+def _byte_level_bpe():
+    """A small byte-level BPE (GPT-2 / SmolLM2 style) trained here on edit-like text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from pagellm.benchmarks.edit_like import edit_prompt
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    rng = random.Random(99)
+    backend.train_from_iterator([edit_prompt(rng, len, 400)[0] for _ in range(12)], trainers.BpeTrainer(
+        vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+def test_edit_like_dataset_is_seeded_sized_and_holds_its_block():
+    from pagellm.benchmarks.edit_like import KINDS, edit_prompt
+    from pagellm.benchmarks.serve import prepare_prompts
+
+    tok = _byte_level_bpe()
+    samples = ds.make_dataset("edit-like", [], num_prompts=12, input_len=200, output_len=150, seed=5, tokenizer=tok)
+    assert samples == ds.make_dataset("edit-like", [], num_prompts=12, input_len=200, output_len=150, seed=5,
+                                      tokenizer=tok)
+    assert samples != ds.make_dataset("edit-like", [], num_prompts=12, input_len=200, output_len=150, seed=6,
+                                      tokenizer=tok)
+    assert all(s.output_len == 150 for s in samples)
+    rng = random.Random(5)  # the dataset's own stream: the same prompts with their blocks
+    count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    prompts = [edit_prompt(rng, count, 200) for _ in samples]
+    texts = prepare_prompts(samples, "text", tok)  # what `bench serve` sends
+    kinds = set()
+    for (prompt, block), sample, text in zip(prompts, samples, texts):
+        assert text == prompt and block in text and len(block) > 200
+        assert 0.6 * 200 <= count(block) <= 1.6 * 200 and count(block) < sample.prompt_len
+        kinds.add(next(k for k, head in zip(KINDS, ("Rewrite", "Fix", "In the JSON")) if text.startswith(head)))
+    assert kinds == set(KINDS)
+    assert 180 <= statistics.mean(count(b) for _, b in prompts) <= 220
+    with pytest.raises(ValueError, match="tokenizer"):
+        ds.make_dataset("edit-like", POOL, num_prompts=1)
 
 
 def test_dataset_bad_values():

@@ -32,8 +32,10 @@ def _add_dataset_args(p: argparse.ArgumentParser, default_prompts: int) -> None:
     g = p.add_argument_group("dataset (synthetic, seeded)")
     g.add_argument("--dataset", choices=DATASETS, default="random")
     g.add_argument("--num-prompts", type=int, default=default_prompts)
-    g.add_argument("--input-len", type=int, default=128, help="prompt tokens (random)")
-    g.add_argument("--output-len", type=int, default=128, help="output tokens (random, prefix-shared)")
+    g.add_argument("--input-len", type=int, default=128,
+                   help="prompt tokens (random); tokens of the block to rewrite (edit-like)")
+    g.add_argument("--output-len", type=int, default=128,
+                   help="output tokens (random, prefix-shared); the answer's cap (edit-like)")
     g.add_argument("--num-prefixes", type=int, default=8, help="shared prompts (prefix-shared)")
     g.add_argument("--prefix-len", type=int, default=1024, help="tokens per shared prompt (prefix-shared)")
     g.add_argument("--suffix-len", type=int, default=64, help="unique tokens after the prefix (prefix-shared)")
@@ -60,10 +62,10 @@ def _add_result_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disable-tqdm", action="store_true", help="no progress bars")
 
 
-def _dataset(args: argparse.Namespace, pool, seed: int, max_total: int = 2048) -> list[SampleRequest]:
+def _dataset(args: argparse.Namespace, pool, seed: int, max_total: int = 2048, tokenizer=None) -> list[SampleRequest]:
     return make_dataset(args.dataset, pool, num_prompts=args.num_prompts, input_len=args.input_len,
                         output_len=args.output_len, num_prefixes=args.num_prefixes, prefix_len=args.prefix_len,
-                        suffix_len=args.suffix_len, seed=seed, max_total=max_total)
+                        suffix_len=args.suffix_len, seed=seed, max_total=max_total, tokenizer=tokenizer)
 
 
 def _dataset_config(args: argparse.Namespace, samples: list[SampleRequest]) -> dict:
@@ -136,7 +138,7 @@ def cmd_throughput(args: argparse.Namespace) -> int:
         setup = resolve_setup(EngineConfig(**kwargs))
         tokenizer = None if setup.config.skip_tokenizer_init else load_tokenizer(setup.source)
     pool = ordinary_token_ids(tokenizer, setup.vocab_size)
-    samples = _dataset(args, pool, seed, max_total=min(2048, setup.config.max_model_len))
+    samples = _dataset(args, pool, seed, max_total=min(2048, setup.config.max_model_len), tokenizer=tokenizer)
     if llm is not None and _max_total(samples) > setup.config.max_model_len:
         raise ValueError(f"the dataset has a request of {_max_total(samples)} tokens, more than --max-model-len "
                          f"({setup.config.max_model_len})")
@@ -185,17 +187,21 @@ def cmd_latency(args: argparse.Namespace) -> int:
     _set_threads(args)
     kwargs = _engine_kwargs(args)
     llm = LLM(kwargs.pop("model", None), **kwargs)
-    pool = ordinary_token_ids(llm.get_tokenizer(), llm.llm_engine.setup.vocab_size)
-    samples = make_dataset("random", pool, num_prompts=args.batch_size, input_len=args.input_len,
-                           output_len=args.output_len, seed=kwargs.get("seed", 0))
+    tokenizer = llm.get_tokenizer()
+    pool = ordinary_token_ids(tokenizer, llm.llm_engine.setup.vocab_size)
+    samples = make_dataset(args.dataset, pool, num_prompts=args.batch_size, input_len=args.input_len,
+                           output_len=args.output_len, seed=kwargs.get("seed", 0), tokenizer=tokenizer)
     result = run_latency(llm, samples, args.num_iters_warmup, args.num_iters, show_progress=not args.disable_tqdm)
     e2e = result["e2e"]
-    print(f"batch {args.batch_size}, in {args.input_len} / out {args.output_len}: e2e median {e2e['median_ms']:.1f} ms, "
+    mean_in = sum(s.prompt_len for s in samples) / len(samples)
+    print(f"{args.dataset} batch {args.batch_size}, in {mean_in:.0f} / out {args.output_len}: "
+          f"e2e median {e2e['median_ms']:.1f} ms, "
           f"p90 {e2e['p90_ms']:.1f} ms; prefill median {result['prefill']['median_ms']:.1f} ms; "
           f"decode {result['decode_per_token_median_ms']:.2f} ms/token per step "
           f"({result['decode_tokens_per_s']:.1f} tok/s)", flush=True)
     config = {"command": "latency", "engine": {k: str(v) for k, v in kwargs.items()}, "batch_size": args.batch_size,
-              "input_len": args.input_len, "output_len": args.output_len, "num_iters": args.num_iters,
+              "dataset": args.dataset, "mean_input_len": mean_in, "input_len": args.input_len,
+              "output_len": args.output_len, "num_iters": args.num_iters,
               "num_iters_warmup": args.num_iters_warmup, "model": llm.llm_engine.setup.source.path}
     path = write_result(args.result_dir, "latency", config, result, args.result_name)
     if path:
@@ -222,7 +228,7 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
         raise ValueError(f"--extra-body must be a JSON object, got {args.extra_body!r}")
     tokenizer = _load_tokenizer(args.tokenizer)
     pool = ordinary_token_ids(tokenizer)
-    samples = _dataset(args, pool, args.seed)
+    samples = _dataset(args, pool, args.seed, tokenizer=tokenizer)
     base_url = args.base_url.rstrip("/")
     if not base_url.endswith("/v1"):
         base_url += "/v1"
@@ -276,6 +282,9 @@ def register(sub) -> None:
     lat = bsub.add_parser("latency", help="end-to-end latency of one batch; per-token decode time")
     add_engine_args(lat, positional_model=False)
     lat.add_argument("--batch-size", type=int, default=8)
+    lat.add_argument("--dataset", choices=("random", "edit-like"), default="random",
+                     help="random ids of --input-len tokens, or edit-like prompts (a block of about --input-len "
+                          "tokens to rewrite)")
     lat.add_argument("--input-len", type=int, default=32)
     lat.add_argument("--output-len", type=int, default=128)
     lat.add_argument("--num-iters-warmup", type=int, default=2)

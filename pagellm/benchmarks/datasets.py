@@ -7,8 +7,12 @@
   usual filters (at least 4 tokens each, prompt <= 1024, prompt + output <= 2048); ids are random.
 - `prefix-shared`: `num_prefixes` shared "system prompts" of `prefix_len` tokens; request i uses
   prefix i mod K followed by its own `suffix_len` unique tokens (the prefix-caching workload).
+- `edit-like`: text prompts asking to rewrite a generated block of about `input_len` tokens (code
+  with a variable to rename, a paragraph with typos, a JSON document with a value to change) and
+  output it whole, at most `output_len` tokens (`edit_like.py`). Real text, so it needs the
+  model's tokenizer; the answer repeats the prompt, which is what speculative decoding exploits.
 
-Ids are drawn from a caller-given pool of ordinary (non-special) token ids, so no prompt holds
+The others' ids are drawn from a caller-given pool of ordinary (non-special) token ids, so no prompt holds
 an EOS or a chat-template marker. Everything is reproducible from the seed.
 """
 
@@ -19,7 +23,7 @@ import random
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-DATASETS = ("random", "sharegpt-like", "prefix-shared")
+DATASETS = ("random", "sharegpt-like", "prefix-shared", "edit-like")
 
 # ShareGPT's mean lengths per turn, as usually quoted for Llama-family tokenizers.
 SHAREGPT_MEAN_INPUT = 200.0
@@ -142,11 +146,32 @@ def prefix_shared_dataset(pool: Sequence[int], num_prompts: int, num_prefixes: i
             for i in range(num_prompts)]
 
 
+def edit_like_dataset(tokenizer, num_prompts: int, block_len: int, output_len: int,
+                      seed: int = 0) -> list[SampleRequest]:
+    """Prompts holding a block of about `block_len` tokens to rewrite; `output_len` caps the answer."""
+    from pagellm.benchmarks.edit_like import edit_prompt
+
+    for name, value in (("num_prompts", num_prompts), ("input_len", block_len), ("output_len", output_len)):
+        _positive(name, value)
+    if tokenizer is None:
+        raise ValueError("dataset 'edit-like' is text: it needs the model's tokenizer (not --skip-tokenizer-init)")
+
+    def encode(text: str) -> list[int]:  # as `LLM.generate` encodes a text prompt
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    rng = random.Random(seed)
+    return [SampleRequest(encode(edit_prompt(rng, lambda t: len(encode(t)), block_len)[0]), output_len)
+            for _ in range(num_prompts)]
+
+
 def make_dataset(name: str, pool: Sequence[int], *, num_prompts: int, input_len: int = 128, output_len: int = 128,
                  num_prefixes: int = 8, prefix_len: int = 1024, suffix_len: int = 64, seed: int = 0,
-                 max_total: int = SHAREGPT_MAX_TOTAL) -> list[SampleRequest]:
-    """The dataset `name` (one of DATASETS). `input_len` is used by `random`; the prefix fields by
-    `prefix-shared`; `output_len` by both; `max_total` caps sharegpt-like's prompt + output."""
+                 max_total: int = SHAREGPT_MAX_TOTAL, tokenizer=None) -> list[SampleRequest]:
+    """The dataset `name` (one of DATASETS). `input_len` is used by `random` and `edit-like` (the
+    block's size); the prefix fields by `prefix-shared`; `output_len` by those three; `max_total`
+    caps sharegpt-like's prompt + output; `tokenizer` is needed by `edit-like`."""
+    if name == "edit-like":
+        return edit_like_dataset(tokenizer, num_prompts, input_len, output_len, seed)
     if not pool:
         raise ValueError("the token-id pool is empty")
     if name == "random":

@@ -1,7 +1,7 @@
 """`pagellm bench latency`: end-to-end latency of one batch, and its per-token decode time.
 
-Each iteration queues `batch_size` random prompts of `input_len` tokens, each generating exactly
-`output_len` tokens, and steps the engine until all are done. Per iteration:
+Each iteration queues `batch_size` prompts (random ids of `input_len` tokens, or `edit-like`
+rewrite-this-block prompts), each generating exactly `output_len` tokens, and steps the engine until all are done. Per iteration:
 
     e2e     = queue -> last request finished
     prefill = queue -> every request has its first token

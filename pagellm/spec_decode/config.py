@@ -22,6 +22,13 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 1  # ngram: shortest suffix n-gram matched against the context
     prompt_lookup_max: int = 4  # ngram: longest suffix n-gram tried first
     model: Optional[str] = None  # draft_model: a model with the target's tokenizer / vocabulary
+    # suffix: trie depth (longest match + continuation), finished requests whose outputs are kept
+    # for matching (0: none), proposal length cap per matched token, and the lowest path
+    # probability a proposed token may have.
+    suffix_max_tree_depth: int = 24
+    suffix_max_cached_requests: int = 1000
+    suffix_max_spec_factor: float = 1.0
+    suffix_min_token_prob: float = 0.1
     # Adaptive off-switches: no speculation in a step with more running decodes than this (0: never
     # switch off by batch size), nor for a request whose acceptance rate over its last
     # `acceptance_window` drafted tokens is below `min_acceptance_rate`.
@@ -50,6 +57,18 @@ class SpeculativeConfig:
         rate = self.min_acceptance_rate
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
             bad("min_acceptance_rate", "must be a number in [0, 1]")
+        positive_int("suffix_max_tree_depth", minimum=2)
+        positive_int("suffix_max_cached_requests", minimum=0)
+        factor = self.suffix_max_spec_factor
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0.0 < factor < float("inf"):
+            bad("suffix_max_spec_factor", "must be a positive number")
+        prob = self.suffix_min_token_prob
+        if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0.0 <= prob <= 1.0:
+            bad("suffix_min_token_prob", "must be a number in [0, 1]")
+        if self.method != "suffix":
+            for f in fields(self):
+                if f.name.startswith("suffix_") and getattr(self, f.name) != f.default:
+                    bad(f.name, f"is only used by method 'suffix', not {self.method!r}")
         if self.method == "draft_model":
             if not isinstance(self.model, str) or not self.model:
                 bad("model", "method 'draft_model' needs the path of a draft model")

@@ -147,7 +147,8 @@ class DraftModelProposer(Proposer):
 
     @torch.inference_mode()
     def propose(self, histories: Sequence[Sequence[int]], num_tokens: Sequence[int],
-                req_ids: Optional[Sequence[str]] = None) -> list[list[int]]:
+                req_ids: Optional[Sequence[str]] = None,
+                prompt_lens: Optional[Sequence[int]] = None) -> list[list[int]]:
         """Up to num_tokens[i] greedy draft tokens after histories[i]. With `req_ids` the draft keeps
         each request's KV for the next call (until `request_finished`); without, nothing is kept."""
         if len(num_tokens) != len(histories):

@@ -25,7 +25,9 @@ class NgramProposer(Proposer):
         self.max_n = prompt_lookup_max
 
     def propose(self, histories: Sequence[Sequence[int]], num_tokens: Sequence[int],
-                req_ids: Optional[Sequence[str]] = None) -> list[list[int]]:
+                req_ids: Optional[Sequence[str]] = None,
+                prompt_lens: Optional[Sequence[int]] = None) -> list[list[int]]:
+        del req_ids, prompt_lens  # stateless: only the histories matter
         return [self._propose_one(np.asarray(h, dtype=np.int64), k) if k > 0 else []
                 for h, k in zip(histories, num_tokens)]
 
