@@ -27,6 +27,7 @@ ADAPTERS = {
     "all8": (8, 16, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], True),
     "mlp2": (2, 4, ["o_proj", "down_proj", "embed_tokens"], False),
     "qkv16": (16, 16, ["q_proj", "k_proj", "v_proj", "up_proj"], False),
+    "head4": (4, 8, ["v_proj", "lm_head"], False),
 }
 
 

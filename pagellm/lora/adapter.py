@@ -154,9 +154,6 @@ def load_adapter(path: str, name: str, int_id: int, model_config, max_rank: int,
         if set(ab) != {"lora_A", "lora_B"}:
             raise ValueError(f"LoRA adapter {name!r}: module {module!r} has {sorted(ab)}, needs lora_A and lora_B")
         target = module.rsplit(".", 1)[-1]
-        if target == "lm_head":
-            raise ValueError(f"LoRA adapter {name!r}: a LoRA on lm_head is not supported yet (the projections "
-                             "and embed_tokens are)")
         if target not in shapes:
             raise ValueError(f"LoRA adapter {name!r}: target module {module!r} is not supported "
                              f"(supported: {sorted(shapes)})")

@@ -12,7 +12,8 @@ output slice j of a merged layer has its own `b[j]` [S, R, size_j] (B transposed
 Tensor parallelism: a column-parallel layer holds its rows of B (per slice for merged layers),
 a row-parallel one its columns of A; the shrunk activations are then partial sums, and since the
 expand is linear the layer's existing all-reduce sums the LoRA term with the base output. The
-embedding's term is added after its all-reduce, from whole (replicated) weights.
+embedding's term is added after its all-reduce, from whole (replicated) weights, and the LM
+head's after its all-gather (before any logit soft-cap the model applies next).
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ import torch
 from torch import nn
 
 from pagellm.forward_context import current_forward_context
-from pagellm.layers.embedding import VocabEmbedding
+from pagellm.layers.embedding import LMHead, VocabEmbedding
 from pagellm.layers.linear import Linear, MergedLinear, ParallelStyle
 from pagellm.layers.linear_method import LinearMethod
-from pagellm.lora.adapter import LoRAPiece
+from pagellm.lora.adapter import LM_HEAD_MODULE, LoRAPiece
 from pagellm.lora.ops import LoRAMapping, add_lora_grouped, embedding_lora
 
 LORA_LAYER_NAMES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
@@ -164,9 +165,53 @@ class LoRAEmbedding(nn.Module):
         return out + embedding_lora(input_ids, self.a_rows, self.b, mapping).to(out.dtype)
 
 
+class LoRALMHead(nn.Module):
+    """The LM head plus its LoRA term. The head runs outside the layers' forward context, on the
+    rows the runner picked, so the runner names those rows' slots first (`row_slots`, [rows])."""
+
+    def __init__(self, base: LMHead, max_loras: int, max_rank: int, dtype, device) -> None:
+        super().__init__()
+        self.base = base
+        self.a = torch.zeros(max_loras, max_rank, base.in_features, dtype=dtype, device=device)
+        self.b = torch.zeros(max_loras, max_rank, base.vocab_size, dtype=dtype, device=device)
+        self.has = [False] * max_loras
+        self.row_slots: Optional[torch.Tensor] = None
+        self.active: tuple[int, ...] = ()
+
+    def set_slot(self, slot: int, pieces: Optional[dict[str, LoRAPiece]]) -> None:
+        self.a[slot].zero_()
+        self.b[slot].zero_()
+        piece = (pieces or {}).get("")
+        self.has[slot] = piece is not None
+        if piece is not None:
+            r = piece.rank
+            self.a[slot, :r].copy_(piece.lora_a)
+            self.b[slot, :r].copy_(piece.lora_b.t())
+
+    def select_rows(self, mapping: Optional[LoRAMapping], index: Optional[torch.Tensor]) -> None:
+        """The slots of the hidden rows `hidden[index]` the next call gets (None: no adapter)."""
+        self.active = () if mapping is None else tuple(s for s in mapping.active if self.has[s])
+        self.row_slots = None if not self.active else (
+            mapping.token_slots if index is None else mapping.token_slots[index])
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.base(hidden)
+        if not self.active:
+            return logits
+        # Masked over the adapters in use: the rows are few (one per sampling request), the
+        # vocabulary wide, so two small matmuls beat grouping rows by slot.
+        active = torch.tensor(self.active, device=hidden.device)
+        a, b = self.a.index_select(0, active), self.b.index_select(0, active)
+        onehot = (self.row_slots[:, None] == active[None, :]).to(a.dtype)[:, :, None]
+        shrunk = (hidden.to(a.dtype) @ a.reshape(-1, a.shape[-1]).t()).view(hidden.shape[0], len(self.active), -1)
+        term = (shrunk * onehot).reshape(hidden.shape[0], -1) @ b.reshape(-1, b.shape[-1])
+        logits[:, :term.shape[-1]] += term.float()
+        return logits
+
+
 def attach_lora(model: nn.Module, max_loras: int, max_rank: int, dtype: torch.dtype,
                 device: torch.device) -> dict[str, object]:
-    """Wraps every LoRA-capable projection's method (and the embedding) of a loaded model; returns
+    """Wraps every LoRA-capable projection's method (and the embedding, the LM head) of a loaded model; returns
     the slot holders by module path (the names `adapter.load_adapter` produces)."""
     holders: dict[str, object] = {}
     for name, module in list(model.named_modules()):
@@ -178,4 +223,7 @@ def attach_lora(model: nn.Module, max_loras: int, max_rank: int, dtype: torch.dt
     if isinstance(getattr(inner, "embed_tokens", None), VocabEmbedding):
         inner.embed_tokens = LoRAEmbedding(inner.embed_tokens, max_loras, max_rank, dtype, device)
         holders["model.embed_tokens"] = inner.embed_tokens
+    if isinstance(getattr(model, "lm_head", None), LMHead):
+        model.lm_head = LoRALMHead(model.lm_head, max_loras, max_rank, dtype, device)
+        holders[LM_HEAD_MODULE] = model.lm_head
     return holders

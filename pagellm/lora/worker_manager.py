@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from pagellm.lora.adapter import LoRAAdapter, load_adapter
+from pagellm.lora.adapter import LM_HEAD_MODULE, LoRAAdapter, load_adapter
 from pagellm.lora.layers import attach_lora
 from pagellm.lora.ops import LoRAMapping, build_mapping
 from pagellm.lora.request import LoRARequest
@@ -87,6 +87,12 @@ class LoRAManager:
         needed = {lora.lora_int_id for lora in loras if lora is not None}
         slots = [-1 if lora is None else self._slot_for(lora, needed) for lora in loras]
         return build_mapping(slots, list(query_lens), self.dtype, self.device)
+
+    def select_logit_rows(self, mapping: Optional[LoRAMapping], index: Optional[torch.Tensor]) -> None:
+        """Names the step's token rows (`hidden[index]`, None: all) the LM head is about to project."""
+        head = self.holders.get(LM_HEAD_MODULE)
+        if head is not None:
+            head.select_rows(mapping, index)
 
     def remove(self, lora_int_id: int) -> None:
         """Forgets an adapter (unloaded by the front end): its slot is freed, its host copy dropped."""

@@ -80,6 +80,7 @@ class ModelRunner:
         self.memory_profile: Optional[MemoryProfile] = None
         self.graph_summary = ""  # one line for the start-up log once graphs are captured
         self.lora = make_lora_manager(config, model_config, model, self.dtype, self.device)
+        self._step_lora = None  # the running step's LoRAMapping (the LM head needs its rows' adapters)
 
     @classmethod
     def load(cls, config: EngineConfig, model_config, weights: Optional[Iterable], online=None) -> "ModelRunner":
@@ -190,6 +191,7 @@ class ModelRunner:
             hidden = self._forward_stage(inputs, lora)
             if hidden is None:
                 return ModelRunnerOutput({})  # sent on to the next stage
+        self._step_lora = lora
         sampled, logprobs = self._sample(hidden, inputs, sched)
         prompt_logprobs = self._prompt_logprobs(hidden, inputs)
         return ModelRunnerOutput(sampled, logprobs, prompt_logprobs)
@@ -222,7 +224,7 @@ class ModelRunner:
         if not inputs.sample_rows:
             return sampled, logprobs_out
         states, sample_rows = inputs.states, inputs.sample_rows
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        logits = self._logits(hidden, inputs.logits_indices)
         if sched.grammar_bitmask is not None:
             self._apply_grammar(sched, inputs, logits)
         out = self.sampler(logits, inputs.sampling_metadata)
@@ -257,6 +259,12 @@ class ModelRunner:
                 bitmask_rows.append(row)
         apply_bitmask_(logits, bitmask, logit_rows, bitmask_rows, min(self.vocab_size, logits.shape[1]))
 
+    def _logits(self, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The LM head on `hidden[index]`, with the rows' adapters when the head has LoRA."""
+        if self.lora is not None:
+            self.lora.select_logit_rows(self._step_lora, index)
+        return self.model.compute_logits(hidden[index])
+
     def _prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs) -> dict[str, LogprobsLists]:
         """Logprobs of the prompt tokens each chunk predicts (teacher forcing), from raw logits."""
         result: dict[str, LogprobsLists] = {}
@@ -273,7 +281,7 @@ class ModelRunner:
                 result[state.req_id] = []
                 continue
             start = query_start_loc[i]
-            logits = self.model.compute_logits(hidden[start:start + (last - ctx)])
+            logits = self._logits(hidden, torch.arange(start, start + (last - ctx), device=self.device))
             targets = torch.tensor(state.prompt_token_ids[ctx + 1:last + 1], device=self.device)
             tensors = compute_logprobs_tensors(logits, targets, k)
             result[state.req_id] = rows_to_lists(tensors, list(range(len(targets))), k)
