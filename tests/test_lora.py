@@ -132,6 +132,26 @@ def test_mixed_batch_with_chunked_prefill_and_preemption_equals_alone(lora_llm, 
     assert len({tuple(t) for t in alone}) > 3  # adapters (and the base) really give different outputs
 
 
+def test_tensor_parallel_matches_one_rank(lora_llm, lora_base, adapters):
+    """tp=2 (A/B sharded to the column and row layers, the embedding's and LM head's terms added
+    after their collectives): base and adapters mixed in one call give tp=1's greedy tokens."""
+    loras = [None, lora_req(adapters, "all8"), lora_req(adapters, "mlp2"), lora_req(adapters, "head4"),
+             lora_req(adapters, "qkv16")]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(loras))]
+    params = greedy(8)
+    ref = [o.outputs[0].token_ids for o in lora_llm.generate(prompts, params, use_tqdm=False, lora_request=loras)]
+    base = [o.outputs[0].token_ids for o in lora_llm.generate(prompts, params, use_tqdm=False)]
+    assert all(r != b for r, b in zip(ref[1:], base[1:])), "each adapter must change its request's tokens"
+    llm = LLM(lora_base, skip_tokenizer_init=True, quiet=True, enable_lora=True, max_loras=4, max_lora_rank=16,
+              max_model_len=64, kv_cache_memory=1 << 20, tensor_parallel_size=2)
+    try:
+        got = llm.generate(prompts, params, use_tqdm=False, lora_request=loras)
+        assert [o.outputs[0].token_ids for o in got] == ref
+        assert llm.llm_engine.core.num_free_blocks == llm.llm_engine.core.num_blocks
+    finally:
+        llm.llm_engine.core.executor.shutdown()
+
+
 def test_prefix_cache_does_not_cross_adapters(lora_llm, adapters):
     prompt = list(range(40, 80))  # two full blocks and more
     qv4, all8 = lora_req(adapters, "qv4"), lora_req(adapters, "all8")
