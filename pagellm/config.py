@@ -181,11 +181,11 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.data_parallel_size: {self.data_parallel_size} engine cores x "
                              f"{self.world_size} ranks each ({self.layout_summary()}) = {self.total_world_size} "
                              f"devices, more than the {cuda_device_count} CUDA devices visible (one device per rank)")
-        if self.speculative_config is not None:
-            # Parsed and validated, but the scheduler / model runner do not run proposals yet:
-            # refuse rather than silently decode without speculation.
-            raise ValueError("EngineConfig.speculative_config: speculative decoding is not executed by this "
-                             "engine yet (the configuration is validated only); leave it unset")
+        if self.speculative_config is not None and self.pipeline_parallel_size > 1:
+            # A pipeline's stages would each need the verified lengths before the next step is
+            # scheduled, which defeats the batch queue that keeps the stages busy.
+            raise ValueError("EngineConfig.speculative_config: speculative decoding does not run with "
+                             f"pipeline_parallel_size > 1 (got {self.pipeline_parallel_size})")
         dtype = self.dtype
         if dtype == "auto":
             dtype = "bfloat16" if device == "cuda" else "float32"

@@ -76,6 +76,9 @@ class Request:
         self.error: Optional[str] = None  # why it finished with FINISHED_ERROR
         # A pagellm.lora.LoRARequest (None: the base model); its id keys the prefix cache too.
         self.lora_request = lora_request
+        # Speculative decoding: the runner's proposals after the last step, for the scheduler to
+        # verify in the next one (never part of the outputs until accepted).
+        self.spec_token_ids: list[int] = []
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -44,7 +44,9 @@ def test_bad_config_names_the_key(value, key):
         EngineConfig(speculative_config=value)
 
 
-def test_not_silently_ignored_at_engine_start():
+def test_refused_with_pipeline_parallelism_only():
     config = EngineConfig(speculative_config={"method": "ngram"})
-    with pytest.raises(ValueError, match="speculative_config"):
-        config.resolve(model_max_len=2048, cuda_available=False)
+    assert config.resolve(model_max_len=2048, cuda_available=False).speculative_config.method == "ngram"
+    staged = EngineConfig(speculative_config={"method": "ngram"}, pipeline_parallel_size=2)
+    with pytest.raises(ValueError, match="speculative_config.*pipeline_parallel_size"):
+        staged.resolve(model_max_len=2048, cuda_available=False)

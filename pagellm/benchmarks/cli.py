@@ -14,6 +14,7 @@ import os
 from typing import Optional
 
 from pagellm.benchmarks.datasets import DATASETS, SampleRequest, make_dataset, ordinary_token_ids
+from pagellm.benchmarks.speculation import format_spec
 
 DEFAULT_RESULT_DIR = "bench-results"
 
@@ -87,6 +88,8 @@ def _print_rates(label: str, r: dict) -> None:
     if r.get("prefix_cache_hit_rate"):
         line += f"  prefix-cache hits {100 * r['prefix_cache_hit_rate']:.1f}% of prompt tokens"
     print(line, flush=True)
+    if r.get("speculation"):
+        print(" " * 17 + format_spec(r["speculation"]), flush=True)
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
@@ -199,6 +202,8 @@ def cmd_latency(args: argparse.Namespace) -> int:
           f"p90 {e2e['p90_ms']:.1f} ms; prefill median {result['prefill']['median_ms']:.1f} ms; "
           f"decode {result['decode_per_token_median_ms']:.2f} ms/token per step "
           f"({result['decode_tokens_per_s']:.1f} tok/s)", flush=True)
+    if result.get("speculation"):
+        print(format_spec(result["speculation"]), flush=True)
     config = {"command": "latency", "engine": {k: str(v) for k, v in kwargs.items()}, "batch_size": args.batch_size,
               "dataset": args.dataset, "mean_input_len": mean_in, "input_len": args.input_len,
               "output_len": args.output_len, "num_iters": args.num_iters,

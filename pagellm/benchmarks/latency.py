@@ -18,6 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pagellm.benchmarks.datasets import SampleRequest
+from pagellm.benchmarks.speculation import spec_snapshot, spec_summary
 
 
 def run_batch(llm, samples: Sequence[SampleRequest], tag: str) -> dict:
@@ -60,10 +61,11 @@ def run_latency(llm, samples: Sequence[SampleRequest], num_iters_warmup: int, nu
         raise ValueError(f"--num-iters must be a positive integer, got {num_iters}")
     for i in tqdm(range(num_iters_warmup), desc="warm-up", disable=not show_progress, dynamic_ncols=True):
         run_batch(llm, samples, f"warmup{i}")
+    spec_before = spec_snapshot(llm.llm_engine)
     runs = [run_batch(llm, samples, f"iter{i}")
             for i in tqdm(range(num_iters), desc="iterations", disable=not show_progress, dynamic_ncols=True)]
     decode = [r["decode_per_token_s"] for r in runs]
-    return {
+    result = {
         "batch_size": len(samples),
         "e2e": summarize_latencies([r["e2e_s"] for r in runs]),
         "prefill": summarize_latencies([r["prefill_s"] for r in runs]),
@@ -71,3 +73,7 @@ def run_latency(llm, samples: Sequence[SampleRequest], num_iters_warmup: int, nu
         "decode_tokens_per_s": len(samples) / statistics.median(decode),
         "iterations": runs,
     }
+    speculation = spec_summary(spec_before, spec_snapshot(llm.llm_engine))
+    if speculation is not None:
+        result["speculation"] = speculation
+    return result

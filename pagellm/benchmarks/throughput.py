@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from pagellm.benchmarks.datasets import SampleRequest
 from pagellm.benchmarks.flops import ModelShape
+from pagellm.benchmarks.speculation import spec_snapshot, spec_summary
 
 
 def _rates(samples: Sequence[SampleRequest], elapsed: float, shape: Optional[ModelShape] = None,
@@ -59,6 +60,7 @@ def run_pagellm(llm, samples: Sequence[SampleRequest], shape: Optional[ModelShap
                      SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
         llm.reset_prefix_cache()  # the warm-up's blocks must not count as hits for the run
     preemptions_before = engine.core.stats().num_preemptions_total
+    spec_before = spec_snapshot(engine)
     steps_before = engine.core.num_steps
     peak_kv = 0.0
     bar = tqdm(total=len(samples), desc="pagellm", disable=not show_progress, dynamic_ncols=True)
@@ -86,6 +88,9 @@ def run_pagellm(llm, samples: Sequence[SampleRequest], shape: Optional[ModelShap
               "peak_kv_cache_usage": peak_kv,
               "preemptions": engine.core.stats().num_preemptions_total - preemptions_before,
               "engine_steps": engine.core.num_steps - steps_before}
+    speculation = spec_summary(spec_before, spec_snapshot(engine))
+    if speculation is not None:
+        result["speculation"] = speculation
     return result
 
 

@@ -150,7 +150,9 @@ class KVCacheManager:
             # written before attention reads it within a forward pass, so a request admitted
             # in the same step may already reuse them. (Also with caching off: parallel-sampling
             # siblings look them up; hashing costs ~3 us per block, nothing next to computing it.)
-            self._cache_full_blocks(request, num_computed + num_new_tokens)
+            # Only tokens the request holds: speculative proposals scheduled after them get slots
+            # but no hashes until they are accepted (their KV may be rolled back).
+            self._cache_full_blocks(request, min(num_computed + num_new_tokens, request.num_tokens))
         return new_blocks
 
     def _looked_up(self, request: Request) -> bool:
@@ -180,6 +182,19 @@ class KVCacheManager:
         for i in range(confirmed, registered):
             self.pool.forget_hash(blocks[i])
         self._num_cached_blocks[request.request_id] = confirmed
+
+    def free_blocks_after(self, request: Request, num_tokens: int) -> None:
+        """Frees the request's blocks past the first `num_tokens` tokens (the slots of rejected
+        speculative proposals; never hashed, so they go back as plain free blocks)."""
+        blocks = self.req_to_blocks.get(request.request_id)
+        if not blocks:
+            return
+        keep = cdiv(num_tokens, self.block_size)
+        if len(blocks) <= keep:
+            return
+        surplus = blocks[keep:]
+        del blocks[keep:]
+        self.pool.free(reversed(surplus))
 
     def free(self, request: Request) -> None:
         """Drops the request's hold on its blocks, last block first: the free list is the eviction

@@ -25,89 +25,17 @@ request in its second failed step) is finished with FINISHED_ERROR; the others g
 
 from __future__ import annotations
 
-import time
 import bisect
+import copy
+import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 from pagellm.core.kv_cache_manager import KVCacheManager
+from pagellm.core.scheduler_output import (  # noqa: F401 - re-exported: the runner and engine import them here
+    CachedRequestData, NewRequestData, RequestUpdate, SchedulerOutput, SchedulerStats)
+from pagellm.core.spec_scheduling import SpecScheduling
 from pagellm.request import Request, RequestStatus
-from pagellm.sampling_params import SamplingParams
-
-
-@dataclass
-class NewRequestData:
-    """A request the runner has no state for: first scheduled, or resumed after preemption."""
-
-    req_id: str
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
-    sampling_params: SamplingParams
-    eos_token_ids: set[int]
-    block_ids: list[int]
-    num_computed_tokens: int
-    lora_request: Optional[Any] = None  # a pagellm.lora.LoRARequest, or None for the base model
-
-
-@dataclass
-class CachedRequestData:
-    """A request the runner already tracks: only what changed since the last step."""
-
-    req_id: str
-    new_block_ids: list[int]
-    num_computed_tokens: int
-    # Pipeline parallelism only: output tokens sampled since the request was last scheduled, the
-    # last of which is output token num_output_tokens - 1.
-    new_token_ids: list[int] = field(default_factory=list)
-    num_output_tokens: int = 0
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled_new_reqs: list[NewRequestData]
-    scheduled_cached_reqs: list[CachedRequestData]
-    num_scheduled_tokens: dict[str, int]
-    total_num_scheduled_tokens: int
-    # Requests the runner must forget (finished, aborted or preempted since the last step).
-    finished_req_ids: set[str] = field(default_factory=set)
-    preempted_req_ids: set[str] = field(default_factory=set)
-    # Structured outputs: request id -> row of `grammar_bitmask` (packed int32 allowed-token bits,
-    # filled by the engine core for the constrained requests that sample this step).
-    grammar_rows: dict[str, int] = field(default_factory=dict)
-    grammar_bitmask: Optional[Any] = None
-
-    @property
-    def is_empty(self) -> bool:
-        return self.total_num_scheduled_tokens == 0
-
-
-@dataclass
-class RequestUpdate:
-    """What one step did to one request, as the engine reports it upward."""
-
-    req_id: str
-    new_token_ids: list[int]
-    finish_reason: Optional[str] = None
-    stop_reason: int | str | None = None
-    new_logprobs: Optional[object] = None  # per-token logprobs lists, passed through from the runner
-    new_prompt_logprobs: Optional[object] = None
-    # Prompt tokens served from the prefix cache at first admission (usage's cached_tokens).
-    num_cached_tokens: int = 0
-    # With finish_reason "error": what failed (for the log and offline callers; servers do not echo it).
-    error: Optional[str] = None
-
-
-@dataclass
-class SchedulerStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    num_preemptions_total: int
-    prefix_cache_queries: int
-    prefix_cache_hits: int
-    lora_running: dict = field(default_factory=dict)  # adapter name -> requests (EngineCore fills them)
-    lora_waiting: dict = field(default_factory=dict)
 
 
 SCHEDULING_POLICIES = ("fcfs", "priority")
@@ -130,6 +58,7 @@ class Scheduler:
         is_ready: Optional[Callable[[Request], bool]] = None,
         pipeline_parallel: bool = False,
         lora: Optional[Any] = None,  # a pagellm.lora.admission.LoRAAdmission (caps distinct adapters)
+        speculation: Optional[SpecScheduling] = None,  # speculative decoding on (core/spec_scheduling.py)
     ) -> None:
         if policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling policy must be one of {SCHEDULING_POLICIES}, got {policy!r}")
@@ -137,6 +66,7 @@ class Scheduler:
         # Whether a waiting request may be admitted yet (structured outputs: its grammar is compiled).
         self.is_ready = is_ready
         self.lora = lora
+        self.spec = speculation
         self.kv = kv_cache_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -202,6 +132,8 @@ class Scheduler:
         isolating = self._isolate_next_suspect()
         if self.policy == "priority":
             self.running.sort(key=_priority_key)  # the tail is then always the preemption victim
+        spec_drafts: dict[str, list[int]] = {}
+        speculating = self.spec is not None and self.spec.batch_allows(len(self.running))
 
         # 1) Running requests, oldest first; preempt from the newest end when blocks run out.
         i = 0
@@ -214,6 +146,9 @@ class Scheduler:
             if num_new <= 0:  # nothing to compute (can't normally happen); keep it running
                 i += 1
                 continue
+            drafts = self._take_drafts(request, num_new, budget) if speculating else []
+            request.spec_token_ids = []
+            num_new += len(drafts)
             while True:
                 new_blocks = self.kv.allocate_slots(request, num_new)
                 if new_blocks is not None:
@@ -226,6 +161,8 @@ class Scheduler:
             if new_blocks is None:
                 break  # the request preempted itself; everything after it is gone too
             num_scheduled[request.request_id] = num_new
+            if drafts:
+                spec_drafts[request.request_id] = drafts
             budget -= num_new
             cached = CachedRequestData(request.request_id, new_blocks, request.num_computed_tokens)
             if self.pipeline_parallel:
@@ -257,7 +194,33 @@ class Scheduler:
             new_reqs.append(self._start_running(request, num_cached_tokens))
             num_scheduled[request.request_id] = num_new
             budget -= num_new
-        return self._step_output(new_reqs, cached_reqs, num_scheduled)
+        out = self._step_output(new_reqs, cached_reqs, num_scheduled)
+        if self.spec is not None:
+            out.scheduled_spec_decode_tokens = spec_drafts
+            # Proposals are verified next step, by the batch as it is after this step's admissions.
+            out.num_spec_tokens_to_propose = self._proposal_requests(
+                num_scheduled, self.spec.batch_allows(len(self.running)))
+        return out
+
+    def _take_drafts(self, request: Request, num_new: int, budget: int) -> list[int]:
+        """The proposals to verify after a decoding request's last token this step (see spec_scheduling)."""
+        if num_new != 1 or request.num_tokens - request.num_computed_tokens != 1 or not request.spec_token_ids:
+            return []  # prefilling or recomputing: proposals are only verified in decode
+        if not self.spec.may_speculate(request):
+            return []
+        n = self.spec.num_drafts(request, budget, self.max_model_len, self._kv_capacity_tokens)
+        return request.spec_token_ids[:n]
+
+    def _proposal_requests(self, num_scheduled: dict[str, int], speculating: bool) -> dict[str, int]:
+        """Request id -> proposals wanted after this step, for the requests that sample in it."""
+        wanted = {}
+        for req_id, n in num_scheduled.items():
+            request = self.requests[req_id]
+            if request.num_computed_tokens + n >= request.num_tokens:
+                k = self.spec.num_to_propose(request, speculating)
+                if k:
+                    wanted[req_id] = k
+        return wanted
 
     def _start_running(self, request: Request, num_cached_tokens: int) -> NewRequestData:
         """Admits a waiting request whose slots are allocated; what the runner needs to know of it."""
@@ -323,6 +286,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)
+        request.spec_token_ids = []
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -341,11 +305,18 @@ class Scheduler:
         sampled_token_ids: dict[str, list[int]],
         logprobs: Optional[dict[str, object]] = None,
         prompt_logprobs: Optional[dict[str, object]] = None,
+        spec_token_ids: Optional[dict[str, list[int]]] = None,
     ) -> list[RequestUpdate]:
-        """Advances computed counts, appends sampled tokens, applies stop checks, frees finished requests."""
+        """Advances computed counts, appends sampled tokens, applies stop checks, frees finished requests.
+
+        A request that verified proposals gets its accepted ones plus one token; the rejected ones
+        are not computed (the count drops by them) and their blocks go back to the pool.
+        `spec_token_ids` are the runner's new proposals, kept for the next step."""
         updates: list[RequestUpdate] = []
         logprobs = logprobs or {}
         prompt_logprobs = prompt_logprobs or {}
+        spec_token_ids = spec_token_ids or {}
+        drafts_of = sched_out.scheduled_spec_decode_tokens
         if self._in_flight:
             self._in_flight.difference_update(sched_out.num_scheduled_tokens)
         for req_id, num_tokens in sched_out.num_scheduled_tokens.items():
@@ -353,9 +324,12 @@ class Scheduler:
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
             new_prompt_logprobs = self._dedup_prompt_logprobs(request, prompt_logprobs.get(req_id))
-            request.num_computed_tokens += num_tokens
+            sampled = sampled_token_ids.get(req_id, [])
+            drafts = drafts_of.get(req_id) if drafts_of else None
+            num_rejected = self.spec.record(request, len(drafts), len(sampled)) if drafts else 0
+            request.num_computed_tokens += num_tokens - num_rejected
             appended: list[int] = []
-            for token_id in sampled_token_ids.get(req_id, []):
+            for token_id in sampled:
                 request.output_token_ids.append(token_id)
                 appended.append(token_id)
                 if self._check_stop(request, token_id):
@@ -371,6 +345,11 @@ class Scheduler:
                 update.finish_reason = request.status.finish_reason
                 update.stop_reason = request.stop_reason
                 self._free_finished(request)
+            else:
+                if num_rejected:
+                    self.kv.free_blocks_after(request, request.num_computed_tokens)
+                if spec_token_ids:
+                    request.spec_token_ids = spec_token_ids.get(req_id, [])
             if appended or update.finish_reason or update.new_prompt_logprobs is not None:
                 updates.append(update)
         return updates
@@ -422,6 +401,9 @@ class Scheduler:
         self.kv.free(request)
         self._num_prompt_logprobs_sent.pop(request.request_id, None)
         self._outputs_sent.pop(request.request_id, None)
+        if self.spec is not None:
+            self.spec.forget(request.request_id)
+        request.spec_token_ids = []
         del self.requests[request.request_id]
         if request.request_id in self._known_to_runner:
             self._known_to_runner.discard(request.request_id)
@@ -495,4 +477,5 @@ class Scheduler:
             num_preemptions_total=self.num_preemptions_total,
             prefix_cache_queries=self.kv.prefix_cache_queries,
             prefix_cache_hits=self.kv.prefix_cache_hits,
+            spec_decode=None if self.spec is None else copy.deepcopy(self.spec.stats),
         )

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Optional
 from pagellm.config import EngineConfig
 from pagellm.core.kv_cache_manager import KVCacheManager
 from pagellm.core.scheduler import RequestUpdate, Scheduler, SchedulerOutput, SchedulerStats
+from pagellm.core.spec_scheduling import SpecScheduling
 from pagellm.request import Request, RequestStatus
 from pagellm.engine.core_grammars import CoreGrammars
 from pagellm.engine.core_interface import EngineCoreRequest  # noqa: F401 - re-exported
@@ -59,6 +60,7 @@ class EngineCore:
             is_ready=self.grammars.is_ready,
             pipeline_parallel=executor.max_concurrent_batches > 1,
             lora=LoRAAdmission(config.max_loras) if config.enable_lora else None,
+            speculation=SpecScheduling.from_config(config.speculative_config),
         )
         # Steps in flight (pipeline parallelism only; None: every step is synchronous).
         self._batch_queue_size = executor.max_concurrent_batches
@@ -166,7 +168,8 @@ class EngineCore:
         self._consecutive_failed_steps = 0
         self.num_steps += 1
         updates = self.scheduler.update_from_output(
-            sched_out, runner_out.sampled_token_ids, runner_out.logprobs, runner_out.prompt_logprobs)
+            sched_out, runner_out.sampled_token_ids, runner_out.logprobs, runner_out.prompt_logprobs,
+            runner_out.spec_token_ids)
         self.grammars.after_step(updates, self.scheduler)
         self.num_generation_tokens_total += sum(len(u.new_token_ids) for u in updates)
         return updates

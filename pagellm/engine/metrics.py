@@ -105,8 +105,20 @@ class EngineMetrics:
                                                   _LABELS + ["constraint"], registry=r)
         self.engine_restarts = counter("pagellm:engine_restarts_total",
                                        "Times the engine core was restarted after it died.")
+        # Speculative decoding: verification rows, proposed and accepted tokens, accepted per position
+        # (acceptance rate = accepted / draft tokens; mean accepted length = 1 + accepted / drafts).
+        self.spec_num_drafts = core_counter("pagellm:spec_decode_num_drafts_total",
+                                            "Requests' verification steps with speculative proposals.")
+        self.spec_num_draft_tokens = core_counter("pagellm:spec_decode_num_draft_tokens_total",
+                                                  "Speculative tokens proposed and verified.")
+        self.spec_num_accepted_tokens = core_counter("pagellm:spec_decode_num_accepted_tokens_total",
+                                                     "Speculative tokens accepted.")
+        self.spec_accepted_per_pos = Counter("pagellm:spec_decode_num_accepted_tokens_per_pos",
+                                             "Speculative tokens accepted, by proposal position (0 = first).",
+                                             [*_CORE_LABELS, "position"], registry=r)
         # Each core reports running totals; counters move forward by the difference (per core).
-        self._last_totals = [{"preemptions": 0, "queries": 0, "hits": 0} for _ in range(num_engines)]
+        self._last_totals = [{"preemptions": 0, "queries": 0, "hits": 0, "drafts": 0, "draft_tokens": 0,
+                              "accepted": 0} for _ in range(num_engines)]
 
     # -- updates ----------------------------------------------------------------------
     def record_scheduler_stats(self, stats: SchedulerStats, engine: int = 0) -> None:
@@ -119,6 +131,15 @@ class EngineMetrics:
         self._advance(self.num_preemptions[engine], totals, "preemptions", stats.num_preemptions_total)
         self._advance(self.prefix_cache_queries[engine], totals, "queries", stats.prefix_cache_queries)
         self._advance(self.prefix_cache_hits[engine], totals, "hits", stats.prefix_cache_hits)
+        spec = stats.spec_decode
+        if spec is not None:
+            self._advance(self.spec_num_drafts[engine], totals, "drafts", spec.num_drafts)
+            self._advance(self.spec_num_draft_tokens[engine], totals, "draft_tokens", spec.num_draft_tokens)
+            self._advance(self.spec_num_accepted_tokens[engine], totals, "accepted", spec.num_accepted_tokens)
+            for position, total in enumerate(spec.accepted_per_position):
+                totals.setdefault(f"pos{position}", 0)
+                self._advance(self.spec_accepted_per_pos.labels(self.model_name, str(engine), str(position)),
+                              totals, f"pos{position}", total)
 
     @staticmethod
     def _advance(counter, totals: dict, key: str, total: int) -> None:

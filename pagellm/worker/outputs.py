@@ -15,3 +15,5 @@ class ModelRunnerOutput:
     logprobs: dict[str, LogprobsLists] = field(default_factory=dict)
     # Per prompt chunk: logprobs of prompt tokens ctx+1 .. ctx+q_len (the ones this chunk predicts).
     prompt_logprobs: dict[str, LogprobsLists] = field(default_factory=dict)
+    # Speculative decoding: per request, the proposals made after this step (verified in the next).
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
