@@ -76,6 +76,11 @@ class SchedulerOutput:
     # filled by the engine core for the constrained requests that sample this step).
     grammar_rows: dict[str, int] = field(default_factory=dict)
     grammar_bitmask: Optional[Any] = None
+    # Speculative decoding: request id -> proposed tokens scheduled after its last token this step
+    # (num_scheduled_tokens counts them: 1 + len(drafts)).
+    scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
+    # Request id -> how many tokens to propose for it after this step's sampling (absent/0: none).
+    num_spec_tokens_to_propose: dict[str, int] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
