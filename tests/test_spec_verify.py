@@ -33,7 +33,7 @@ from pagellm.sample import Sampler, SamplingMetadata, SamplingMetadataBuilder, S
 from pagellm.spec_decode.config import SpeculativeConfig
 from pagellm.spec_decode.ngram import NgramProposer
 from pagellm.spec_decode.proposer import Proposer
-from pagellm.spec_decode.verify import _target_probs
+from pagellm.spec_decode.verify import target_probs
 from pagellm.worker.outputs import ModelRunnerOutput
 from pagellm.worker.worker import Worker
 
@@ -217,7 +217,7 @@ def test_draft_positions_see_the_drafts_as_output():
     torch.manual_seed(0)
     logits = torch.randn(meta.num_rows, vocab) * 3
     sampler = Sampler()
-    target = _target_probs(sampler, logits, meta)
+    target = target_probs(sampler, logits, meta)
     row = 0
     for req_id in order:
         params = PARAMS[req_id]

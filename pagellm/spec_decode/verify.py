@@ -101,7 +101,7 @@ def plan_verification(req_ids: Sequence[str], sample_rows: Sequence[int], num_dr
                       on_device([len(d) for d in spec_drafts]), on_device(row_of), on_device(pos_of), starts)
 
 
-def _target_probs(sampler: Sampler, raw: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+def target_probs(sampler: Sampler, raw: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
     """[N, V] target distributions: one-hot at the processed argmax for greedy rows."""
     processed, random_probs = sampler.distributions(raw, meta)
     if meta.all_random:
@@ -119,7 +119,7 @@ def verify(plan: VerifyPlan, logits: torch.Tensor, sampler: Sampler, states: Seq
     `logits`: the target's logits at the spec rows' positions, in plan order."""
     meta = plan.spec_meta
     raw = logits.float()
-    target = _target_probs(sampler, raw, meta)
+    target = target_probs(sampler, raw, meta)
     num_rows, k_max = plan.draft_ids.shape
     vocab = target.shape[1]
     if target.shape[0] == num_rows * (k_max + 1):  # every row has k_max drafts: no padding needed
