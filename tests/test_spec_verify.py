@@ -13,7 +13,8 @@ computed count back by the rejected drafts as the real scheduler does.
 - A seeded random request with drafts emits the same tokens whatever shares its batch; a request
   without drafts in a speculative step samples exactly as in a step without speculation.
 - With a speculative config the runner builds its proposer and returns its proposals; stateful
-  proposers see every sampled request and hear about finished and preempted ones.
+  proposers see every sampled request and hear about finished and preempted ones; the factory
+  builds suffix and draft-model proposers (the draft's own runner has no proposer).
 """
 
 from __future__ import annotations
@@ -361,3 +362,25 @@ def test_ngram_config_builds_the_proposer_and_drafts_round_trip(tiny_llama):
     for req_id in PROMPTS:
         assert drv.output(req_id) == ref[req_id][:len(drv.output(req_id))]
     assert accepted > 0
+
+
+def test_factory_builds_suffix_and_a_draft_model_that_does_not_recurse(tiny_llama):
+    from pagellm.spec_decode.draft_model import DraftModelProposer
+    from pagellm.spec_decode.suffix import SuffixProposer
+
+    assert isinstance(make_runner(tiny_llama, SpeculativeConfig(method="suffix")).proposer, SuffixProposer)
+    runner = make_runner(tiny_llama, SpeculativeConfig(method="draft_model", model=tiny_llama,
+                                                       num_speculative_tokens=K))
+    assert isinstance(runner.proposer, DraftModelProposer)
+    assert runner.proposer.runner.proposer is None and runner.proposer.config.speculative_config is None
+    ref, _ = _run_plain(tiny_llama, {"a": PROMPTS["a"]}, {"a": GREEDY}, steps=20)
+    drv = Driver(runner)
+    drv.add("a", PROMPTS["a"], GREEDY)
+    out = drv.step(propose={"a": K})
+    for _ in range(4):  # the draft is the target: every proposal is accepted
+        out = drv.step(out.spec_token_ids, propose={"a": K})
+        assert len(out.sampled_token_ids["a"]) == K + 1
+    assert drv.output("a") == ref["a"][:len(drv.output("a"))]
+    drv.finish("a")
+    drv.step()
+    assert runner.proposer.num_free_blocks == runner.proposer.num_blocks
