@@ -7,12 +7,16 @@ on the output so far (bad-word and min_tokens bans, penalties) are recomputed; t
 gathered from those pieces, and kept as tensors while the same requests sample in the same order
 (the steady state of decoding). `SamplingMetadata.build(rows, ...)` is the one-shot form of the
 same path, for callers without a persistent batch.
+
+Speculative verification (`SamplingMetadataBuilder.build_speculative`) expands a request with
+drafts d_1..d_k into k + 1 rows: row j is the request as if d_1..d_j were already in its output,
+so the bans and penalties at every draft position are what a plain step there would apply.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence
 
 import torch
 
@@ -105,14 +109,18 @@ class SamplingMetadataBuilder:
         self.requests: dict[str, RequestSampling] = {}
         self._static_key: Optional[tuple[str, ...]] = None
         self._static: Optional[dict] = None
+        # The same for speculative steps, keyed by (request id, number of drafts) pairs.
+        self._spec_key: Optional[tuple[tuple[str, int], ...]] = None
+        self._spec_static: Optional[dict] = None
 
     def add_request(self, req_id: str, row: SamplingRow) -> None:
         self.requests[req_id] = RequestSampling.from_row(row, self.vocab_size)
-        self._static_key = None  # a re-added id (after preemption) has a fresh generator
+        # a re-added id (after preemption) has a fresh generator
+        self._static_key = self._spec_key = None
 
     def remove_request(self, req_id: str) -> None:
         if self.requests.pop(req_id, None) is not None:
-            self._static_key = None
+            self._static_key = self._spec_key = None
 
     def build(self, req_ids: list[str]) -> SamplingMetadata:
         """Metadata for the rows `req_ids`, in that order."""
@@ -124,6 +132,24 @@ class SamplingMetadataBuilder:
             self._static = _static_part(reqs, self.vocab_size, self.device)
             self._static_key = key
         return SamplingMetadata(**self._static, **_dynamic_part(reqs, self.vocab_size, self.device))
+
+    def build_speculative(self, req_ids: list[str], drafts: Sequence[Sequence[int]]) -> SamplingMetadata:
+        """Metadata for verifying drafts: request req_ids[i] becomes len(drafts[i]) + 1 consecutive
+        rows, row j with drafts[i][:j] appended to its output so far (only for this build)."""
+        if not req_ids or len(req_ids) != len(drafts):
+            raise ValueError("SamplingMetadataBuilder.build_speculative: needs one draft list per request, >= 1")
+        reqs: list[RequestSampling] = []
+        for req_id, draft in zip(req_ids, drafts):
+            base = self.requests[req_id]
+            reqs.append(base)
+            # Copies of the output list: the request's own list must not see unverified drafts.
+            reqs += [replace(base, output_token_ids=base.output_token_ids + list(draft[:j]))
+                     for j in range(1, len(draft) + 1)]
+        key = tuple((r, len(d)) for r, d in zip(req_ids, drafts))
+        if key != self._spec_key:
+            self._spec_static = _static_part(reqs, self.vocab_size, self.device)
+            self._spec_key = key
+        return SamplingMetadata(**self._spec_static, **_dynamic_part(reqs, self.vocab_size, self.device))
 
 
 def _on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -62,18 +62,14 @@ class SamplerOutput:
 class Sampler(torch.nn.Module):
     """logits [B, V] + SamplingMetadata -> one token per row (and logprobs when asked).
 
-    Speculative decoding would not go through here for its draft positions: a rejection sampler
-    taking the target logits of every draft position (plus the draft tokens and their probs)
-    replaces this call in `ModelRunner._sample`, reusing `apply_logits_processors` and the
-    truncation ops on the target logits. Nothing implements it yet.
+    Speculative decoding does not draw here for its draft positions: `distributions` gives the
+    processed logits and the random rows' normalized probabilities (the same processors and
+    truncation as `forward`), which `pagellm/spec_decode/verify.py` hands to the rejection sampler.
+    Rows without drafts in the same step still go through `forward`.
     """
 
     def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
-        if logits.dim() != 2 or logits.shape[0] != meta.num_rows or logits.shape[1] != meta.vocab_size:
-            raise ValueError(
-                f"Sampler: logits shape {tuple(logits.shape)} does not match the metadata "
-                f"({meta.num_rows} rows, vocab {meta.vocab_size})"
-            )
+        self._check(logits, meta)
         raw = logits.float()
         processed = apply_logits_processors(raw, meta)
 
@@ -91,9 +87,47 @@ class Sampler(torch.nn.Module):
             logprobs = compute_logprobs_tensors(raw, sampled, meta.max_num_logprobs)
         return SamplerOutput(sampled_token_ids=sampled, logprobs=logprobs)
 
+    def distributions(self, logits: torch.Tensor, meta: SamplingMetadata) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """What `forward` would draw from, without drawing: the processed logits of every row (a
+        greedy row takes their argmax) and, for the random rows (`meta.random_rows`, or all rows
+        when `all_random`), the probabilities after temperature / top-k / top-p / min-p,
+        normalized. None when every row is greedy."""
+        self._check(logits, meta)
+        processed = apply_logits_processors(logits.float(), meta)
+        if meta.all_greedy:
+            return processed, None
+        random_part = processed if meta.all_random else processed[meta.random_rows]
+        probs = self._truncated_probs(random_part, meta)
+        return processed, probs / probs.sum(dim=-1, keepdim=True)
+
     @staticmethod
-    def _sample_random(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    def _check(logits: torch.Tensor, meta: SamplingMetadata) -> None:
+        if logits.dim() != 2 or logits.shape[0] != meta.num_rows or logits.shape[1] != meta.vocab_size:
+            raise ValueError(
+                f"Sampler: logits shape {tuple(logits.shape)} does not match the metadata "
+                f"({meta.num_rows} rows, vocab {meta.vocab_size})"
+            )
+
+    @classmethod
+    def _sample_random(cls, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         """Temperature, top-k, top-p, min-p and the exponential race, over the random rows only."""
+        probs = cls._truncated_probs(logits, meta)
+        # argmax(p / q) with q ~ Exp(1) picks token i with probability p_i / sum(p), so the row
+        # needs no renormalisation after truncation. q = -log(U), U ~ Uniform[0, 1), is Exp(1);
+        # on CPU it is several times faster than `exponential_`.
+        q = torch.empty_like(probs)
+        if len(meta.generators) < q.shape[0]:
+            q.uniform_()
+        for j, gen in meta.generators:
+            q[j].uniform_(generator=gen)
+        q.log_().neg_()
+        # Guard against a draw of exactly 0 (0/0 = nan would win the argmax).
+        q.clamp_min_(torch.finfo(q.dtype).tiny)
+        return (probs / q).argmax(dim=-1)
+
+    @staticmethod
+    def _truncated_probs(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        """The random rows' probabilities after temperature and truncation (not renormalized)."""
         logits = logits / meta.temperature.unsqueeze(-1)
         rows = meta.trunc_rows  # None: top-k/top-p apply to every random row
         if meta.top_k is not None:
@@ -109,15 +143,4 @@ class Sampler(torch.nn.Module):
                 probs[rows] = apply_top_p(probs[rows], meta.top_p)
         if meta.min_p is not None:
             probs = apply_min_p(probs, meta.min_p)
-        # argmax(p / q) with q ~ Exp(1) picks token i with probability p_i / sum(p), so the row
-        # needs no renormalisation after truncation. q = -log(U), U ~ Uniform[0, 1), is Exp(1);
-        # on CPU it is several times faster than `exponential_`.
-        q = torch.empty_like(probs)
-        if len(meta.generators) < q.shape[0]:
-            q.uniform_()
-        for j, gen in meta.generators:
-            q[j].uniform_(generator=gen)
-        q.log_().neg_()
-        # Guard against a draw of exactly 0 (0/0 = nan would win the argmax).
-        q.clamp_min_(torch.finfo(q.dtype).tiny)
-        return (probs / q).argmax(dim=-1)
+        return probs

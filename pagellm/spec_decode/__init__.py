@@ -1,4 +1,5 @@
-"""Speculative decoding: configuration (proposers, verification and scheduling hooks land here)."""
+"""Speculative decoding: configuration, proposers (`factory.make_proposer`), the rejection sampler and
+the model runner's verification step (`verify.py`)."""
 
 from pagellm.spec_decode.config import METHODS, SpeculativeConfig
 

@@ -18,6 +18,7 @@ from pagellm.spec_decode.proposer import Proposer
 
 
 class NgramProposer(Proposer):
+    stateful = False
     def __init__(self, prompt_lookup_min: int, prompt_lookup_max: int) -> None:
         if not 1 <= prompt_lookup_min <= prompt_lookup_max:
             raise ValueError(f"prompt_lookup_min/max: need 1 <= min <= max, got {prompt_lookup_min}, {prompt_lookup_max}")

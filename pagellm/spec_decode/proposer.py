@@ -26,6 +26,8 @@ from typing import Optional, Sequence
 class Proposer(ABC):
     # True: proposals are single tokens, not draws (q is one-hot for the rejection sampler)
     deterministic: bool = True
+    # False: proposals depend on the history alone, so the runner may skip requests asking for none
+    stateful: bool = True
 
     @abstractmethod
     def propose(self, histories: Sequence[Sequence[int]], num_tokens: Sequence[int],

@@ -10,7 +10,8 @@ from p_k. Each emitted token is then distributed exactly as the target's would b
 Deterministic proposers (n-gram, suffix) pass no draft probabilities: q_j is one-hot at the
 proposal, so acceptance is with probability p_j(x) and the residual is p_j without x. Greedy
 rows pass one-hot target rows (at the argmax), which makes acceptance exact token matching.
-Everything is vectorised over the batch; random draws come from one generator.
+Everything is vectorised over the batch; random draws come from one generator (the model runner
+calls it once per seeded request with that request's generator: `verify.py`).
 """
 
 from __future__ import annotations

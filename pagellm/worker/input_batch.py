@@ -6,6 +6,8 @@ block table, its sampling pieces); rows freed by finished or preempted requests 
 by condensing, so rows 0..n-1 are always the live ones. A step's flat batch follows the
 scheduler's order (cached requests, then new ones) whatever the rows are: positions, slot
 mapping and block tables are built from the persistent buffers with tensor ops, once per step.
+A request with speculative drafts feeds them after its last token for that step only (its state
+never holds them); `spec_decode/verify.py` lays out such a step's logits rows.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pagellm.attention.backend import AttentionMetadata, flat_positions, metadat
 from pagellm.core.scheduler import CachedRequestData, NewRequestData, SchedulerOutput
 from pagellm.sample.metadata import SamplingMetadata, SamplingMetadataBuilder, SamplingRow
 from pagellm.sampling_params import SamplingParams
+from pagellm.spec_decode.verify import VerifyPlan, plan_verification
 
 
 @dataclass
@@ -62,6 +65,9 @@ class StepInputs:
     sample_rows: list[int]  # rows whose scheduled tokens reach their end (they sample this step)
     logits_indices: Optional[torch.Tensor]  # [S] flat index of each sampling row's last token
     sampling_metadata: Optional[SamplingMetadata]
+    # A step with speculative drafts: its logits rows and sampling tensors (logits_indices and
+    # sampling_metadata are then None).
+    spec: Optional[VerifyPlan] = None
 
 
 class InputBatch:
@@ -193,19 +199,29 @@ class InputBatch:
         req_index, positions = flat_positions(torch.tensor(query_lens, dtype=torch.long),
                                               torch.tensor(context_lens, dtype=torch.long))
         md = metadata_from_flat(query_lens, context_lens, req_index, positions, table, self.block_size, self.device)
+        # Speculative drafts follow a request's last token; they are input for this step only.
+        drafts = sched.scheduled_spec_decode_tokens
+        num_drafts = [len(drafts.get(r) or ()) for r in req_ids] if drafts else [0] * len(req_ids)
         input_ids: list[int] = []
-        for state, ctx, qlen in zip(states, context_lens, query_lens):
-            input_ids.extend(state.token_slice(ctx, ctx + qlen))
+        for r, state, ctx, qlen, nd in zip(req_ids, states, context_lens, query_lens, num_drafts):
+            input_ids.extend(state.token_slice(ctx, ctx + qlen - nd))
+            if nd:
+                input_ids.extend(drafts[r])
         input_t = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos_t = positions.to(self.device)
 
         # Sampling tensors are built before the forward is launched, so these host-to-device copies
         # do not wait for it.
-        sample_rows = [i for i, (s, ctx, q) in enumerate(zip(states, context_lens, query_lens))
-                       if ctx + q == s.num_tokens]
-        logits_indices = meta = None
+        sample_rows = [i for i, (s, ctx, q, nd) in enumerate(zip(states, context_lens, query_lens, num_drafts))
+                       if ctx + q - nd == s.num_tokens]
+        logits_indices = meta = spec = None
         if sample_rows and self.samples:
-            logits_indices = torch.tensor([md.query_start_loc[i + 1] - 1 for i in sample_rows], device=self.device)
-            meta = self.sampling.build([req_ids[i] for i in sample_rows])
+            if any(num_drafts):
+                spec = plan_verification(req_ids, sample_rows, num_drafts, drafts, md.query_start_loc,
+                                         self.sampling, self.device)
+            else:
+                logits_indices = torch.tensor([md.query_start_loc[i + 1] - 1 for i in sample_rows],
+                                              device=self.device)
+                meta = self.sampling.build([req_ids[i] for i in sample_rows])
         return StepInputs(req_ids, states, query_lens, context_lens, input_t, pos_t, md, sample_rows,
-                          logits_indices, meta)
+                          logits_indices, meta, spec)

@@ -5,7 +5,13 @@ pieces) so the scheduler only sends what changed each step. Inputs are laid out 
 batch: request after request, each contributing the tokens scheduled for it. Only requests
 whose scheduled tokens reach their end are sampled, at their last position.
 
-    execute: prepare inputs -> forward -> sample -> build output
+    execute: prepare inputs -> forward -> sample (verify drafts) -> propose -> build output
+
+Speculative decoding: a request scheduled with drafts (`SchedulerOutput.scheduled_spec_decode_tokens`)
+is verified at all its draft positions by `pagellm/spec_decode/verify.py` and emits 1 .. k + 1
+tokens; rows without drafts sample as in any step. With `speculative_config` the sampling runner
+owns the proposer (`spec_decode/factory.py`) and returns the next drafts of the requests the
+scheduler asks for (`ModelRunnerOutput.spec_token_ids`).
 
 With pipeline parallelism the forward is this stage's part: a stage after the first receives
 the previous stage's hidden states (and residual) instead of embedding the ids, a stage before
@@ -34,6 +40,7 @@ from pagellm.core.scheduler import SchedulerOutput
 from pagellm.forward_context import set_forward_context
 from pagellm.sample import Sampler, SamplingMetadata, SamplingRow, compute_logprobs_tensors, rows_to_lists
 from pagellm.sampling_params import SamplingParams
+from pagellm.spec_decode.verify import propose_drafts, verify
 from pagellm.worker import kv_cache
 from pagellm.worker.cuda_graphs import DecodeGraphs, capture_batch_sizes
 from pagellm.worker.gpu_memory import MemoryProfile
@@ -81,6 +88,16 @@ class ModelRunner:
         self.graph_summary = ""  # one line for the start-up log once graphs are captured
         self.lora = make_lora_manager(config, model_config, model, self.dtype, self.device)
         self._step_lora = None  # the running step's LoRAMapping (the LM head needs its rows' adapters)
+        # Speculative decoding's proposer lives with the sampling state (histories, seeds): the last
+        # stage only. The draft model's inner runner gets speculative_config=None, so no recursion.
+        self.proposer = None
+        if config.speculative_config is not None and self.samples:
+            from pagellm.spec_decode.factory import make_proposer
+
+            self.proposer = make_proposer(config.speculative_config, config, target_vocab_size=self.vocab_size)
+            if not self.proposer.deterministic:  # verification passes one-hot q (no draft probabilities)
+                raise ValueError(f"speculative_config.method: {config.speculative_config.method!r} proposes "
+                                 "sampled drafts, which the runner cannot verify yet")
 
     @classmethod
     def load(cls, config: EngineConfig, model_config, weights: Optional[Iterable], online=None) -> "ModelRunner":
@@ -132,10 +149,21 @@ class ModelRunner:
             else:
                 hidden = self._forward(input_ids, positions, md, allow_graphs=False)
             if self.samples:
-                last = torch.tensor(md.query_start_loc[1:], device=self.device) - 1
+                # With speculation a step takes 1 + k logits rows per request (the verification's
+                # peak); the last tokens stand in for the draft positions.
+                spec = self.config.speculative_config
+                per_req = 1 if spec is None else 1 + spec.num_speculative_tokens
+                num_rows = min(num_tokens, num_reqs * per_req)
+                if per_req == 1:
+                    last = torch.tensor(md.query_start_loc[1:], device=self.device) - 1
+                else:
+                    last = torch.arange(num_tokens - num_rows, num_tokens, device=self.device)
                 logits = self.model.compute_logits(hidden[last])
-                rows = [SamplingRow(SamplingParams(), [], [], set()) for _ in lens]
-                self.sampler(logits, SamplingMetadata.build(rows, self.vocab_size, self.device))
+                rows = [SamplingRow(SamplingParams(), [], [], set()) for _ in range(num_rows)]
+                meta = SamplingMetadata.build(rows, self.vocab_size, self.device)
+                self.sampler(logits, meta)
+                if per_req > 1:
+                    self.sampler.distributions(logits, meta)
                 del logits
             del hidden
         finally:
@@ -144,7 +172,13 @@ class ModelRunner:
         return kv_bytes
 
     def capture_cuda_graphs(self) -> None:
-        """Captures decode-step graphs (CUDA with a graph-safe backend, unless enforce_eager)."""
+        """Captures decode-step graphs (CUDA with a graph-safe backend, unless enforce_eager); a draft
+        model proposer captures its own. Steps with drafts (query length 1 + k) run eagerly."""
+        draft_capture = getattr(self.proposer, "capture_cuda_graphs", None)
+        if draft_capture is not None:
+            line = draft_capture()
+            if line:
+                logger.info("draft model: %s", line)
         if not self.uses_cuda_graphs:
             return
         graphs = DecodeGraphs(self.model, self.config.max_num_seqs, self.config.max_model_len,
@@ -179,6 +213,9 @@ class ModelRunner:
     # -- the step -------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        if self.proposer is not None:
+            for req_id in sched.finished_req_ids | sched.preempted_req_ids:
+                self.proposer.request_finished(req_id)
         self.input_batch.update(sched)
         if sched.is_empty:
             return ModelRunnerOutput({})
@@ -194,7 +231,11 @@ class ModelRunner:
         self._step_lora = lora
         sampled, logprobs = self._sample(hidden, inputs, sched)
         prompt_logprobs = self._prompt_logprobs(hidden, inputs)
-        return ModelRunnerOutput(sampled, logprobs, prompt_logprobs)
+        spec_tokens = {}
+        if self.proposer is not None and inputs.sample_rows:
+            spec_tokens = propose_drafts(self.proposer, [inputs.states[i] for i in inputs.sample_rows],
+                                         sched.num_spec_tokens_to_propose)
+        return ModelRunnerOutput(sampled, logprobs, prompt_logprobs, spec_tokens)
 
     def _forward_stage(self, inputs: StepInputs, lora=None) -> Optional[torch.Tensor]:
         """This stage's layers: the final hidden states on the last stage; elsewhere the outputs go
@@ -214,46 +255,66 @@ class ModelRunner:
 
     def _sample(self, hidden: torch.Tensor, inputs: StepInputs,
                 sched: SchedulerOutput) -> tuple[dict[str, list[int]], dict[str, LogprobsLists]]:
-        """Next token (and requested logprobs) of every sampling row, appended to its request's output.
+        """Next token(s) (and requested logprobs) of every sampling row, appended to its request's output.
 
-        A rejection sampler for speculative decoding would replace the sampler call here, over the
-        logits of every draft position instead of one last position per row.
+        A step with drafts takes the logits of every draft position too; its plain rows still go
+        through the Sampler, its draft rows through the rejection sampler (`spec_decode/verify.py`).
         """
         sampled: dict[str, list[int]] = {r: [] for r in inputs.req_ids}
         logprobs_out: dict[str, LogprobsLists] = {}
         if not inputs.sample_rows:
             return sampled, logprobs_out
-        states, sample_rows = inputs.states, inputs.sample_rows
-        logits = self._logits(hidden, inputs.logits_indices)
+        rows = [inputs.states[i] for i in inputs.sample_rows]
+        plan = inputs.spec
+        if plan is None:
+            logits = self._logits(hidden, inputs.logits_indices)
+            self._sample_plain(rows, logits, inputs.sampling_metadata, sched, sampled, logprobs_out)
+            return sampled, logprobs_out
+        logits = self._logits(hidden, plan.logits_indices)
+        if plan.plain:
+            self._sample_plain([rows[j] for j in plan.plain], logits[:plan.num_plain], plan.plain_meta, sched,
+                               sampled, logprobs_out)
+        spec_states = [rows[j] for j in plan.spec]
+        emitted, spec_logprobs = verify(plan, logits[plan.num_plain:], self.sampler, spec_states)
+        for state, tokens, lps in zip(spec_states, emitted, spec_logprobs):
+            state.output_token_ids.extend(tokens)
+            sampled[state.req_id] = tokens
+            if lps is not None:
+                logprobs_out[state.req_id] = lps
+        return sampled, logprobs_out
+
+    def _sample_plain(self, states: list[CachedRequestState], logits: torch.Tensor, meta: SamplingMetadata,
+                      sched: SchedulerOutput, sampled: dict[str, list[int]],
+                      logprobs_out: dict[str, LogprobsLists]) -> None:
+        """One token per row through the Sampler (row j of `logits` is states[j])."""
         if sched.grammar_bitmask is not None:
-            self._apply_grammar(sched, inputs, logits)
-        out = self.sampler(logits, inputs.sampling_metadata)
+            self._apply_grammar(sched, states, logits)
+        out = self.sampler(logits, meta)
         # The sampled ids (and requested logprobs) are the step's only reads back to the host.
         tokens = out.sampled_token_ids.tolist()
-        want = [j for j, i in enumerate(sample_rows) if states[i].sampling_params.logprobs is not None]
+        want = [j for j, state in enumerate(states) if state.sampling_params.logprobs is not None]
         lists = rows_to_lists(out.logprobs, want, out.logprobs.token_ids.shape[1] - 1) \
             if want and out.logprobs is not None else []
         by_row = dict(zip(want, lists))
-        for j, i in enumerate(sample_rows):
-            state = states[i]
+        for j, state in enumerate(states):
             state.output_token_ids.append(tokens[j])
             sampled[state.req_id] = [tokens[j]]
             k = state.sampling_params.logprobs
             if j in by_row:
                 ids, lps, rank = by_row[j]
                 logprobs_out[state.req_id] = [(ids[:k + 1], lps[:k + 1], rank)]
-        return sampled, logprobs_out
 
-    def _apply_grammar(self, sched: SchedulerOutput, inputs: StepInputs, logits: torch.Tensor) -> None:
+    def _apply_grammar(self, sched: SchedulerOutput, states: list[CachedRequestState], logits: torch.Tensor) -> None:
         """Bans, in place, the tokens each constrained row's grammar forbids (and the padding columns
-        past the vocabulary). Done before the sampler, so greedy and random rows, and logprobs, all
-        see the constrained distribution. Waits here for the bitmask the core filled during the forward."""
+        past the vocabulary); row j of `logits` is states[j]. Done before the sampler, so greedy and
+        random rows, and logprobs, all see the constrained distribution. Waits here for the bitmask
+        the core filled during the forward. (Constrained requests never get drafts.)"""
         from pagellm.structured_output.bitmask import apply_bitmask_, resolve_bitmask
 
         bitmask = resolve_bitmask(sched.grammar_bitmask)
         logit_rows, bitmask_rows = [], []
-        for j, i in enumerate(inputs.sample_rows):
-            row = sched.grammar_rows.get(inputs.states[i].req_id)
+        for j, state in enumerate(states):
+            row = sched.grammar_rows.get(state.req_id)
             if row is not None:
                 logit_rows.append(j)
                 bitmask_rows.append(row)

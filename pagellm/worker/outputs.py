@@ -11,9 +11,12 @@ LogprobsLists = list[tuple[list[int], list[float], int]]
 
 @dataclass
 class ModelRunnerOutput:
-    sampled_token_ids: dict[str, list[int]]  # empty list for a mid-prompt chunk
-    logprobs: dict[str, LogprobsLists] = field(default_factory=dict)
+    # Empty list for a mid-prompt chunk; one token per sampling row, or with speculative drafts the
+    # accepted drafts then the recovered/bonus token (1 .. k + 1 tokens).
+    sampled_token_ids: dict[str, list[int]]
+    logprobs: dict[str, LogprobsLists] = field(default_factory=dict)  # one entry per emitted token
     # Per prompt chunk: logprobs of prompt tokens ctx+1 .. ctx+q_len (the ones this chunk predicts).
     prompt_logprobs: dict[str, LogprobsLists] = field(default_factory=dict)
-    # Speculative decoding: per request, the proposals made after this step (verified in the next).
+    # Speculative decoding: request id -> the proposer's next drafts (for the requests the scheduler
+    # asked proposals for; may be shorter than asked, or empty).
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
