@@ -169,21 +169,6 @@ def test_bad_call_arguments(self_draft):
     _assert_pool_full(self_draft)
 
 
-@pytest.mark.slow
-def test_real_gguf_draft_equal_to_target_matches_its_greedy_output(smollm_path, smollm_llm):
-    """SmolLM2's GGUF (weights kept quantized, as the shared engine runs it) as its own draft."""
-    tokenizer = smollm_llm.get_tokenizer()
-    prompts = [tokenizer("The capital of France is").input_ids,
-               tokenizer("def fibonacci(n):\n    if n < 2:\n        return n\n    return").input_ids]
-    outs = smollm_llm.generate([{"prompt_token_ids": p} for p in prompts],
-                               SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
-    config = resolve_setup(EngineConfig(model=smollm_path, max_model_len=2048, kv_cache_memory=256 << 20)).config
-    proposer = DraftModelProposer(config, SpeculativeConfig(method="draft_model", model=smollm_path,
-                                                            num_speculative_tokens=4), num_blocks=8)
-    assert proposer.propose(prompts, [4, 4]) == [list(o.outputs[0].token_ids) for o in outs]
-    _assert_pool_full(proposer)
-
-
 def test_block_table_rolls_back_reserves_and_frees():
     table = DraftBlockTable(num_blocks=4, block_size=4)
     assert table.rollback("a", [1, 2, 3, 4, 5, 6]) == 0

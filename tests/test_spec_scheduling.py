@@ -11,7 +11,6 @@ no block of a rejected proposal afterwards.
 from __future__ import annotations
 
 import random
-from typing import Optional
 
 import pytest
 
@@ -57,7 +56,9 @@ class SpecFakeRunner(FakeRunner):
             assert cached.num_computed_tokens <= len(st.tokens)
             st.computed = cached.num_computed_tokens
             # ... and so is its block list, which may have shrunk by the rejected proposals' blocks.
-            st.blocks = list(sched.kv.get_block_ids(cached.req_id))
+            assert cached.num_kept_blocks is not None and cached.num_kept_blocks <= len(st.blocks)
+            st.blocks = st.blocks[:cached.num_kept_blocks] + list(cached.new_block_ids)
+            assert st.blocks == sched.kv.get_block_ids(cached.req_id)
         sampled: dict[str, list[int]] = {}
         spec_out: dict[str, list[int]] = {}
         for rid, n in out.num_scheduled_tokens.items():

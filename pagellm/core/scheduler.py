@@ -165,6 +165,8 @@ class Scheduler:
                 spec_drafts[request.request_id] = drafts
             budget -= num_new
             cached = CachedRequestData(request.request_id, new_blocks, request.num_computed_tokens)
+            if self.spec is not None:
+                cached.num_kept_blocks = len(self.kv.get_block_ids(request.request_id)) - len(new_blocks)
             if self.pipeline_parallel:
                 sent, outputs = self._outputs_sent[request.request_id], request.output_token_ids
                 cached.new_token_ids, cached.num_output_tokens = list(outputs[sent:]), len(outputs)

@@ -33,6 +33,9 @@ class CachedRequestData:
     # last of which is output token num_output_tokens - 1.
     new_token_ids: list[int] = field(default_factory=list)
     num_output_tokens: int = 0
+    # Speculative decoding: the request's blocks before `new_block_ids` (None: all it had). Fewer
+    # than the runner holds after rejected proposals' blocks went back to the pool.
+    num_kept_blocks: Optional[int] = None
 
 
 @dataclass

@@ -125,6 +125,12 @@ class InputBatch:
 
     def update_request(self, cached: CachedRequestData) -> None:
         state = self.requests[cached.req_id]
+        row = self.row_of[cached.req_id]
+        if cached.num_kept_blocks is not None and cached.num_kept_blocks < len(state.block_ids):
+            # The scheduler took back the blocks of rejected speculative proposals.
+            del state.block_ids[cached.num_kept_blocks:]
+            self.block_table[row, cached.num_kept_blocks:self.num_blocks[row]] = 0
+            self.num_blocks[row] = cached.num_kept_blocks
         state.block_ids.extend(cached.new_block_ids)
         state.num_computed_tokens = cached.num_computed_tokens
         if cached.new_token_ids:
@@ -132,7 +138,7 @@ class InputBatch:
             # Assigned in place: the sampling row reads this list.
             start = cached.num_output_tokens - len(cached.new_token_ids)
             state.output_token_ids[start:] = cached.new_token_ids
-        self._append_blocks(self.row_of[cached.req_id], cached.new_block_ids)
+        self._append_blocks(row, cached.new_block_ids)
 
     def remove_request(self, req_id: str) -> None:
         if self.requests.pop(req_id, None) is None:
