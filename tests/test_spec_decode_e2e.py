@@ -34,7 +34,9 @@ def plain(smollm_llm):
 
 
 def spec_engine(smollm_path, config: dict, **kw) -> LLM:
-    return LLM(smollm_path, speculative_config={"num_speculative_tokens": K, **config}, **{**SMALL_POOL, **kw})
+    # The batch-size switch off: the whole batch speculates (the default stops at batch 1).
+    return LLM(smollm_path, speculative_config={"num_speculative_tokens": K, "disable_by_batch_size": 0, **config},
+               **{**SMALL_POOL, **kw})
 
 
 def run_and_check(llm: LLM, plain: list[list[int]]) -> dict:

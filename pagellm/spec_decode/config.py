@@ -31,8 +31,11 @@ class SpeculativeConfig:
     suffix_min_token_prob: float = 0.1
     # Adaptive off-switches: no speculation in a step with more running decodes than this (0: never
     # switch off by batch size), nor for a request whose acceptance rate over its last
-    # `acceptance_window` drafted tokens is below `min_acceptance_rate`.
-    disable_by_batch_size: int = 32
+    # `acceptance_window` drafted tokens is below `min_acceptance_rate`. The default batch size is
+    # measured (scripts/bench_spec.py --sweep, SmolLM2 Q4_1 on 2 CPU cores): at batch 4 speculation
+    # already ran at 0.60-0.86x of plain decoding even with 60-90% acceptance, as a (k + 1)-token
+    # verification forward costs ~2.7x a one-token decode on the quantized CPU kernels.
+    disable_by_batch_size: int = 1
     min_acceptance_rate: float = 0.0
     acceptance_window: int = 64
 
