@@ -8,6 +8,8 @@
    LoRA engine with the requests spread round-robin over N adapters, for each N and rank. Runs
    alternate (base, lora, base, lora, ...) so a noisy machine hits both alike; the ratio is the
    mean LoRA tok/s over the mean base tok/s.
+   Before the timed runs of a setting, one untimed run on each engine loads every adapter into its
+   slot and warms the batch shapes, so the ratio is the steady-state serving cost.
 2. Adapter load: reading and checking one adapter directory into host tensors (what a load
    request or a first use costs before the slot copy), p50 / max ms over the adapters.
 
@@ -114,6 +116,10 @@ def main() -> None:
                 raise RuntimeError("the adapter did not change any output token: it is not applied")
             for count in counts:
                 loras = [LoRARequest(f"a{i % count}", i % count + 1, paths[i % count]) for i in range(args.requests)]
+                # Warm-up outside the timing: every adapter of this setting is read and put in a slot,
+                # and the batch shapes run once on both engines (the first use of a shape is slower).
+                run(base_llm, prompts, params, None)
+                run(lora_llm, prompts, params, loras)
                 base_runs, lora_runs = [], []
                 for _ in range(args.repeats):
                     base_runs.append(run(base_llm, prompts, params, None))
