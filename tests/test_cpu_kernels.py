@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from pagellm.attention import selector
 from pagellm.attention.backend import build_metadata
+from pagellm.attention import cpu_backend
 from pagellm.attention.cpu_backend import CpuAttentionBackend
 from pagellm.attention.torch_backend import TorchAttentionBackend
 from pagellm.layers.activation import SiluAndMul
@@ -116,6 +117,27 @@ def test_mixed_prefill_and_decode_step(isa, window):
     gen = torch.Generator().manual_seed(3)
     batch = _paged_batch(gen, [1, 37, 1, 1, 16, 1], [90, 0, 5, 0, 48, 250], 16, 8, 2, 64, torch.float32)
     _compare(*batch, window, None, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window,softcap", [(None, None), (24, None), (None, 30.0)])
+def test_short_chunks_run_on_the_decode_kernel(isa, window, softcap, dtype, monkeypatch):
+    # Speculative verification's 1 + k query tokens over a cached context (and other chunks of at
+    # most 16 tokens) go to the kernel one row per token, in the same call as the decodes; the
+    # 17-token chunk keeps the SDPA path.
+    query_lens, contexts = [5, 1, 2, 16, 17, 9, 1], [300, 40, 0, 63, 20, 129, 0]
+    calls = []
+    real = cpu_backend.decode_attention
+
+    def counting(out, q, *args):
+        calls.append(q.shape[0])
+        real(out, q, *args)
+
+    monkeypatch.setattr(cpu_backend, "decode_attention", counting)
+    gen = torch.Generator().manual_seed(11)
+    batch = _paged_batch(gen, query_lens, contexts, 16, 9, 3, 64, dtype)
+    _compare(*batch, window, softcap, dtype)
+    assert calls == [sum(n for n in query_lens if n <= cpu_backend.SHORT_QUERY_ROWS)]
 
 
 @pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (4, 1, 40), (8, 2, 24)])  # 40, 24: narrower paths' widths

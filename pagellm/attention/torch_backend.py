@@ -37,9 +37,7 @@ class TorchAttentionBackend(AttentionBackend):
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         self._write_cache(k, v, k_cache, v_cache, metadata.slot_mapping, kv_quant)
         out = torch.empty_like(q)
-        if metadata.decode_indices:
-            self._decode(q, k_cache, v_cache, metadata, scale, sliding_window, logit_softcap, out, kv_quant)
-        for i in metadata.prefill_indices:
+        for i in self._attend_rows(q, k_cache, v_cache, metadata, scale, sliding_window, logit_softcap, out, kv_quant):
             start, end = metadata.query_start_loc[i], metadata.query_start_loc[i + 1]
             seq_len, ctx = metadata.seq_lens[i], metadata.context_lens[i]
             keys, values = gather_kv(k_cache, v_cache, metadata.block_tables[i], seq_len, kv_quant, q.dtype)
@@ -52,6 +50,14 @@ class TorchAttentionBackend(AttentionBackend):
     @staticmethod
     def _write_cache(k, v, k_cache, v_cache, slot_mapping: torch.Tensor, kv_quant: KVQuant | None = None) -> None:
         write_cache(k, v, k_cache, v_cache, slot_mapping, kv_quant)
+
+    def _attend_rows(self, q, k_cache, v_cache, md: AttentionMetadata, scale, sliding_window, logit_softcap,
+                     out, kv_quant: KVQuant | None = None) -> list[int]:
+        """Attention for the requests a backend runs row by row (here: the decodes) into `out`; returns
+        the requests left to the per-request prompt path."""
+        if md.decode_indices:
+            self._decode(q, k_cache, v_cache, md, scale, sliding_window, logit_softcap, out, kv_quant)
+        return md.prefill_indices
 
     def _decode(self, q, k_cache, v_cache, md: AttentionMetadata, scale, sliding_window, logit_softcap,
                 out, kv_quant: KVQuant | None = None) -> None:
