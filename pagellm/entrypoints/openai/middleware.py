@@ -20,6 +20,7 @@ import ctypes.util
 import hmac
 import logging
 import re
+import threading
 import uuid
 from typing import Callable, Iterable, Optional
 
@@ -249,14 +250,18 @@ class MemoryTrimMiddleware:
 
     Freed large buffers (the raw body, the parsed JSON, the prompt text) go back to glibc's
     arenas, which keep them: after a burst of big bodies the server's RSS would stay at the
-    burst's peak. Trimming returns the free pages to the OS. One trim runs at a time.
+    burst's peak. Trimming returns the free pages to the OS. One trim runs at a time; a large
+    request that ends during it asks for one more, so what it freed after that trim began is
+    returned too (under load the last burst's bodies were otherwise left in the arenas).
     """
 
     def __init__(self, app, threshold_bytes: int) -> None:
         self.app = app
         self.threshold = threshold_bytes
         self.trim = _load_malloc_trim()
+        self._lock = threading.Lock()  # the event loop and the trimming thread share the two flags
         self.trimming = False
+        self.pending = False
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or self.trim is None:
@@ -274,12 +279,27 @@ class MemoryTrimMiddleware:
         try:
             await self.app(scope, counting_receive, send)
         finally:
-            if received >= self.threshold and not self.trimming:
-                self.trimming = True
-                asyncio.get_running_loop().run_in_executor(None, self._trim)
+            if received >= self.threshold:
+                self._request_trim()
+
+    def _request_trim(self) -> None:
+        with self._lock:
+            self.pending = True
+            if self.trimming:
+                return
+            self.trimming = True
+        asyncio.get_running_loop().run_in_executor(None, self._trim)
 
     def _trim(self) -> None:
-        try:
-            self.trim(0)
-        finally:
-            self.trimming = False
+        while True:
+            with self._lock:  # the check and the reset under one lock, so no request slips between
+                if not self.pending:
+                    self.trimming = False
+                    return
+                self.pending = False
+            try:
+                self.trim(0)
+            except BaseException:
+                with self._lock:
+                    self.trimming = False
+                raise
