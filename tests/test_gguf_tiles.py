@@ -38,8 +38,9 @@ def test_repack_keeps_every_value_and_the_byte_count(ggml_type):
 
 @pytest.mark.parametrize("ggml_type", TILED, ids=lambda t: t.name)
 def test_float_activations_match_dequantize_then_matmul(isa, ggml_type):
-    """1-16 rows run on the tiles, more expand slabs of W^T for at::mm; both float32-accurate."""
-    for rows in (1, 2, 3, 4, 5, 8, 16, 17, 40):
+    """1-16 rows run on the tiles (in groups of up to 4 rows), more expand slabs of W^T for
+    at::mm; both float32-accurate."""
+    for rows in (1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 16, 17, 40):  # groups of 4 rows and their remainders
         for n, k in SHAPES[::2] if rows > 4 else SHAPES:
             blocks = random_blocks(ggml_type, n, k, seed=rows * 1000 + n)
             w = dequantize(blocks, ggml_type).reshape(n, k)
