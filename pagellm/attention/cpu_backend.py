@@ -29,6 +29,10 @@ SHORT_QUERY_ROWS = 9
 class CpuAttentionBackend(TorchAttentionBackend):
     name = "cpu"
 
+    def __init__(self, short_query_rows: int = SHORT_QUERY_ROWS, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.short_query_rows = short_query_rows
+
     @staticmethod
     def _write_cache(k, v, k_cache, v_cache, slot_mapping: torch.Tensor, kv_quant: KVQuant | None = None) -> None:
         # One C++ pass for a plain or an fp8 cache (the backend exists only when the kernels built);
@@ -44,16 +48,14 @@ class CpuAttentionBackend(TorchAttentionBackend):
             return
         write_cache(k, v, k_cache, v_cache, slot_mapping, kv_quant)
 
-    def __init__(self, short_query_rows: int = SHORT_QUERY_ROWS, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.short_query_rows = short_query_rows
-
     def _attend_rows(self, q, k_cache, v_cache, md: AttentionMetadata, scale, sliding_window, logit_softcap,
                      out, kv_quant=None) -> list[int]:
         if kv_quant is not None and not load_kv_quant_ops():
             return super()._attend_rows(q, k_cache, v_cache, md, scale, sliding_window, logit_softcap, out, kv_quant)
         loc = md.query_start_loc
-        short = {i for i in md.prefill_indices if loc[i + 1] - loc[i] <= self.short_query_rows}
+        short, rest = [], []
+        for i in md.prefill_indices:
+            (short if loc[i + 1] - loc[i] <= self.short_query_rows else rest).append(i)
         if not short and len(md.decode_indices) == md.num_reqs and q.is_contiguous() and out.is_contiguous():
             # A pure decode step: token i belongs to request i, so the kernel works in place.
             decode_attention(out, q, k_cache, v_cache, md.block_tables, md.seq_lens_tensor, scale,
@@ -66,7 +68,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
             token_idx.append(loc[i])
             req_idx.append(i)
             seq_lens.append(md.seq_lens[i])
-        for i in sorted(short):
+        for i in short:
             n, ctx = loc[i + 1] - loc[i], md.context_lens[i]
             token_idx.extend(range(loc[i], loc[i] + n))
             req_idx.extend([i] * n)
@@ -79,7 +81,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
             decode_attention(result, q[rows].contiguous(), k_cache, v_cache, tables, lens, scale, sliding_window,
                              logit_softcap, kv_quant)
             out[rows] = result
-        return [i for i in md.prefill_indices if i not in short]
+        return rest
 
 
 def decode_attention(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
