@@ -9,6 +9,7 @@ so sliding layers really drop context, in prefill, in chunked prefill and in dec
 from __future__ import annotations
 
 import math
+import copy
 import os
 import random
 
@@ -20,7 +21,7 @@ from pagellm import LLM, SamplingParams
 from pagellm.loader import gemma3_270m_path, iter_weights, resolve_model
 from pagellm.models.gemma3 import Gemma3ForCausalLM, layer_types, text_weight_name
 from pagellm.models.registry import get_model_class
-from tests.conftest import assert_engines_near_tie, first_divergence, greedy_near_ties, hf_greedy
+from tests.conftest import assert_engines_near_tie, first_divergence, greedy_near_ties, hf_greedy, hf_greedy_left_padded
 
 S, F = "sliding_attention", "full_attention"
 WINDOW = 16
@@ -225,12 +226,16 @@ def test_gemma3_270m_file_and_config(gemma_llm):
 @pytest.mark.slow
 def test_gemma3_270m_tokenizer_equals_autotokenizer(gemma_llm):
     """The loader names the tokenizer class from its cached config (so transformers does not parse
-    the file a second time); the result must be what AutoTokenizer picks and builds by itself."""
+    the file a second time), and other processes read the tokenizer from the on-disk cache; the
+    result must be what AutoTokenizer picks and builds by itself. AutoTokenizer is handed the file's
+    config (a copy of transformers' own parse: test_gguf_cache holds the cached config to it) so it
+    picks the class by its own mapping without parsing the file twice."""
     from transformers import AutoTokenizer
 
     directory, name = os.path.split(gemma3_270m_path())
     ours = gemma_llm.get_tokenizer()
-    theirs = AutoTokenizer.from_pretrained(directory, gguf_file=name, local_files_only=True)
+    config = copy.deepcopy(gemma_llm.llm_engine.setup.model_config)
+    theirs = AutoTokenizer.from_pretrained(directory, gguf_file=name, local_files_only=True, config=config)
     assert type(ours) is type(theirs)
     assert ours.backend_tokenizer.to_str() == theirs.backend_tokenizer.to_str()
     assert ours.chat_template == theirs.chat_template and ours.all_special_ids == theirs.all_special_ids
@@ -246,28 +251,6 @@ def test_gemma3_270m_weights_equal_transformers(hf_gemma):
         assert torch.equal(tensor, reference[name]), name
         names.add(name)
     assert names == set(reference) - {"lm_head.weight"}  # tied: the file has no output tensor
-
-
-def hf_greedy_left_padded(model, prompts: list[list[int]], max_new_tokens: int, eos: list[int]):
-    """HF greedy generation of several prompts in one left-padded batch: [(tokens, per-step logits)].
-
-    One batch costs the CPU one pass over the weights per step instead of one per prompt. Use it
-    only for prompts well inside the sliding window, where padding cannot shift what a layer sees.
-    """
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=eos, pad_token_id=0, return_dict_in_generate=True, output_logits=True,
-                             top_p=None, top_k=None, temperature=None)
-    results = []
-    for row in range(len(prompts)):
-        tokens = out.sequences[row, width:].tolist()
-        ends = [i for i, t in enumerate(tokens) if t in eos]
-        tokens = tokens[: ends[0] + 1] if ends else tokens
-        results.append((tokens, [step[row] for step in out.logits[: len(tokens)]]))
-    return results
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from pagellm.layers.quantization.registry import plan_quantization
 from pagellm.loader import iter_weights, resolve_model
 from pagellm.loader.gguf import read_gguf_header
 from pagellm.ops import gguf_cpu
-from tests.conftest import assert_engines_near_tie, assert_top5_near_ties, hf_greedy, isa_fixture
+from tests.conftest import assert_engines_near_tie, assert_top5_near_ties, isa_fixture
 from tests.test_loader import tiny_model_for, write_gguf
 from tests.test_smollm_parity import MAX_NEW, PROMPTS
 
@@ -248,15 +248,10 @@ def _quantized_layers(llm) -> list[Linear]:
 
 
 @pytest.mark.slow
-def test_smollm2_greedy_quantized_matches_hf_dequantized(smollm_llm, hf_smollm):
+def test_smollm2_greedy_quantized_matches_hf_dequantized(smollm_llm, hf_smollm_greedy):
     assert len(_quantized_layers(smollm_llm)) == 30 * 4  # qkv, o, gate_up, down in every layer
-    hf_model, hf_tok = hf_smollm
-    tok = smollm_llm.get_tokenizer()
-    prompt_ids = [tok(p).input_ids for p in PROMPTS]
     ours = smollm_llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_NEW, logprobs=5), use_tqdm=False)
-    eos = smollm_llm.llm_engine.processor.eos_token_ids
-    theirs = [hf_greedy(hf_model, ids, MAX_NEW, eos_token_id=sorted(eos)) for ids in prompt_ids]
-    assert_top5_near_ties(ours, theirs)
+    assert_top5_near_ties(ours, hf_smollm_greedy)
 
 
 @pytest.mark.slow

@@ -2,7 +2,8 @@
 at load: quantization="none"; tests/test_quantized_weights.py covers the quantized load).
 
 All prompts go through ONE `generate` call (continuous batching, chunked prefill, mixed
-prompt/decode steps); HF runs each prompt alone. Where the two sequences differ, the first
+prompt/decode steps); HF runs the short prompts in one left-padded batch and the long one alone
+(`hf_smollm_greedy` in conftest). Where the two sequences differ, the first
 differing step must be a near tie: each side's token in the other's top-5.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from pagellm import SamplingParams
-from tests.conftest import assert_top5_near_ties, hf_greedy
+from tests.conftest import assert_top5_near_ties
 
 pytestmark = pytest.mark.slow
 
@@ -32,17 +33,15 @@ MAX_NEW = 48
 
 
 @pytest.fixture(scope="module")
-def runs(smollm_llm_fp32, hf_smollm):
+def runs(smollm_llm_fp32, hf_smollm, hf_smollm_greedy):
     smollm_llm = smollm_llm_fp32
-    hf_model, hf_tok = hf_smollm
+    _, hf_tok = hf_smollm
     tok = smollm_llm.get_tokenizer()
     prompt_ids = [tok(p).input_ids for p in PROMPTS]
     assert prompt_ids == [hf_tok(p).input_ids for p in PROMPTS]  # same tokenizer behaviour as HF
     assert max(len(p) for p in prompt_ids) > 500
     ours = smollm_llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_NEW, logprobs=5), use_tqdm=False)
-    eos = smollm_llm.llm_engine.processor.eos_token_ids
-    theirs = [hf_greedy(hf_model, ids, MAX_NEW, eos_token_id=sorted(eos)) for ids in prompt_ids]
-    return ours, theirs
+    return ours, hf_smollm_greedy
 
 
 def test_greedy_tokens_match_hf(runs):

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
 from pagellm.loader.gguf import check_gguf_file
+from pagellm.loader.gguf_cache import cached
 from pagellm.loader.lazy import LazyTensor
 from pagellm.loader.source import ModelSource
 
@@ -51,11 +52,19 @@ def _gguf_config(path: str, mtime_ns: int, size: int) -> PretrainedConfig:
     """The config transformers builds from a GGUF file's metadata, parsed once per file per process.
 
     The parse walks every metadata array with gguf-py (about 13 s for Gemma 3's 262k-entry
-    vocabulary on a small CPU), and both the engine set-up and the tokenizer need the config.
+    vocabulary on a small CPU), and both the engine set-up and the tokenizer need the config;
+    other processes read it from the on-disk cache (`gguf_cache`).
     `mtime_ns` and `size` only key the cache (a rewritten file is parsed again).
     """
     directory, name = os.path.split(path)
-    return AutoConfig.from_pretrained(directory, gguf_file=name, local_files_only=True)
+    return cached((path, mtime_ns, size), "config",
+                  lambda: AutoConfig.from_pretrained(directory, gguf_file=name, local_files_only=True),
+                  lambda entry, _: _named(AutoConfig.from_pretrained(entry, local_files_only=True), directory))
+
+
+def _named(config: PretrainedConfig, name_or_path: str) -> PretrainedConfig:
+    config._name_or_path = name_or_path  # where transformers' own build says it came from, not the cache
+    return config
 
 
 def _legacy_su_rope_config(directory: str) -> PretrainedConfig | None:

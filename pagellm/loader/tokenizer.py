@@ -9,6 +9,7 @@ import os
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pagellm.loader.gguf import read_gguf_header
+from pagellm.loader.gguf_cache import cached
 from pagellm.loader.hf import file_identity, load_hf_config
 from pagellm.loader.source import ModelSource
 
@@ -66,13 +67,30 @@ def _gguf_tokenizer(path: str, mtime_ns: int, size: int, tokenizer_type: str | N
 
     transformers converts the vocabulary by walking the file's metadata with gguf-py (seconds for
     SmolLM2's 49k tokens, more for Gemma 3's 262k), and each engine built in one process (the
-    offline LLM, the server's front end, tests) needs it; a copy of the result costs ~0.1 s.
+    offline LLM, the server's front end, tests) needs it; a copy of the result costs ~0.1 s. Other
+    processes read the converted tokenizer from the on-disk cache (`gguf_cache`).
     `mtime_ns` and `size` only key the cache (a rewritten file is converted again).
     """
     directory, name = os.path.split(path)
     kwargs = {"gguf_file": name} if tokenizer_type is None else {"gguf_file": name, "tokenizer_type": tokenizer_type}
-    return AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code, local_files_only=True,
-                                         **kwargs)
+    return cached((path, mtime_ns, size), f"tokenizer-{tokenizer_type or 'auto'}",
+                  lambda: AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code,
+                                                        local_files_only=True, **kwargs),
+                  lambda entry, flags: _named(AutoTokenizer.from_pretrained(
+                      entry, trust_remote_code=trust_remote_code, local_files_only=True, **flags), directory),
+                  _bos_eos_flags)
+
+
+def _bos_eos_flags(tokenizer: PreTrainedTokenizerBase) -> dict:
+    """add_bos_token / add_eos_token as the GGUF build set them: `save_pretrained` leaves them out
+    (the saved post-processor adds the tokens), but code that reads the flags must see the same."""
+    return {name: getattr(tokenizer, name) for name in ("add_bos_token", "add_eos_token") if hasattr(tokenizer, name)}
+
+
+def _named(tokenizer: PreTrainedTokenizerBase, name_or_path: str) -> PreTrainedTokenizerBase:
+    # Where transformers' own build says it came from, not the cache entry.
+    tokenizer.name_or_path = tokenizer.init_kwargs["name_or_path"] = name_or_path
+    return tokenizer
 
 
 def _gguf_tokenizer_type(source: ModelSource) -> str | None:
