@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -18,7 +20,52 @@ SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_DIR = os.environ.setdefault("PAGELLM_CACHE_DIR", tempfile.mkdtemp(prefix="pagellm-test-cache-"))
 
 
+# Test scripts whose Triton-interpreter run (a subprocess: TRITON_INTERPRET must be set before triton
+# is imported) starts as soon as collection ends, so it works beside the rest of the suite instead of
+# while its module waits; the module's fixture takes the result with `early_subprocess_result`.
+EARLY_INTERPRETER_SCRIPTS = ("test_triton_attention.py",)
+_early: dict[str, tuple[subprocess.Popen, str]] = {}
+
+
+def _start_interpreter_run(script: str) -> tuple[subprocess.Popen, str]:
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = tempfile.mkdtemp(prefix="pagellm-interp-")
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    with open(os.path.join(out, "stdout"), "w") as stdout, open(os.path.join(out, "stderr"), "w") as stderr:
+        proc = subprocess.Popen([sys.executable, os.path.join(here, script)], env=env, cwd=here,
+                                stdout=stdout, stderr=stderr)
+    return proc, out
+
+
+def early_subprocess_result(script: str, timeout: float = 600) -> tuple[int, str, str]:
+    """(return code, stdout, stderr) of `script`'s interpreter run, started early or now."""
+    proc, out = _early.pop(script, None) or _start_interpreter_run(script)
+    try:
+        returncode = proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    with open(os.path.join(out, "stdout")) as stdout, open(os.path.join(out, "stderr")) as stderr:
+        result = returncode, stdout.read(), stderr.read()
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    if importlib.util.find_spec("triton") is None or torch.cuda.is_available():
+        return  # no interpreter runs (or the GPU runs the kernels instead)
+    collected = {os.path.basename(str(item.fspath)) for item in items}
+    for script in EARLY_INTERPRETER_SCRIPTS:
+        if script in collected and script not in _early:
+            _early[script] = _start_interpreter_run(script)
+
+
 def pytest_sessionfinish(session, exitstatus) -> None:
+    for proc, out in _early.values():  # not asked for (the module's tests were deselected)
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(out, ignore_errors=True)
     if os.path.basename(_CACHE_DIR).startswith("pagellm-test-cache-"):
         shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 

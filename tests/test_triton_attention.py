@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -201,11 +200,11 @@ def _interpreter_worker() -> int:
 
 @pytest.fixture(scope="module")
 def interpreter_results() -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=HERE, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from conftest import early_subprocess_result
+
+    returncode, stdout, stderr = early_subprocess_result(os.path.basename(__file__))
+    assert returncode == 0, f"interpreter run failed:\n{stdout[-2000:]}\n{stderr[-4000:]}"
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("name", ["interpreter_active", *CPU_CASES, "engine_parity"])
