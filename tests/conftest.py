@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 
 import pytest
 import torch
@@ -22,50 +23,87 @@ _CACHE_DIR = os.environ.setdefault("PAGELLM_CACHE_DIR", tempfile.mkdtemp(prefix=
 
 # Test scripts whose Triton-interpreter run (a subprocess: TRITON_INTERPRET must be set before triton
 # is imported) starts as soon as collection ends, so it works beside the rest of the suite instead of
-# while its module waits; the module's fixture takes the result with `early_subprocess_result`.
-EARLY_INTERPRETER_SCRIPTS = ("test_triton_attention.py",)
-_early: dict[str, tuple[subprocess.Popen, str]] = {}
+# while its module waits; the module's fixture takes the result with `early_subprocess_result`. They
+# run one after another (in the order their modules come), so they take about one core between them;
+# a module that asks for a run not yet started starts it at once.
+EARLY_INTERPRETER_RUNS = {
+    "test_kv_quant.py": ["--interpreter"],
+    "test_triton_attention.py": [],
+    "test_triton_lora.py": [],
+    "test_triton_quant_matmul.py": [],
+}
 
 
-def _start_interpreter_run(script: str) -> tuple[subprocess.Popen, str]:
-    here = os.path.dirname(os.path.abspath(__file__))
-    out = tempfile.mkdtemp(prefix="pagellm-interp-")
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    with open(os.path.join(out, "stdout"), "w") as stdout, open(os.path.join(out, "stderr"), "w") as stderr:
-        proc = subprocess.Popen([sys.executable, os.path.join(here, script)], env=env, cwd=here,
-                                stdout=stdout, stderr=stderr)
-    return proc, out
+class _InterpreterRun:
+    """One script's interpreter run: output to temp files (a chatty child cannot block on a pipe)."""
+
+    def __init__(self, script: str) -> None:
+        self.script = script
+        self.proc: subprocess.Popen | None = None
+        self.out = ""
+        self.cancelled = False  # the session ended first: never start
+
+    def start(self) -> None:
+        here = os.path.dirname(os.path.abspath(__file__))
+        self.out = tempfile.mkdtemp(prefix="pagellm-interp-")
+        env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="",
+                   PYTHONPATH=os.pathsep.join([os.path.dirname(here), here]))
+        with open(os.path.join(self.out, "stdout"), "w") as stdout, open(os.path.join(self.out, "stderr"), "w") as stderr:
+            self.proc = subprocess.Popen([sys.executable, os.path.join(here, self.script),
+                                          *EARLY_INTERPRETER_RUNS.get(self.script, [])],
+                                         env=env, cwd=here, stdout=stdout, stderr=stderr)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self.out:
+            shutil.rmtree(self.out, ignore_errors=True)
+
+
+_early: dict[str, _InterpreterRun] = {}
+_early_lock = threading.Lock()
+
+
+def _run_early_chain(runs: list[_InterpreterRun]) -> None:
+    for run in runs:
+        with _early_lock:
+            if run.cancelled:
+                return
+            if run.proc is None:  # not started by its module already
+                run.start()
+        run.proc.wait()
 
 
 def early_subprocess_result(script: str, timeout: float = 600) -> tuple[int, str, str]:
     """(return code, stdout, stderr) of `script`'s interpreter run, started early or now."""
-    proc, out = _early.pop(script, None) or _start_interpreter_run(script)
+    with _early_lock:
+        run = _early.pop(script, None) or _InterpreterRun(script)
+        if run.proc is None:
+            run.start()
     try:
-        returncode = proc.wait(timeout)
+        returncode = run.proc.wait(timeout)
+        with open(os.path.join(run.out, "stdout")) as stdout, open(os.path.join(run.out, "stderr")) as stderr:
+            return returncode, stdout.read(), stderr.read()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    with open(os.path.join(out, "stdout")) as stdout, open(os.path.join(out, "stderr")) as stderr:
-        result = returncode, stdout.read(), stderr.read()
-    shutil.rmtree(out, ignore_errors=True)
-    return result
+        run.kill()
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:
     if importlib.util.find_spec("triton") is None or torch.cuda.is_available():
         return  # no interpreter runs (or the GPU runs the kernels instead)
     collected = {os.path.basename(str(item.fspath)) for item in items}
-    for script in EARLY_INTERPRETER_SCRIPTS:
-        if script in collected and script not in _early:
-            _early[script] = _start_interpreter_run(script)
+    runs = [_InterpreterRun(script) for script in EARLY_INTERPRETER_RUNS if script in collected and script not in _early]
+    _early.update((run.script, run) for run in runs)
+    if runs:
+        threading.Thread(target=_run_early_chain, args=(runs,), name="interpreter-runs", daemon=True).start()
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
-    for proc, out in _early.values():  # not asked for (the module's tests were deselected)
-        proc.kill()
-        proc.wait()
-        shutil.rmtree(out, ignore_errors=True)
+    with _early_lock:
+        for run in _early.values():  # not asked for (the module's tests were deselected)
+            run.cancelled = True
+            run.kill()
     if os.path.basename(_CACHE_DIR).startswith("pagellm-test-cache-"):
         shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 

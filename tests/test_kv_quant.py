@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -383,29 +382,17 @@ def _interpreter_worker() -> int:
     return 0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def interpreter_process():
-    """The interpreter cases, started with the module's first test so they run beside the others."""
+@pytest.fixture(scope="module")
+def interpreter_results() -> dict:
+    """The interpreter cases: started when collection ends (conftest), so they run beside the suite."""
     import importlib.util
 
+    from conftest import early_subprocess_result
+
     if importlib.util.find_spec("triton") is None:
-        yield None
-        return
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--interpreter"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    yield proc
-    if proc.poll() is None:
-        proc.kill()
-        proc.communicate()
-
-
-@pytest.fixture(scope="module")
-def interpreter_results(interpreter_process) -> dict:
-    if interpreter_process is None:
         pytest.skip("triton is not installed")
-    stdout, stderr = interpreter_process.communicate(timeout=240)
-    assert interpreter_process.returncode == 0, stderr[-3000:]
+    returncode, stdout, stderr = early_subprocess_result(os.path.basename(__file__), timeout=240)
+    assert returncode == 0, stderr[-3000:]
     return json.loads(stdout.strip().splitlines()[-1])
 
 

@@ -152,6 +152,29 @@ def test_tensor_parallel_matches_one_rank(lora_llm, lora_base, adapters):
         llm.llm_engine.core.executor.shutdown()
 
 
+def test_speculative_decoding_with_adapters_keeps_the_greedy_tokens(lora_llm, lora_base, adapters):
+    """The base model drafts (draft_model, no adapter) for base and adapter requests in one batch: the
+    base's proposals are all accepted, an adapter's are often rejected, and every request still gets
+    the tokens it gets without speculation: verification applies the request's adapter at every
+    proposal position."""
+    loras = [None, lora_req(adapters, "all8"), lora_req(adapters, "qv4"), None, lora_req(adapters, "head4")]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(loras))]
+    params = greedy(12)
+    ref = [o.outputs[0].token_ids for o in lora_llm.generate(prompts, params, use_tqdm=False, lora_request=loras)]
+    llm = LLM(lora_base, skip_tokenizer_init=True, quiet=True, enable_lora=True, max_loras=4, max_lora_rank=16,
+              max_model_len=64, kv_cache_memory=1 << 20,
+              speculative_config={"method": "draft_model", "model": lora_base, "num_speculative_tokens": 3,
+                                  "disable_by_batch_size": 0, "draft_token_cost": 0})
+    try:
+        got = llm.generate(prompts, params, use_tqdm=False, lora_request=loras)
+        assert [o.outputs[0].token_ids for o in got] == ref
+        stats = llm.llm_engine.core.scheduler.spec.stats
+        assert stats.num_drafts > 0 and 0 < stats.num_accepted_tokens < stats.num_draft_tokens, stats
+        assert llm.llm_engine.core.num_free_blocks == llm.llm_engine.core.num_blocks
+    finally:
+        llm.llm_engine.core.executor.shutdown()
+
+
 def test_prefix_cache_does_not_cross_adapters(lora_llm, adapters):
     prompt = list(range(40, 80))  # two full blocks and more
     qv4, all8 = lora_req(adapters, "qv4"), lora_req(adapters, "all8")

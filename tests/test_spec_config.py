@@ -50,3 +50,15 @@ def test_refused_with_pipeline_parallelism_only():
     staged = EngineConfig(speculative_config={"method": "ngram"}, pipeline_parallel_size=2)
     with pytest.raises(ValueError, match="speculative_config.*pipeline_parallel_size"):
         staged.resolve(model_max_len=2048, cuda_available=False)
+
+
+def test_draft_token_cost_defaults_by_device_and_is_validated():
+    from pagellm.spec_decode.config import DRAFT_TOKEN_COST, SpeculativeConfig
+
+    config = SpeculativeConfig.from_dict({"method": "ngram"})
+    assert config.resolved_draft_token_cost("cpu") == DRAFT_TOKEN_COST["cpu"] > 0
+    assert config.resolved_draft_token_cost("cuda") == DRAFT_TOKEN_COST["cuda"]
+    assert SpeculativeConfig.from_dict({"draft_token_cost": 0}).resolved_draft_token_cost("cpu") == 0.0
+    for bad in (-0.1, "0.2", True, float("inf")):
+        with pytest.raises(ValueError, match="speculative_config.draft_token_cost"):
+            SpeculativeConfig.from_dict({"draft_token_cost": bad})

@@ -266,3 +266,44 @@ def test_grammar_requests_never_speculate():
     sched.add_request(req)
     run_all(runner)
     assert all(not o.num_spec_tokens_to_propose and not o.scheduled_spec_decode_tokens for o in runner.history)
+
+
+def test_best_draft_length_maximises_tokens_per_cost():
+    from pagellm.core.spec_scheduling import best_draft_length
+
+    assert best_draft_length([1.0] * 6, 0.2) == 6  # every proposal lands: all of them
+    assert best_draft_length([0.05] * 6, 0.2) == 0  # none pays for its row
+    assert best_draft_length([0.5] * 6, 0.0) == 6  # free rows: always k
+    # 0.9, then 0.3 each: P(first j) = 0.9, 0.27, 0.081, ... ; values (1 + sum) / (1 + 0.2 j):
+    # j=1 1.9/1.2 = 1.583, j=2 2.17/1.4 = 1.55: one proposal
+    assert best_draft_length([0.9, 0.3, 0.3, 0.3], 0.2) == 1
+    # the same with cheap rows (0.05): j=2 2.17/1.1 = 1.973 > j=1 1.9/1.05 = 1.810 > j=3 2.251/1.15 = 1.957
+    assert best_draft_length([0.9, 0.3, 0.3, 0.3], 0.05) == 2
+
+
+def _draft_lengths(p_right: float, seed: int) -> tuple[SpecFakeRunner, list[int]]:
+    sched = make_spec_sched(k=6, draft_token_cost=0.2)
+    runner = SpecFakeRunner(sched, random.Random(seed), p_right=p_right)
+    req = Request("a", prompt_of(5, 1), SamplingParams(max_tokens=80, ignore_eos=True))
+    sched.add_request(req)
+    run_all(runner)
+    expect_reference(runner, [req])
+    return runner, [o.num_spec_tokens_to_propose.get("a", 0) for o in runner.history]
+
+
+def test_draft_length_follows_the_requests_acceptance():
+    from pagellm.core.spec_scheduling import PROBE_EVERY
+
+    _, always_right = _draft_lengths(1.0, 7)
+    # Before any verification the prior (0.8 per position) asks for 4; every proposal accepted: the full k.
+    assert always_right[:2] == [4, 4] and set(always_right[2:-1]) == {6}, always_right
+    runner, never_right = _draft_lengths(0.0, 8)
+    # Every proposal rejected: the length falls to 0 within a few rows, then one-token probes follow,
+    # PROBE_EVERY steps apart.
+    first_zero = never_right.index(0)
+    assert first_zero <= 10 and max(never_right[3:]) == 1, never_right
+    tail = never_right[first_zero:-1]
+    assert set(tail) == {0, 1} and tail.count(1) >= len(tail) // PROBE_EVERY - 1, tail
+    assert all(b - a == PROBE_EVERY for a, b in zip([i for i, n in enumerate(tail) if n],
+                                                    [i for i, n in enumerate(tail) if n][1:])), tail
+    assert runner.sched.spec._rates == {} and runner.sched.spec._idle_steps == {}  # forgotten at the end

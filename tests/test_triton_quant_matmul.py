@@ -502,23 +502,13 @@ def test_int8_kernels_compile_without_spills(m, monkeypatch):
         assert " 0 bytes spill stores" in quant, quant[-1500:]
 
 
-@pytest.fixture(scope="module", autouse=not HAS_CUDA)
-def interpreter_process():
-    """Without a GPU the interpreter run starts with the module, so it works while the in-process tests above
-    run (with one, only when an interpreter case asks: under pytest-xdist every worker would start one)."""
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)], env=env, cwd=HERE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    yield proc
-    if proc.poll() is None:
-        proc.kill()
-        proc.communicate()
-
-
 @pytest.fixture(scope="module")
-def interpreter_results(interpreter_process) -> dict:
-    stdout, stderr = interpreter_process.communicate(timeout=300)
-    assert interpreter_process.returncode == 0, f"interpreter run failed:\n{stdout[-2000:]}\n{stderr[-4000:]}"
+def interpreter_results() -> dict:
+    """Without a GPU the interpreter run starts when collection ends (conftest), beside the suite."""
+    from conftest import early_subprocess_result
+
+    returncode, stdout, stderr = early_subprocess_result(os.path.basename(__file__), timeout=300)
+    assert returncode == 0, f"interpreter run failed:\n{stdout[-2000:]}\n{stderr[-4000:]}"
     return json.loads(stdout.strip().splitlines()[-1])
 
 

@@ -11,6 +11,15 @@ Speculation is off for a step whose batch has more running requests than `disabl
 worth), and for a request whose acceptance over its last `acceptance_window` proposed tokens is
 below `min_acceptance_rate`: it decodes plainly for as many steps as the window is long, then tries
 again with a fresh count.
+
+How far a request speculates (`draft_length`) follows its own acceptance when `draft_token_cost`
+is set: verifying one more proposal costs that fraction of a plain decode step, and the j-th proposal
+only pays when all j are accepted. So from the request's acceptance rate at each position (given
+the ones before it were accepted; its recent rows, pulled towards the engine-wide rate, and where
+that is thin towards the position before), the draft
+length is the j <= k that maximises (expected tokens per step) / (step cost) =
+(1 + sum_{i<=j} P(first i accepted)) / (1 + cost * j). A request for which no length pays proposes
+nothing, and probes with one proposal every `PROBE_EVERY` steps so it notices when that changes.
 """
 
 from __future__ import annotations
@@ -53,24 +62,68 @@ class _Acceptance:
         self.paused_steps = 0
 
 
+class _PositionRates:
+    """Per draft position: how often it was verified (every earlier proposal accepted) and accepted.
+    A request's counts decay by `DECAY` per verification row, so they follow its recent text."""
+
+    __slots__ = ("tested", "accepted")
+
+    def __init__(self, k: int) -> None:
+        self.tested = [0.0] * k
+        self.accepted = [0.0] * k
+
+    def add(self, drafted: int, accepted: int, decay: float = 1.0) -> None:
+        if decay != 1.0:
+            self.tested = [t * decay for t in self.tested]
+            self.accepted = [a * decay for a in self.accepted]
+        for i in range(min(accepted + 1, drafted)):  # positions up to the first rejection were verified
+            self.tested[i] += 1.0
+        for i in range(accepted):
+            self.accepted[i] += 1.0
+
+
+DECAY = 0.9  # a request's position counts: ~10 recent rows weigh most
+PRIOR_WEIGHT = 2.0  # pseudo-rows of the prior (engine-wide, else the previous position) in an estimate
+FIRST_POSITION_PRIOR = 0.8  # before anything was verified: speculate
+PROBE_EVERY = 8  # steps between one-token probes of a request no draft length pays for
+
+
+def best_draft_length(rates: list[float], cost: float) -> int:
+    """The j (0..len(rates)) maximising (1 + sum_{i<=j} prod_{l<=i} rates[l]) / (1 + cost * j)."""
+    best, best_value, expected, reach = 0, 1.0, 1.0, 1.0
+    for j, rate in enumerate(rates, start=1):
+        reach *= rate
+        expected += reach
+        value = expected / (1.0 + cost * j)
+        if value > best_value:
+            best, best_value = j, value
+    return best
+
+
 class SpecScheduling:
     def __init__(self, num_speculative_tokens: int, *, disable_by_batch_size: int = 0,
-                 min_acceptance_rate: float = 0.0, acceptance_window: int = 64) -> None:
+                 min_acceptance_rate: float = 0.0, acceptance_window: int = 64,
+                 draft_token_cost: float = 0.0) -> None:
         self.k = num_speculative_tokens
         self.disable_by_batch_size = disable_by_batch_size
         self.min_acceptance_rate = min_acceptance_rate
         self.acceptance_window = acceptance_window
+        self.draft_token_cost = draft_token_cost  # 0: always k proposals
         self.stats = SpecDecodeStats(accepted_per_position=[0] * num_speculative_tokens)
         self._acceptance: dict[str, _Acceptance] = {}
+        self._global_rates = _PositionRates(num_speculative_tokens)
+        self._rates: dict[str, _PositionRates] = {}
+        self._idle_steps: dict[str, int] = {}  # requests no draft length pays for: steps since a probe
 
     @classmethod
-    def from_config(cls, spec_config) -> Optional["SpecScheduling"]:
-        """From a pagellm.spec_decode.SpeculativeConfig (None: speculation off)."""
+    def from_config(cls, spec_config, device: str = "cpu") -> Optional["SpecScheduling"]:
+        """From a pagellm.spec_decode.SpeculativeConfig (None: speculation off), on `device`."""
         if spec_config is None:
             return None
         return cls(spec_config.num_speculative_tokens, disable_by_batch_size=spec_config.disable_by_batch_size,
                    min_acceptance_rate=spec_config.min_acceptance_rate,
-                   acceptance_window=spec_config.acceptance_window)
+                   acceptance_window=spec_config.acceptance_window,
+                   draft_token_cost=spec_config.resolved_draft_token_cost(device))
 
     # -- per step -------------------------------------------------------------------
     def batch_allows(self, num_running: int) -> bool:
@@ -104,7 +157,29 @@ class SpecScheduling:
             return 0
         if not batch_allows or not self.may_speculate(request):
             return 0
-        return self.k
+        return self.draft_length(request.request_id)
+
+    def draft_length(self, req_id: str) -> int:
+        """Proposals worth verifying for this request (see the module docstring); k when the cost is 0."""
+        if self.draft_token_cost <= 0:
+            return self.k
+        glob, own = self._global_rates, self._rates.get(req_id)
+        rates, previous = [], FIRST_POSITION_PRIOR
+        for i in range(self.k):
+            # A position with few verifications leans on the one before it (acceptance rarely drops
+            # sharply from one position to the next), so lengths not tried yet are not ruled out.
+            prior = (glob.accepted[i] + PRIOR_WEIGHT * previous) / (glob.tested[i] + PRIOR_WEIGHT)
+            if own is not None:
+                prior = (own.accepted[i] + PRIOR_WEIGHT * prior) / (own.tested[i] + PRIOR_WEIGHT)
+            rates.append(prior)
+            previous = prior
+        n = best_draft_length(rates, self.draft_token_cost)
+        if n > 0:
+            self._idle_steps.pop(req_id, None)
+            return n
+        idle = self._idle_steps.get(req_id, 0) + 1
+        self._idle_steps[req_id] = idle % PROBE_EVERY
+        return 1 if idle >= PROBE_EVERY else 0
 
     # -- after a step ---------------------------------------------------------------
     def record(self, request: Request, num_drafted: int, num_emitted: int) -> int:
@@ -116,6 +191,12 @@ class SpecScheduling:
         stats.num_accepted_tokens += accepted
         for position in range(accepted):
             stats.accepted_per_position[position] += 1
+        if self.draft_token_cost > 0 and num_drafted > 0:
+            self._global_rates.add(num_drafted, accepted)
+            rates = self._rates.get(request.request_id)
+            if rates is None:
+                rates = self._rates[request.request_id] = _PositionRates(self.k)
+            rates.add(num_drafted, accepted, DECAY)
         if self.min_acceptance_rate > 0:
             self._track(request.request_id, num_drafted, accepted)
         return num_drafted - accepted
@@ -137,3 +218,5 @@ class SpecScheduling:
 
     def forget(self, req_id: str) -> None:
         self._acceptance.pop(req_id, None)
+        self._rates.pop(req_id, None)
+        self._idle_steps.pop(req_id, None)

@@ -60,7 +60,7 @@ class EngineCore:
             is_ready=self.grammars.is_ready,
             pipeline_parallel=executor.max_concurrent_batches > 1,
             lora=LoRAAdmission(config.max_loras) if config.enable_lora else None,
-            speculation=SpecScheduling.from_config(config.speculative_config),
+            speculation=SpecScheduling.from_config(config.speculative_config, config.device),
         )
         # Steps in flight (pipeline parallelism only; None: every step is synchronous).
         self._batch_queue_size = executor.max_concurrent_batches

@@ -12,6 +12,11 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional, Union
 
 METHODS = ("ngram", "suffix", "draft_model")
+# draft_token_cost by device. CPU: measured with SmolLM2 Q4_1 on 2 cores, where one more verified
+# row costs ~0.4x of the one-row quantized matmuls (they are compute-bound past one row), about half
+# of a batch-1 step. CUDA: small-batch decode is bound by reading the weights, so extra rows are
+# nearly free (not measured on a GPU yet).
+DRAFT_TOKEN_COST = {"cpu": 0.2, "cuda": 0.02}
 _PREFIX = "speculative_config"
 
 
@@ -38,6 +43,10 @@ class SpeculativeConfig:
     disable_by_batch_size: int = 1
     min_acceptance_rate: float = 0.0
     acceptance_window: int = 64
+    # The cost of verifying one more proposal, as a fraction of a plain decode step: each request's
+    # draft length is then chosen from its acceptance so far (core/spec_scheduling.py); 0 always
+    # proposes num_speculative_tokens. None: the device's default (DRAFT_TOKEN_COST).
+    draft_token_cost: Optional[float] = None
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> None:
@@ -60,6 +69,10 @@ class SpeculativeConfig:
         rate = self.min_acceptance_rate
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
             bad("min_acceptance_rate", "must be a number in [0, 1]")
+        cost = self.draft_token_cost
+        if cost is not None and (isinstance(cost, bool) or not isinstance(cost, (int, float))
+                                 or not 0.0 <= cost < float("inf")):
+            bad("draft_token_cost", "must be a number >= 0 (or null for the device's default)")
         positive_int("suffix_max_tree_depth", minimum=2)
         positive_int("suffix_max_cached_requests", minimum=0)
         factor = self.suffix_max_spec_factor
@@ -99,6 +112,9 @@ class SpeculativeConfig:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{_PREFIX}: not valid JSON ({e.msg} at character {e.pos})") from None
         return cls.from_dict(value)
+
+    def resolved_draft_token_cost(self, device: str) -> float:
+        return float(self.draft_token_cost) if self.draft_token_cost is not None else DRAFT_TOKEN_COST.get(device, 0.0)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -189,7 +189,9 @@ TILED512_FN inline void codes512(const uint8_t* codes, __m512i v[8]) {
 template <int64_t T, int R>
 TILED512_FN void tile_f32_avx512(const uint8_t* w, int64_t nb, const float* x, const float* xsum, int64_t K,
                                  float* out, int64_t ldo, int valid) {
-  constexpr int kAcc = R == 1 ? 4 : 2;  // independent FMA chains per row (latency 4, 2 ports)
+  // Independent FMA chains per row (latency 4, 2 ports): R rows give R chains, so 5-8 rows need
+  // one each (which also keeps v, s and acc within the 32 vector registers).
+  constexpr int kAcc = R == 1 ? 4 : R <= 4 ? 2 : 1;
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   const __m512i byte = _mm512_set1_epi32(0xFF);
@@ -475,32 +477,40 @@ void linear_dense_slabs(const at::Tensor& x, const at::Tensor& w, int64_t N, at:
 
 // ---- dispatch -------------------------------------------------------------------------------
 
-// Rows [0, M) of x times one tile, in row groups of up to 4 (each tile-block read once per group).
+// Rows [0, M) of x times one tile, in row groups (each tile-block's codes expanded once per group):
+// up to 8 rows on AVX-512 (32 vector registers), 4 on AVX2 (16) and scalar.
 template <int64_t T>
 void tile_f32(int64_t isa, const uint8_t* w, int64_t nb, const float* x, const float* xsum, int64_t M, int64_t K,
               float* out, int64_t ldo, int valid) {
-  for (int64_t r = 0; r < M; r += 4) {
-    const int rows = static_cast<int>(std::min<int64_t>(4, M - r));
+  const int64_t group = isa == kAvx512 ? 8 : 4;
+  for (int64_t r = 0; r < M; r += group) {
+    const int rows = static_cast<int>(std::min<int64_t>(group, M - r));
     const float* xr = x + r * K;
     const float* sr = xsum + r * (K / kBlock);
     float* o = out + r * ldo;
 #if PAGELLM_X86
-#define TILE_ROWS(FN)                                   \
-  switch (rows) {                                       \
-    case 4: FN<T, 4>(w, nb, xr, sr, K, o, ldo, valid); break; \
-    case 3: FN<T, 3>(w, nb, xr, sr, K, o, ldo, valid); break; \
-    case 2: FN<T, 2>(w, nb, xr, sr, K, o, ldo, valid); break; \
-    default: FN<T, 1>(w, nb, xr, sr, K, o, ldo, valid);       \
-  }
     if (isa == kAvx512) {
-      TILE_ROWS(tile_f32_avx512)
+      switch (rows) {
+        case 8: tile_f32_avx512<T, 8>(w, nb, xr, sr, K, o, ldo, valid); break;
+        case 7: tile_f32_avx512<T, 7>(w, nb, xr, sr, K, o, ldo, valid); break;
+        case 6: tile_f32_avx512<T, 6>(w, nb, xr, sr, K, o, ldo, valid); break;
+        case 5: tile_f32_avx512<T, 5>(w, nb, xr, sr, K, o, ldo, valid); break;
+        case 4: tile_f32_avx512<T, 4>(w, nb, xr, sr, K, o, ldo, valid); break;
+        case 3: tile_f32_avx512<T, 3>(w, nb, xr, sr, K, o, ldo, valid); break;
+        case 2: tile_f32_avx512<T, 2>(w, nb, xr, sr, K, o, ldo, valid); break;
+        default: tile_f32_avx512<T, 1>(w, nb, xr, sr, K, o, ldo, valid);
+      }
       continue;
     }
     if (isa == kAvx2) {
-      TILE_ROWS(tile_f32_avx2)
+      switch (rows) {
+        case 4: tile_f32_avx2<T, 4>(w, nb, xr, sr, K, o, ldo, valid); break;
+        case 3: tile_f32_avx2<T, 3>(w, nb, xr, sr, K, o, ldo, valid); break;
+        case 2: tile_f32_avx2<T, 2>(w, nb, xr, sr, K, o, ldo, valid); break;
+        default: tile_f32_avx2<T, 1>(w, nb, xr, sr, K, o, ldo, valid);
+      }
       continue;
     }
-#undef TILE_ROWS
 #endif
     tile_f32_scalar<T>(w, nb, xr, sr, rows, K, o, ldo, valid);
   }
