@@ -384,3 +384,32 @@ def test_factory_builds_suffix_and_a_draft_model_that_does_not_recurse(tiny_llam
     drv.finish("a")
     drv.step()
     assert runner.proposer.num_free_blocks == runner.proposer.num_blocks
+
+
+def test_greedy_verify_equals_rejection_sampling_of_one_hot_targets():
+    """The all-greedy shortcut gives what the rejection sampler gives for one-hot targets, over ragged
+    draft counts (0..k), right and wrong drafts, and argmax ties (first index wins, as argmax)."""
+    from pagellm.spec_decode.rejection_sampler import one_hot_argmax, rejection_sample
+    from pagellm.spec_decode.verify import VerifyPlan, greedy_verify
+
+    gen = torch.Generator().manual_seed(3)
+    vocab, k = 7, 4
+    for trial in range(200):
+        num_drafts = torch.randint(0, k + 1, (5,), generator=gen)
+        row_of = torch.cat([torch.full((int(n) + 1,), s) for s, n in enumerate(num_drafts)])
+        pos_of = torch.cat([torch.arange(int(n) + 1) for n in num_drafts])
+        logits = torch.randint(0, 3, (len(row_of), vocab), generator=gen).float()  # many ties
+        target_ids = logits.argmax(dim=-1)
+        drafts = torch.randint(0, vocab, (5, k), generator=gen)
+        right = torch.rand(5, k, generator=gen) < 0.6  # make most drafts the target's token
+        full = torch.zeros(5, k + 1, dtype=torch.long)
+        full[row_of, pos_of] = target_ids
+        drafts = torch.where(right, full[:, :k], drafts)
+        drafts = torch.where(torch.arange(k) < num_drafts.unsqueeze(1), drafts, torch.zeros_like(drafts))
+        plan = VerifyPlan(plain=[], spec=list(range(5)), drafts=[d[:n].tolist() for d, n in zip(drafts, num_drafts)],
+                          logits_indices=torch.arange(len(row_of)), plain_meta=None, spec_meta=None,
+                          draft_ids=drafts, num_drafts=num_drafts, row_of=row_of, pos_of=pos_of, starts=[])
+        target3 = torch.zeros(5, k + 1, vocab)
+        target3[row_of, pos_of] = one_hot_argmax(logits)
+        expect = rejection_sample(drafts, num_drafts, target3, generator=torch.Generator().manual_seed(trial))
+        assert torch.equal(greedy_verify(plan, target_ids), expect.token_ids), trial

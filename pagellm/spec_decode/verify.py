@@ -119,6 +119,36 @@ def verify(plan: VerifyPlan, logits: torch.Tensor, sampler: Sampler, states: Seq
     `logits`: the target's logits at the spec rows' positions, in plan order."""
     meta = plan.spec_meta
     raw = logits.float()
+    if meta.all_greedy:
+        tokens = greedy_verify(plan, sampler.distributions(raw, meta)[0].argmax(dim=-1))
+    else:
+        tokens = _sampled_verify(plan, sampler, raw, states)
+    return _emitted(plan, tokens, raw, states)
+
+
+def greedy_verify(plan: VerifyPlan, target_ids: torch.Tensor) -> torch.Tensor:
+    """[S, k_max + 1] emitted tokens (PAD after them) when every spec row is greedy: the drafts up to
+    the first that differs from the target's argmax, then the argmax there (the bonus token when all
+    match). This is what rejection sampling gives for one-hot targets, without building them."""
+    num_rows, k_max = plan.draft_ids.shape
+    device = target_ids.device
+    argmax = torch.zeros(num_rows, k_max + 1, dtype=torch.long, device=device)
+    argmax[plan.row_of, plan.pos_of] = target_ids
+    positions = torch.arange(k_max, device=device)
+    valid = positions.unsqueeze(0) < plan.num_drafts.unsqueeze(1)
+    accepted = (plan.draft_ids == argmax[:, :k_max]) & valid
+    num_accepted = accepted.long().cumprod(dim=1).sum(dim=1)
+    tokens = torch.full((num_rows, k_max + 1), PAD_TOKEN, dtype=torch.long, device=device)
+    keep = positions.unsqueeze(0) < num_accepted.unsqueeze(1)
+    tokens[:, :k_max] = torch.where(keep, plan.draft_ids, tokens[:, :k_max])
+    rows = torch.arange(num_rows, device=device)
+    tokens[rows, num_accepted] = argmax[rows, num_accepted]
+    return tokens
+
+
+def _sampled_verify(plan: VerifyPlan, sampler: Sampler, raw: torch.Tensor, states: Sequence) -> torch.Tensor:
+    """[S, k_max + 1] emitted tokens by rejection sampling (some rows sample)."""
+    meta = plan.spec_meta
     target = target_probs(sampler, raw, meta)
     num_rows, k_max = plan.draft_ids.shape
     vocab = target.shape[1]
@@ -142,6 +172,14 @@ def verify(plan: VerifyPlan, logits: torch.Tensor, sampler: Sampler, states: Seq
             out = rejection_sample(plan.draft_ids[s:s + 1, :k], plan.num_drafts[s:s + 1], target3[s:s + 1, :k + 1],
                                    generator=states[s].generator)
             tokens[s, :k + 1] = out.token_ids[0]
+    return tokens
+
+
+def _emitted(plan: VerifyPlan, tokens: torch.Tensor, raw: torch.Tensor, states: Sequence
+             ) -> tuple[list[list[int]], list[Optional[LogprobsLists]]]:
+    """Per spec row: its emitted tokens and, when asked, one logprobs entry per emitted token."""
+    meta = plan.spec_meta
+    num_rows = tokens.shape[0]
     want = [s for s, st in enumerate(states) if st.sampling_params.logprobs is not None]
     lps = None
     if want and meta.max_num_logprobs is not None:
