@@ -6,7 +6,7 @@
 Each method gets one engine (`--speculative-config` with `num_speculative_tokens` = `--k` and
 the adaptive batch-size switch off unless `--threshold` is given), next to one plain engine;
 runs alternate (off, on, off, on, ...) so a noisy machine hits both alike, and the ratio is the
-mean output tok/s with speculation over the mean without. Workloads (greedy, `ignore_eos`):
+mean output tok/s with speculation over the mean without. Workloads (greedy unless said, `ignore_eos`):
 
 1. `edit-like` at batch 1: rewrite-this-block prompts whose answer copies most of the prompt: the
    first two alone, then all `--edit-prompts` (every kind: typos, rename, JSON) one after another.
@@ -107,8 +107,8 @@ def main() -> None:
     plain = LLM(model, **common)
     tokenizer = plain.get_tokenizer()
     pool = ordinary_token_ids(tokenizer, plain.llm_engine.setup.vocab_size)
-    edit = make_dataset("edit-like", pool, num_prompts=max(args.edit_prompts, 2), input_len=args.edit_len, output_len=args.output_len,
-                        tokenizer=tokenizer)
+    edit = make_dataset("edit-like", pool, num_prompts=max(args.edit_prompts, 2), input_len=args.edit_len,
+                        output_len=args.output_len, tokenizer=tokenizer)
     random1 = make_dataset("random", pool, num_prompts=1, input_len=128, output_len=args.output_len, seed=1)
     random4 = make_dataset("random", pool, num_prompts=4, input_len=128, output_len=args.output_len, seed=5)
     results: dict = {"command": " ".join(sys.argv), "k": args.k, "methods": {}}

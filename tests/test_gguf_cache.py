@@ -13,14 +13,27 @@ from pagellm.loader.tokenizer import load_tokenizer
 from tests.test_smollm_parity import PROMPTS
 
 
-def _fresh_loads(source):
+def _clear_process_memo() -> None:
     hf._gguf_config.cache_clear()
     tokenizer._gguf_tokenizer.cache_clear()
+
+
+def _fresh_loads(source):
+    _clear_process_memo()
     return load_hf_config(source), load_tokenizer(source)
 
 
+@pytest.fixture
+def process_memo_cleared_after():
+    """Later tests must not get the artefacts this test loaded from its own cache directory, even
+    when it fails."""
+    yield
+    _clear_process_memo()
+
+
 @pytest.mark.slow
-def test_smollm2_config_and_tokenizer_from_the_cache_equal_the_gguf_build(smollm_path, tmp_path, monkeypatch):
+def test_smollm2_config_and_tokenizer_from_the_cache_equal_the_gguf_build(smollm_path, tmp_path, monkeypatch,
+                                                                         process_memo_cleared_after):
     source = resolve_model_source(smollm_path)
     monkeypatch.setenv(gguf_cache.CACHE_DIR_ENV, str(tmp_path))  # empty: the first load converts the file
     config, tok = _fresh_loads(source)
@@ -42,8 +55,6 @@ def test_smollm2_config_and_tokenizer_from_the_cache_equal_the_gguf_build(smollm
     for prompt in PROMPTS:
         ids = tok(prompt).input_ids
         assert cached_tok(prompt).input_ids == ids and cached_tok.decode(ids) == tok.decode(ids)
-    hf._gguf_config.cache_clear()
-    tokenizer._gguf_tokenizer.cache_clear()
 
 
 def _only_from_cache(original):

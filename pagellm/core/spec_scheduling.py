@@ -16,9 +16,8 @@ How far a request speculates (`draft_length`) follows its own acceptance when `d
 is set: verifying one more proposal costs that fraction of a plain decode step, and the j-th proposal
 only pays when all j are accepted. So from the request's acceptance rate at each position (given
 the ones before it were accepted; its recent rows, pulled towards the engine-wide rate, and where
-that is thin towards the position before), the draft
-length is the j <= k that maximises (expected tokens per step) / (step cost) =
-(1 + sum_{i<=j} P(first i accepted)) / (1 + cost * j). A request for which no length pays proposes
+that is thin towards the position before), the draft length is the j <= k that maximises
+(expected tokens per step) / (step cost) = (1 + sum_{i<=j} P(first i accepted)) / (1 + cost * j). A request for which no length pays proposes
 nothing, and probes with one proposal every `PROBE_EVERY` steps so it notices when that changes.
 """
 

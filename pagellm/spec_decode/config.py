@@ -12,10 +12,10 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional, Union
 
 METHODS = ("ngram", "suffix", "draft_model")
-# draft_token_cost by device. CPU: measured with SmolLM2 Q4_1 on 2 cores, where one more verified
-# row costs ~0.4x of the one-row quantized matmuls (they are compute-bound past one row), about half
-# of a batch-1 step. CUDA: small-batch decode is bound by reading the weights, so extra rows are
-# nearly free (not measured on a GPU yet).
+# draft_token_cost by device. CPU: measured with SmolLM2 Q4_1 on 2 cores: the quantized matmuls are
+# about half of a batch-1 step and compute-bound past one row, each more row adding ~0.4x of their
+# one-row time. CUDA: small-batch decode is bound by reading the weights, so extra rows are nearly
+# free (not measured on a GPU yet).
 DRAFT_TOKEN_COST = {"cpu": 0.2, "cuda": 0.02}
 _PREFIX = "speculative_config"
 

@@ -9,7 +9,8 @@ from p_k. Each emitted token is then distributed exactly as the target's would b
 
 Deterministic proposers (n-gram, suffix) pass no draft probabilities: q_j is one-hot at the
 proposal, so acceptance is with probability p_j(x) and the residual is p_j without x. Greedy
-rows pass one-hot target rows (at the argmax), which makes acceptance exact token matching.
+rows pass one-hot target rows (at the argmax), which makes acceptance exact token matching (a step
+whose rows are all greedy skips the distributions: `verify.greedy_verify`, same helpers).
 Everything is vectorised over the batch; random draws come from one generator (the model runner
 calls it once per seeded request with that request's generator: `verify.py`).
 """
@@ -35,6 +36,22 @@ def one_hot_argmax(probs: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(probs).scatter_(-1, probs.argmax(dim=-1, keepdim=True), 1.0)
 
 
+def accepted_prefix_length(accepted: torch.Tensor) -> torch.Tensor:
+    """[B] length of each row's run of accepted proposals from the start ([B, k] bool)."""
+    return accepted.long().cumprod(dim=1).sum(dim=1)
+
+
+def emitted_tokens(drafts: torch.Tensor, num_accepted: torch.Tensor, next_token: torch.Tensor) -> torch.Tensor:
+    """[B, k + 1]: each row's accepted proposals, then `next_token` (recovered or bonus), then PAD_TOKEN."""
+    batch, k = drafts.shape
+    positions = torch.arange(k, device=drafts.device)
+    out = torch.full((batch, k + 1), PAD_TOKEN, dtype=torch.long, device=drafts.device)
+    keep = positions.unsqueeze(0) < num_accepted.unsqueeze(1)
+    out[:, :k] = torch.where(keep, drafts, out[:, :k])
+    out[torch.arange(batch, device=drafts.device), num_accepted] = next_token
+    return out
+
+
 def rejection_sample(
     draft_token_ids: torch.Tensor,  # [B, k] long (entries past num_draft are ignored)
     num_draft: torch.Tensor,  # [B] long, 0..k proposals per row
@@ -56,7 +73,7 @@ def rejection_sample(
     uniform = torch.rand(batch, k, device=device, generator=generator, dtype=target_probs.dtype)
     # u < p/q written without the division (q can be 0 for a proposal its own model ruled out)
     accepted = (uniform * q_at_draft < p_at_draft) & valid
-    num_accepted = accepted.long().cumprod(dim=1).sum(dim=1)  # length of the accepted prefix
+    num_accepted = accepted_prefix_length(accepted)
 
     # The distribution the next token comes from: the residual at the first rejection, else p_k.
     rows = torch.arange(batch, device=device)
@@ -74,9 +91,4 @@ def rejection_sample(
     # p == q leaves no residual (a rejection then has probability 0; guard against rounding)
     residual = torch.where(mass > 0, residual / mass.clamp(min=torch.finfo(mass.dtype).tiny), target_at)
     next_token = torch.multinomial(residual, 1, generator=generator).squeeze(-1)
-
-    out = torch.full((batch, k + 1), PAD_TOKEN, dtype=torch.long, device=device)
-    keep = positions.unsqueeze(0) < num_accepted.unsqueeze(1)
-    out[:, :k] = torch.where(keep, drafts, out[:, :k])
-    out[rows, at] = next_token
-    return RejectionOutput(token_ids=out, num_accepted=num_accepted)
+    return RejectionOutput(token_ids=emitted_tokens(drafts, num_accepted, next_token), num_accepted=num_accepted)

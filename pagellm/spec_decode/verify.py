@@ -39,7 +39,8 @@ from pagellm.sample.logprobs import compute_logprobs_tensors, rows_to_lists
 from pagellm.sample.metadata import SamplingMetadata, SamplingMetadataBuilder
 from pagellm.sample.sampler import Sampler
 from pagellm.spec_decode.proposer import Proposer
-from pagellm.spec_decode.rejection_sampler import PAD_TOKEN, one_hot_argmax, rejection_sample
+from pagellm.spec_decode.rejection_sampler import (PAD_TOKEN, accepted_prefix_length, emitted_tokens, one_hot_argmax,
+                                                   rejection_sample)
 
 # Per emitted token: (token ids [chosen, top-1, ...], their logprobs, rank): worker.outputs.LogprobsLists
 LogprobsLists = list[tuple[list[int], list[float], int]]
@@ -131,19 +132,12 @@ def greedy_verify(plan: VerifyPlan, target_ids: torch.Tensor) -> torch.Tensor:
     the first that differs from the target's argmax, then the argmax there (the bonus token when all
     match). This is what rejection sampling gives for one-hot targets, without building them."""
     num_rows, k_max = plan.draft_ids.shape
-    device = target_ids.device
-    argmax = torch.zeros(num_rows, k_max + 1, dtype=torch.long, device=device)
+    argmax = torch.zeros(num_rows, k_max + 1, dtype=torch.long, device=target_ids.device)
     argmax[plan.row_of, plan.pos_of] = target_ids
-    positions = torch.arange(k_max, device=device)
-    valid = positions.unsqueeze(0) < plan.num_drafts.unsqueeze(1)
-    accepted = (plan.draft_ids == argmax[:, :k_max]) & valid
-    num_accepted = accepted.long().cumprod(dim=1).sum(dim=1)
-    tokens = torch.full((num_rows, k_max + 1), PAD_TOKEN, dtype=torch.long, device=device)
-    keep = positions.unsqueeze(0) < num_accepted.unsqueeze(1)
-    tokens[:, :k_max] = torch.where(keep, plan.draft_ids, tokens[:, :k_max])
-    rows = torch.arange(num_rows, device=device)
-    tokens[rows, num_accepted] = argmax[rows, num_accepted]
-    return tokens
+    valid = torch.arange(k_max, device=target_ids.device).unsqueeze(0) < plan.num_drafts.unsqueeze(1)
+    num_accepted = accepted_prefix_length((plan.draft_ids == argmax[:, :k_max]) & valid)
+    next_token = argmax[torch.arange(num_rows, device=target_ids.device), num_accepted]
+    return emitted_tokens(plan.draft_ids, num_accepted, next_token)
 
 
 def _sampled_verify(plan: VerifyPlan, sampler: Sampler, raw: torch.Tensor, states: Sequence) -> torch.Tensor:
